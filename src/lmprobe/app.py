@@ -1,0 +1,198 @@
+"""The Hydra application behind ``train.py``: every object of a run is instantiated here.
+
+``train(cfg)`` loads the LM (once per process, so a sweep reuses it), builds the data module,
+the probe bank, loggers, callbacks and the Trainer from ``conf/``, runs the shared
+``fit_and_test`` loop, writes the run's outputs and returns the metrics table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+
+from lmprobe.callbacks import ProbeMetrics
+from lmprobe.config import POOLINGS
+from lmprobe.errors import LmProbeError, RunInterrupted
+from lmprobe.models import context_length
+from lmprobe.module import ProbeModule
+from lmprobe.results import accuracy_by_layer, save_figure, save_probes, write_metrics
+from lmprobe.runner import accelerator_for, fit_and_test, show_lmprobe_log
+
+log = logging.getLogger("lmprobe")
+
+# One LM per process: Hydra's basic launcher runs a sweep's jobs in one process, and
+# loading (or converting) a model costs far more than most probe runs.
+_loaded_models: dict[str, Any] = {}
+
+
+def load_model(model_cfg: DictConfig) -> Any:
+    spec = OmegaConf.to_container(model_cfg, resolve=True)
+    spec.pop("remote", None)
+    key = json.dumps(spec, sort_keys=True, default=str)
+    if key not in _loaded_models:
+        _loaded_models.clear()  # a different model: free the old one first
+        _loaded_models[key] = instantiate(spec)
+    return _loaded_models[key]
+
+
+# key -> (python types accepted, what to write instead); checked before any model work.
+_TYPED_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "seed": ((int,), "an integer, e.g. seed=0"),
+    "data.batch_size": ((int,), "a positive integer, e.g. data.batch_size=16"),
+    "data.sample_size": ((int, type(None)), "an integer or null, e.g. data.sample_size=1000"),
+    "data.test_size": ((float, int), "a fraction, e.g. data.test_size=0.2"),
+    "data.val_size": ((float, int), "a fraction, e.g. data.val_size=0.1"),
+    "data.max_length": ((int, type(None)), "an integer or null, e.g. data.max_length=128"),
+    "data.path": ((str,), "a file path, e.g. data.path=reviews.csv"),
+    "trainer.max_epochs": ((int,), "an integer, e.g. trainer.max_epochs=5"),
+    "probes.patience": ((int,), "an integer, e.g. probes.patience=10"),
+    "probes.warmup_steps": ((int,), "an integer, e.g. probes.warmup_steps=0"),
+    "probes.test_size": ((float, int), "a fraction, e.g. probes.test_size=0.2"),
+    "probes.threshold": ((float, int), "a number, e.g. probes.threshold=1e-4"),
+    "probes.early_stopping": ((bool,), "true or false"),
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """One-line errors naming the key for wrongly typed or missing settings."""
+    absent = object()
+    for key, (types, hint) in _TYPED_KEYS.items():
+        try:
+            value = OmegaConf.select(cfg, key, default=absent, throw_on_missing=True)
+        except MissingMandatoryValue:
+            raise LmProbeError(f"config key {key} must be set: {hint}") from None
+        if value is absent:  # not part of this composition (e.g. another data source)
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise LmProbeError(f"config key {key}={value!r} has the wrong type: use {hint}")
+    pooling = OmegaConf.select(cfg, "probes.pooling")
+    for value in [pooling] if isinstance(pooling, str) else list(pooling or []):
+        if value not in POOLINGS:
+            raise LmProbeError(
+                f"config key probes.pooling={value!r} is not a pooling: use one of "
+                f"{', '.join(POOLINGS)}"
+            )
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.get("output_dir") or ".")
+
+
+class RunOutputs(Callback):
+    """Writes probes, metrics and a resumable checkpoint if a run is interrupted or fails."""
+
+    def __init__(self, directory: Path, label_names: dict | None) -> None:
+        self.directory = directory
+        self.label_names = label_names
+
+    def on_exception(self, trainer: L.Trainer, pl_module: ProbeModule, exception: BaseException):
+        save_probes(pl_module.probes, self.directory / "probes", self.label_names)
+        trainer.save_checkpoint(self.directory / "last.ckpt")
+        metrics = next(cb for cb in trainer.callbacks if isinstance(cb, ProbeMetrics))
+        table = metrics.tables.get("test")
+        if table is None:
+            table = metrics.partial_table("test", pl_module)
+        if table is not None:
+            write_metrics(table, self.directory / "metrics.csv", partial=True)
+        log.warning(
+            "run stopped (%s): probes trained so far are in %s; resume with ckpt_path=%s",
+            type(exception).__name__,
+            self.directory / "probes",
+            self.directory / "last.ckpt",
+        )
+
+
+def train(cfg: DictConfig) -> pd.DataFrame:
+    """Run one probing job from a composed config; returns the test metrics table."""
+    show_lmprobe_log()
+    check_config(cfg)
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    lm = load_model(cfg.model)
+    datamodule = instantiate(
+        cfg.data, tokenizer=lm.tokenizer, model_max_length=context_length(lm), _convert_="all"
+    )
+    datamodule.setup("fit")
+    classes = cfg.probes.get("classes") or sorted(datamodule.label_names)
+    probe_configs = instantiate(cfg.probes, model=lm, classes=classes, _convert_="all")
+    module = ProbeModule(
+        lm,
+        probe_configs,
+        seed=cfg.seed,
+        remote=bool(cfg.model.get("remote", False)),
+        on_nonfinite=cfg.get("on_nonfinite", "error"),
+    )
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(RunOutputs(out, datamodule.label_names))
+    trainer_kwargs = {"callbacks": callbacks, "logger": loggers or False}
+    if cfg.trainer.get("accelerator", "auto") == "auto":
+        trainer_kwargs["accelerator"] = accelerator_for(module)
+    trainer = instantiate(cfg.trainer, **trainer_kwargs)
+
+    try:
+        table = fit_and_test(trainer, module, datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Lightning turns Ctrl-C into sys.exit(1) and SIGTERM into SIGTERMException after
+        # calling on_exception (RunOutputs has written everything by then).
+        raise RunInterrupted(
+            f"run interrupted; partial results in {out}; resume with ckpt_path={out / 'last.ckpt'}"
+        ) from err
+
+    write_metrics(table, out / "metrics.csv")
+    save_probes(module.probes, out / "probes", datamodule.label_names)
+    figure = accuracy_by_layer(table, module.configs)
+    save_figure(figure, out / "accuracy_by_layer.png")
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_figure("accuracy_by_layer", figure)
+            logger.experiment.flush()
+    show_best(table, cfg)
+    return table
+
+
+def show_best(table: pd.DataFrame, cfg: DictConfig, n: int = 10) -> None:
+    metric = cfg.get("optimized_metric", "accuracy")
+    best = table.sort_values([metric, "loss"], ascending=[False, True]).head(n)
+    columns = ["accuracy", "f1", "matthews", "loss", "steps"]
+    print(f"\nBest probes by test {metric} (all {len(table)} in metrics.csv):")
+    print(best[columns].to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+def optimized_metric(table: pd.DataFrame | None, cfg: DictConfig) -> float | None:
+    """The value a sweeper optimizes: the best probe's ``cfg.optimized_metric``."""
+    if table is None or table.empty:
+        return None
+    return float(table[cfg.get("optimized_metric", "accuracy")].max())
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """``train.py``'s body. In a sweep, a failing job records its error and lets the others run."""
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        return optimized_metric(train(cfg), cfg)
+    except Exception as err:
+        if not in_sweep:
+            raise
+        out = output_dir(cfg)
+        (out / "error.txt").write_text(
+            f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}", encoding="utf-8"
+        )
+        log.error("job %s failed: %s (recorded in %s)", out.name, err, out / "error.txt")
+        return None

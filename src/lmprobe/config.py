@@ -1,0 +1,151 @@
+"""``ProbeConfig``: what one probe reads (submodule, pooling) and how it is trained."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmprobe.errors import LmProbeError
+
+POOLINGS = ("mean", "last", "first", "max", "none")
+SITE_SUFFIXES = ("output", "input")
+
+
+@dataclass
+class ProbeConfig:
+    """One probe: an nnsight path such as ``transformer.h.5.mlp.output`` and its label set.
+
+    ``test_size`` is the fraction of the *training* set held out (fixed and seeded) to decide
+    early stopping; ``patience`` / ``threshold`` / ``warmup_steps`` count probe updates.
+    ``pooling="none"`` trains a token-level probe (one label per token; padding and
+    ``null_label`` positions are ignored). ``pool=False`` is the old spelling of that.
+    ``model_kwargs`` go to scikit-learn's ``SGDClassifier``.
+    """
+
+    submodule: str
+    classes: Sequence[Any]
+    test_size: float = 0.2
+    max_steps: int | None = None
+    early_stopping: bool = True
+    patience: int = 10
+    threshold: float = 1e-4
+    warmup_steps: int = 0
+    pool: bool | None = None
+    null_label: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pooling: str = "mean"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pool is False:
+            self.pooling = "none"
+        self.classes = list(self.classes)
+        self.model_kwargs = dict(self.model_kwargs or {})
+        if self.name is None:
+            self.name = self.submodule
+        self.validate()
+
+    @property
+    def module_path(self) -> str:
+        """The torch module path (``transformer.h.5.mlp``) without the output/input suffix."""
+        return self.submodule.rsplit(".", 1)[0]
+
+    @property
+    def site_kind(self) -> str:
+        return self.submodule.rsplit(".", 1)[-1]
+
+    @property
+    def token_level(self) -> bool:
+        return self.pooling == "none"
+
+    def validate(self) -> None:
+        where = f"probe {self.name!r}"
+        if not isinstance(self.submodule, str) or "." not in self.submodule:
+            raise LmProbeError(
+                f"{where}: submodule {self.submodule!r} must be a dotted nnsight path ending in "
+                f".output or .input, e.g. 'transformer.h.5.mlp.output'"
+            )
+        if self.site_kind not in SITE_SUFFIXES:
+            raise LmProbeError(
+                f"{where}: submodule {self.submodule!r} must end in .output or .input "
+                f"(e.g. '{self.submodule}.output')"
+            )
+        if self.pooling not in POOLINGS:
+            raise LmProbeError(
+                f"{where}: unknown pooling {self.pooling!r}; use one of {', '.join(POOLINGS)}"
+            )
+        if len(self.classes) == 0:
+            raise LmProbeError(f"{where}: classes is empty; list the label values, e.g. [0, 1]")
+        if len(set(self.classes)) != len(self.classes):
+            raise LmProbeError(f"{where}: classes {self.classes} has duplicates; list each once")
+        if len(self.classes) < 2:
+            raise LmProbeError(
+                f"{where}: classes {self.classes} has one class; a probe needs at least two"
+            )
+        if self.null_label is not None and self.null_label in self.classes:
+            raise LmProbeError(
+                f"{where}: null_label={self.null_label!r} is also a class in {self.classes}; "
+                f"pick a null_label outside the classes (e.g. -100)"
+            )
+        if not 0.0 <= float(self.test_size) < 1.0:
+            raise LmProbeError(
+                f"{where}: test_size={self.test_size!r} must be a fraction in [0, 1), e.g. 0.2"
+            )
+        for key in ("patience", "warmup_steps"):
+            if int(getattr(self, key)) < 0:
+                raise LmProbeError(f"{where}: {key}={getattr(self, key)!r} must be >= 0")
+        if self.max_steps is not None and int(self.max_steps) < 1:
+            raise LmProbeError(f"{where}: max_steps={self.max_steps!r} must be >= 1 or None")
+        if "loss" in self.model_kwargs and self.model_kwargs["loss"] != "log_loss":
+            raise LmProbeError(
+                f"{where}: model_kwargs loss={self.model_kwargs['loss']!r} is not supported; "
+                f"probes are logistic (loss='log_loss'); remove the key"
+            )
+
+
+def probe_bank(
+    model: Any,
+    classes: Sequence[Any],
+    submodules: str | Sequence[str] = "all_layers",
+    site: str = "output",
+    pooling: str | Sequence[str] = "mean",
+    names: Sequence[str] | None = None,
+    **options: Any,
+) -> list[ProbeConfig]:
+    """The probes of a Hydra ``probes`` config: one per submodule (and per pooling).
+
+    ``submodules="all_layers"`` means one probe on every decoder block of whatever model is
+    loaded (found from the model); otherwise it is a list of nnsight paths. Every other
+    option (pooling, test_size, patience, model_kwargs, ...) applies to the whole bank.
+    """
+    from lmprobe.models import decoder_block_paths
+
+    if isinstance(submodules, str):
+        if submodules != "all_layers":
+            raise LmProbeError(
+                f"probes.submodules={submodules!r}: use 'all_layers' or a list of paths such "
+                f"as [transformer.h.0.output]"
+            )
+        blocks = decoder_block_paths(model)
+        if not blocks:
+            raise LmProbeError(
+                "could not find the decoder blocks of this model; list probes.submodules"
+            )
+        paths = [f"{block}.{site}" for block in blocks]
+    else:
+        paths = list(submodules)
+    poolings = [pooling] if isinstance(pooling, str) else list(pooling)
+    configs = []
+    for path in paths:
+        for pool in poolings:
+            name = path if len(poolings) == 1 else f"{path}/{pool}"
+            configs.append(ProbeConfig(path, classes, pooling=pool, name=name, **options))
+    if names is not None:
+        if len(names) != len(configs):
+            raise LmProbeError(
+                f"probes.names has {len(names)} entries for {len(configs)} probes; give one each"
+            )
+        for config, name in zip(configs, names, strict=True):
+            config.name = name
+    return configs

@@ -1,0 +1,27 @@
+"""Errors that lmprobe raises itself, so a user sees one line naming the bad value and the fix."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class LmProbeError(ValueError):
+    """A bad input or setting, found before (or instead of) a long computation."""
+
+
+class NonFiniteActivationError(LmProbeError):
+    """A probed activation held NaN or inf (e.g. fp16 overflow)."""
+
+
+class RunInterrupted(RuntimeError):
+    """A run was stopped by Ctrl-C or SIGTERM; what was computed so far has been written."""
+
+
+def closest(value: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """Up to ``n`` candidates that look most like ``value`` (for 'did you mean' hints)."""
+    candidates = list(candidates)
+    found = difflib.get_close_matches(value, candidates, n=n, cutoff=0.5)
+    if not found:
+        found = difflib.get_close_matches(value, candidates, n=n, cutoff=0.0)
+    return found

@@ -1,0 +1,264 @@
+"""``ProbeModule``: the frozen LM under nnsight, as a Lightning module with no optimizer.
+
+Like anomalib's frozen-backbone models it only *collects* in its steps: each step runs one
+trace and returns the features of every probe; the callbacks fit and score the probes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import pickle
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from lmprobe.config import ProbeConfig
+from lmprobe.data import ProbeDataset, pad_to_longest
+from lmprobe.errors import LmProbeError
+from lmprobe.features import FeatureKey, Features, trace_features
+from lmprobe.models import check_submodules, forward_order, torch_module
+from lmprobe.probes import LinearProbe
+
+log = logging.getLogger("lmprobe")
+
+# Having no optimizer is the design here, not a mistake worth a warning on every run.
+warnings.filterwarnings("ignore", message=r".*configure_optimizers.* returned `None`")
+
+NONFINITE_POLICIES = ("error", "skip")
+
+
+def available_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+class ProbeModule(L.LightningModule):
+    """Holds the frozen LM and the probe bank; one nnsight trace per batch for all probes."""
+
+    def __init__(
+        self,
+        model: Any,
+        probes: Sequence[ProbeConfig],
+        seed: int = 0,
+        remote: bool = False,
+        on_nonfinite: str = "error",
+        feature_cache_fraction: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False  # no optimizer: probes learn in callbacks
+        configs = list(probes)
+        if not configs:
+            raise LmProbeError("no probes configured; pass at least one ProbeConfig")
+        names = [c.name for c in configs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise LmProbeError(
+                f"probe name {duplicates[0]!r} is used twice; give each ProbeConfig a "
+                f"distinct name= (e.g. '{duplicates[0]}/last')"
+            )
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise LmProbeError(
+                f"on_nonfinite={on_nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}"
+            )
+        # A plain attribute, not a registered submodule: the LM's weights stay out of
+        # checkpoints and Lightning never moves it; its own device placement is kept.
+        self.lm = model
+        self.configs = {c.name: c for c in configs}
+        self.seed = seed
+        self.remote = remote
+        self.on_nonfinite = on_nonfinite
+        self.feature_cache_fraction = feature_cache_fraction
+        check_submodules(model, [c.submodule for c in configs])
+        torch_module(model).eval().requires_grad_(False)
+        self.order = forward_order(model, [c.submodule for c in configs])
+        forward = inspect.signature(torch_module(model).forward).parameters
+        self.accepts_position_ids = "position_ids" in forward
+        self.reset_probes()
+
+    def reset_probes(self) -> None:
+        """Fresh, unfitted probes and no cached features (a new fit starts from here)."""
+        self.probes = {
+            name: LinearProbe(c.classes, c.model_kwargs, random_state=self.seed)
+            for name, c in self.configs.items()
+        }
+        self.live: set[str] = set(self.configs)
+        self.stopped_early: dict[str, bool] = dict.fromkeys(self.configs, False)
+        self.updated_names: list[str] = []
+        # Rows of the training set held out for early stopping: never traced as training data.
+        self.heldout_index = torch.empty(0, dtype=torch.long)
+        self._train_cache: dict[int, tuple[torch.Tensor, dict[FeatureKey, Features]]] | None = {}
+        self._eval_cache: dict[tuple[str, int], tuple[torch.Tensor, dict]] = {}
+        self._cache_checked = False
+
+    # ----------------------------------------------------------------- features
+    def key(self, name: str) -> FeatureKey:
+        return FeatureKey.of(self.configs[name])
+
+    def keys_for(self, names: Sequence[str]) -> list[FeatureKey]:
+        return list(dict.fromkeys(self.key(n) for n in names))
+
+    def extract(
+        self, batch: dict[str, torch.Tensor], names: Sequence[str], label: str = "batch"
+    ) -> dict[FeatureKey, Features]:
+        self.check_labels(batch["labels"], names)
+        return trace_features(
+            self.lm,
+            batch,
+            self.keys_for(names),
+            self.order,
+            accepts_position_ids=self.accepts_position_ids,
+            remote=self.remote,
+            batch_label=label,
+            on_nonfinite=self.on_nonfinite,
+        )
+
+    def extract_dataset(
+        self, dataset: ProbeDataset, names: Sequence[str], batch_size: int = 8
+    ) -> dict[FeatureKey, Features]:
+        """Features of a whole dataset (used for the held-out slice and for prediction)."""
+        parts: dict[FeatureKey, list[Features]] = {}
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=pad_to_longest)
+        for i, batch in enumerate(loader):
+            for key, features in self.extract(batch, names, f"batch {i}").items():
+                parts.setdefault(key, []).append(features)
+        return {key: Features.concat(p) for key, p in parts.items()}
+
+    def check_labels(self, labels: torch.Tensor, names: Sequence[str]) -> None:
+        for name in names:
+            config = self.configs[name]
+            if config.token_level and labels.dim() != 2:
+                raise LmProbeError(
+                    f"probe {name!r} has pooling='none' (one label per token) but the data has "
+                    f"one label per sequence; use pooling='mean' or token-level labels"
+                )
+            if not config.token_level and labels.dim() != 1:
+                raise LmProbeError(
+                    f"probe {name!r} pools to one vector per sequence (pooling="
+                    f"{config.pooling!r}) but the data has one label per token; use pooling='none'"
+                )
+
+    def validate_dataset(self, dataset: ProbeDataset, split: str) -> None:
+        """Label checks over a whole split, before any model work."""
+        self.check_labels(dataset.labels[:1], list(self.configs))
+        for name, config in self.configs.items():
+            present = np.unique(dataset.label_values(config.null_label))
+            unknown = [v for v in present.tolist() if v not in set(config.classes)]
+            if unknown:
+                raise LmProbeError(
+                    f"{split} label {unknown[0]!r} is not in classes {config.classes} of probe "
+                    f"{name!r}; add it to classes"
+                    + (" or set null_label" if config.token_level else "")
+                )
+            if len(present) == 0:
+                raise LmProbeError(f"the {split} split has no labelled rows for probe {name!r}")
+            if len(present) < 2:
+                log.warning(
+                    "the %s split has a single class (%s) for probe %r: its metrics are degenerate",
+                    split,
+                    present[0],
+                    name,
+                )
+
+    # ------------------------------------------------------------------ steps
+    def configure_optimizers(self) -> None:
+        return None
+
+    def on_train_epoch_start(self) -> None:
+        self._cache_checked = self.current_epoch > 0
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
+        self.updated_names = []
+        live = sorted(self.live)
+        if not live:
+            return None
+        if len(self.heldout_index):
+            keep = ~torch.isin(batch["index"], self.heldout_index)
+            if not bool(keep.any()):
+                return None
+            if not bool(keep.all()):
+                batch = pad_to_longest(
+                    [{k: v[i] for k, v in batch.items()} for i in keep.nonzero()[:, 0]]
+                )
+        cached = self._train_cache.get(batch_idx) if self._train_cache is not None else None
+        if cached is not None and torch.equal(cached[0], batch["index"]):
+            features = cached[1]
+        else:
+            features = self.extract(batch, live, f"training batch {batch_idx}")
+            self._remember(batch_idx, batch["index"], features)
+        return {"features": features}
+
+    def _remember(
+        self, batch_idx: int, index: torch.Tensor, features: dict[FeatureKey, Features]
+    ) -> None:
+        """Keep epoch-1 features so later epochs skip the LM, if they fit in memory."""
+        if self._train_cache is None or self.trainer is None or self.current_epoch > 0:
+            return
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and 0 <= max_epochs <= 1:
+            return
+        if not self._cache_checked:
+            self._cache_checked = True
+            per_batch = sum(f.X.nbytes + f.y.nbytes + f.doc.nbytes for f in features.values())
+            n_batches = self.trainer.num_training_batches
+            need = per_batch * (n_batches if np.isfinite(n_batches) else 1)
+            budget = self.feature_cache_fraction * available_memory_bytes()
+            if need > budget:
+                log.warning(
+                    "pooled training features would need %.1f GiB (budget %.1f GiB): not "
+                    "keeping them, so every epoch re-runs the model",
+                    need / 2**30,
+                    budget / 2**30,
+                )
+                self._train_cache = None
+                return
+        self._train_cache[batch_idx] = (index.clone(), features)
+
+    def _eval_step(self, stage: str, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
+        cached = self._eval_cache.get((stage, batch_idx))
+        if cached is not None and torch.equal(cached[0], batch["index"]):
+            return {"features": cached[1]}
+        features = self.extract(batch, list(self.configs), f"{stage} batch {batch_idx}")
+        if stage == "val":  # the validation set is scored every epoch: trace it once
+            self._eval_cache[(stage, batch_idx)] = (batch["index"].clone(), features)
+        return {"features": features}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
+        return self._eval_step("val", batch, batch_idx)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
+        return self._eval_step("test", batch, batch_idx)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
+        return self._eval_step("predict", batch, batch_idx)
+
+    # ------------------------------------------------------------ checkpoints
+    def probe_state(self) -> dict[str, Any]:
+        return {
+            "probes": pickle.dumps(self.probes),
+            "live": sorted(self.live),
+            "stopped_early": dict(self.stopped_early),
+            "heldout_index": self.heldout_index.clone(),
+        }
+
+    def load_probe_state(self, state: dict[str, Any]) -> None:
+        self.probes = pickle.loads(state["probes"])
+        self.live = set(state["live"])
+        self.stopped_early = dict(state["stopped_early"])
+        self.heldout_index = state["heldout_index"]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lmprobe"] = self.probe_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "lmprobe" not in checkpoint:
+            raise LmProbeError("this checkpoint was not written by lmprobe (no probe state)")
+        self.load_probe_state(checkpoint["lmprobe"])

@@ -1,0 +1,94 @@
+"""What a run leaves behind: metrics.csv, the probes, and the accuracy-by-layer figure.
+
+Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lmprobe.config import ProbeConfig
+from lmprobe.probes import LinearProbe, atomic_write_bytes
+
+LAYER = re.compile(r"\.(\d+)(?=\.)")
+
+
+def write_metrics(table: pd.DataFrame, path: Path, partial: bool = False) -> Path:
+    table = table.copy()
+    if partial:
+        table["partial"] = True
+    atomic_write_bytes(path, table.to_csv().encode())
+    return path
+
+
+def safe_filename(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def save_probes(
+    probes: dict[str, LinearProbe], directory: Path, label_names: dict[Any, Any] | None
+) -> Path:
+    """One pickle per fitted probe (``LinearProbe.load``) plus ``labels.json``/``index.json``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    index = {}
+    for name, probe in probes.items():
+        if not hasattr(probe, "n_features_in_"):
+            continue
+        filename = f"{safe_filename(name)}.pkl"
+        probe.save(directory / filename)
+        index[name] = filename
+    labels = {str(k): v for k, v in (label_names or {}).items()}
+    atomic_write_bytes(
+        directory / "labels.json", json.dumps(labels, indent=2, default=str).encode()
+    )
+    atomic_write_bytes(directory / "index.json", json.dumps(index, indent=2).encode())
+    return directory
+
+
+def layer_index(submodule: str) -> int | None:
+    match = LAYER.search(submodule)
+    return int(match.group(1)) if match else None
+
+
+def accuracy_by_layer(
+    table: pd.DataFrame, configs: dict[str, ProbeConfig], metric: str = "accuracy"
+):
+    """A matplotlib figure: ``metric`` against layer, one line per submodule kind and pooling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for name, row in table.iterrows():
+        config = configs[name]
+        layer = layer_index(config.submodule)
+        if layer is None:
+            continue
+        kind = LAYER.sub(".N", config.submodule, count=1)
+        lines.setdefault(f"{kind} ({config.pooling})", []).append((layer, row[metric]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in sorted(lines.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"test {metric}")
+    ax.grid(alpha=0.3)
+    if lines:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: Path) -> Path:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny random GPT-2 and a tokenizer, both built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+# Single-threaded torch: on the 2-core CI VM two threads make every small op ~8 ms slower.
+# Set here for the test process only, never in the package.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+POSITIVE = ["good", "great", "lovely", "excellent", "happy", "fine", "superb", "nice"]
+NEGATIVE = ["bad", "awful", "terrible", "poor", "sad", "ugly", "horrible", "nasty"]
+FILLER = ["the", "movie", "food", "was", "really", "quite", "a", "day", "and", "it", "so"]
+
+
+def make_texts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """Short texts whose label is the polarity of the sentiment words they contain."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 12))]
+        for _ in range(rng.randint(1, 3)):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [" ".join(POSITIVE + NEGATIVE + FILLER)] * 20 + make_texts(200, seed=99)[0]
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def build_gpt2(tokenizer, n_layer: int = 12, n_embd: int = 64, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=4,
+        n_positions=128,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def gpt2(tokenizer):
+    """The tiny GPT-2 wrapped as an nnsight model (as the old README's ``gpt2``)."""
+    from nnsight import TransformersModel
+
+    return TransformersModel(build_gpt2(tokenizer), tokenizer=tokenizer, task="text-generation")
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2(gpt2):
+    return gpt2._module
+
+
+@pytest.fixture(scope="session")
+def docs(tokenizer):
+    texts, labels = make_texts(120)
+    enc = tokenizer(texts, padding="max_length", max_length=32, return_tensors="pt")
+    return texts, enc, torch.tensor(labels)
+
+
+@pytest.fixture()
+def dataset(docs):
+    from lmprobe import ProbeDataset
+
+    _, enc, labels = docs
+    return ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """The tiny GPT-2 saved as a local model directory (for path-based loading and the app)."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    build_gpt2(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,177 @@
+"""The Hydra app: compose the real config, shrink it, run it, check every output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_texts
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from lmprobe import LinearProbe, ProbeRunner
+from lmprobe.app import load_model, train
+
+ROOT = Path(__file__).resolve().parents[1]
+METRIC_COLUMNS = ["loss", "accuracy", "precision", "recall", "f1", "matthews"]
+
+
+@pytest.fixture(scope="session")
+def csv_file(tmp_path_factory):
+    texts, labels = make_texts(160, seed=4)
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for text, label in zip(texts, labels, strict=True):
+            writer.writerow([text, "positive" if label else "negative"])
+    return path
+
+
+def compose_cfg(run_dir: Path, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            return_hydra_config=True,
+            overrides=[f"hydra.run.dir={run_dir}", *overrides],
+        )
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture()
+def tiny_cfg(tmp_path, tiny_model_dir, csv_file):
+    return compose_cfg(
+        tmp_path / "run",
+        [
+            "probes=gpt2_layers",
+            f"model.name_or_path={tiny_model_dir}",
+            "model.device=cpu",
+            "data=csv",
+            f"data.path={csv_file}",
+            "data.batch_size=8",
+            "trainer.max_epochs=2",
+            "trainer.enable_progress_bar=false",
+        ],
+    )
+
+
+def test_train_writes_every_output(tiny_cfg, tmp_path):
+    table = train(tiny_cfg)
+    run = tmp_path / "run"
+    metrics = pd.read_csv(run / "metrics.csv", index_col="probe")
+    assert list(metrics.index) == [f"transformer.h.{i}.output" for i in range(12)]
+    assert set(METRIC_COLUMNS + ["steps", "stopped_early"]) <= set(metrics.columns)
+    pd.testing.assert_frame_equal(metrics, table, check_dtype=False, check_exact=False)
+    index = json.loads((run / "probes" / "index.json").read_text())
+    assert json.loads((run / "probes" / "labels.json").read_text()) == {
+        "0": "negative",
+        "1": "positive",
+    }
+    probe = LinearProbe.load(run / "probes" / index["transformer.h.3.output"])
+    assert probe.predict(np.zeros((2, 64), dtype=np.float32)).shape == (2,)
+    assert (run / "accuracy_by_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    for metric in METRIC_COLUMNS:
+        assert f"test/transformer.h.3.output/{metric}" in scalars
+    assert any(tag.startswith("train/") and tag.endswith("heldout_loss") for tag in scalars)
+    assert "accuracy_by_layer" in events.Tags()["images"]
+
+
+def test_train_and_probe_runner_give_the_same_metrics(tiny_cfg):
+    table = train(tiny_cfg)
+    lm = load_model(tiny_cfg.model)
+    datamodule = __import__("hydra").utils.instantiate(
+        tiny_cfg.data, tokenizer=lm.tokenizer, model_max_length=128, _convert_="all"
+    )
+    datamodule.setup("fit")
+    probes = __import__("hydra").utils.instantiate(
+        tiny_cfg.probes, model=lm, classes=[0, 1], _convert_="all"
+    )
+    runner = ProbeRunner(lm, probes, seed=tiny_cfg.seed)
+    runner.fit_probes(
+        datamodule.train_set,
+        datamodule.test_set,
+        batch_size=tiny_cfg.data.batch_size,
+        max_epochs=tiny_cfg.trainer.max_epochs,
+        enable_progress_bar=False,
+    )
+    pd.testing.assert_frame_equal(runner.metrics, table)
+
+
+def test_model_is_loaded_once_per_process(tiny_cfg):
+    assert load_model(tiny_cfg.model) is load_model(tiny_cfg.model)
+
+
+def test_all_layers_finds_llama_blocks(tokenizer):
+    from nnsight import TransformersModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmprobe.config import probe_bank
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    lm = TransformersModel(LlamaForCausalLM(config), tokenizer=tokenizer, task="text-generation")
+    bank = probe_bank(lm, [0, 1], pooling=["mean", "last"])
+    assert [c.name for c in bank][:3] == [
+        "model.layers.0.output/mean",
+        "model.layers.0.output/last",
+        "model.layers.1.output/mean",
+    ]
+    assert len(bank) == 10
+
+
+def test_cli_sweep_leaves_one_directory_per_job(tmp_path, tiny_model_dir, csv_file):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "probes=gpt2_layers",
+            f"model.name_or_path={tiny_model_dir}",
+            "data=csv",
+            f"data.path={csv_file}",
+            "probes.pooling=mean,last",
+            f"hydra.sweep.dir={sweep}",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job in jobs:
+        assert len(pd.read_csv(job / "metrics.csv")) == 12
+        assert (job / ".hydra" / "overrides.yaml").exists()
+    assert "Best probes by test accuracy" in result.stdout

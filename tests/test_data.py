@@ -1,0 +1,98 @@
+"""Data: files, label mapping, filters, seeded splits, and batches padded to their longest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_texts
+
+from lmprobe import ProbeDataModule, ProbeDataset
+from lmprobe.data import pad_to_longest
+
+
+def write(frame: pd.DataFrame, path, fmt: str):
+    if fmt == "csv":
+        frame.to_csv(path, index=False)
+    elif fmt == "tsv":
+        frame.to_csv(path, index=False, sep="\t")
+    elif fmt == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_reads_every_format_with_string_labels(tmp_path, tokenizer, fmt):
+    texts, labels = make_texts(60)
+    frame = pd.DataFrame(
+        {"body": texts, "stars": ["pos" if y else "neg" for y in labels], "src": ["a", "b"] * 30}
+    )
+    path = tmp_path / f"data.{fmt}"
+    write(frame, path, fmt)
+    dm = ProbeDataModule(
+        path=str(path),
+        text_column="body",
+        label_column="stars",
+        tokenizer=tokenizer,
+        test_size=0.25,
+        val_size=0.25,
+        seed=3,
+    )
+    dm.setup("fit")
+    assert dm.label_names == {0: "neg", 1: "pos"}
+    sizes = (len(dm.train_set), len(dm.val_set), len(dm.test_set))
+    assert sizes == (30, 15, 15)
+    for split in (dm.train_set, dm.val_set, dm.test_set):  # stratified
+        assert abs(float(split.labels.float().mean()) - 0.5) < 0.1
+
+
+def test_filters_label_map_balance_and_seeded_sample(tmp_path, tokenizer):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "text": [f"text {i}" for i in range(300)],
+            "label": rng.choice(["good", "bad", "meh"], size=300, p=[0.6, 0.3, 0.1]),
+        }
+    )
+    path = tmp_path / "d.csv"
+    frame.to_csv(path, index=False)
+    kwargs = dict(
+        path=str(path),
+        tokenizer=tokenizer,
+        exclude={"label": ["meh"]},
+        label_map={"bad": 0, "good": 1},
+        sample_size=100,
+        balance=True,
+        seed=1,
+    )
+    a, b = ProbeDataModule(**kwargs), ProbeDataModule(**kwargs)
+    a.setup(), b.setup()
+    all_labels = torch.cat([a.train_set.labels, a.test_set.labels])
+    assert len(all_labels) == 100 and int(all_labels.sum()) == 50
+    assert a.label_names == {0: "bad", 1: "good"}
+    assert torch.equal(a.train_set.input_ids, b.train_set.input_ids)  # seeded
+
+
+def test_batches_are_trimmed_to_their_own_longest(tokenizer):
+    texts = ["good", "the food was really quite awful and sad today"]
+    for side in ("left", "right"):
+        tokenizer.padding_side = side
+        enc = tokenizer(texts, padding="max_length", max_length=40, return_tensors="pt")
+        ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], [0, 1])
+        short = pad_to_longest([ds[0]])
+        both = pad_to_longest([ds[0], ds[1]])
+        assert short["input_ids"].shape == (1, int(enc["attention_mask"][0].sum()))
+        assert both["input_ids"].shape[1] == int(enc["attention_mask"][1].sum())
+        assert both["attention_mask"].sum() == enc["attention_mask"].sum()
+    tokenizer.padding_side = "left"
+
+
+def test_tt_split_is_seeded_and_stratified(dataset):
+    a_train, a_test = dataset.tt_split(test_size=0.25, seed=2)
+    b_train, b_test = dataset.tt_split(test_size=0.25, seed=2)
+    assert torch.equal(a_test.input_ids, b_test.input_ids)
+    assert len(a_test) == 30 and int(a_test.labels.sum()) == 15
+    item = a_train[0]
+    assert set(item) == {"input_ids", "attention_mask", "labels", "index"}

@@ -1,0 +1,200 @@
+"""The engine against independent references: sklearn on the same features (defects 5-8)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn import metrics as skm
+from sklearn.linear_model import SGDClassifier
+from sklearn.preprocessing import StandardScaler
+
+from lmprobe import LinearProbe, ProbeConfig, ProbeDataset, ProbeRunner
+
+METRICS = ["loss", "accuracy", "precision", "recall", "f1", "matthews"]
+
+
+def sklearn_metrics(probe: LinearProbe, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    proba = probe.predict_proba(X)
+    pred = probe.classes_[proba.argmax(1)]
+    return {
+        "loss": skm.log_loss(y, proba, labels=probe.classes_),
+        "accuracy": skm.accuracy_score(y, pred),
+        "precision": skm.precision_score(y, pred, average="macro", zero_division=0),
+        "recall": skm.recall_score(y, pred, average="macro", zero_division=0),
+        "f1": skm.f1_score(y, pred, average="macro", zero_division=0),
+        "matthews": skm.matthews_corrcoef(y, pred),
+    }
+
+
+@pytest.fixture()
+def three_class(docs):
+    _, enc, _ = docs
+    labels = torch.arange(len(enc["input_ids"])) % 3
+    return ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
+
+
+def test_metrics_equal_sklearn_on_whole_test_set(gpt2, three_class):
+    """Defect 5: the whole test set is scored (test set larger than the training set)."""
+    train_set, test_set = three_class.tt_split(test_size=0.6, seed=1)
+    configs = [
+        ProbeConfig("transformer.h.3.output", [0, 1, 2], early_stopping=False),
+        ProbeConfig("transformer.h.8.mlp.output", [0, 1, 2], pooling="last", test_size=0.3),
+    ]
+    runner = ProbeRunner(gpt2, configs).fit_probes(train_set, test_set, batch_size=8)
+    docs = test_set[:]
+    features = runner.get_probe_features(docs["input_ids"], docs["attention_mask"])
+    for config in configs:
+        expected = sklearn_metrics(
+            runner[config.name], features[config.name], docs["labels"].numpy()
+        )
+        row = runner.metrics.loc[config.name]
+        assert row["support"] == len(test_set)
+        for metric in METRICS:
+            assert row[metric] == pytest.approx(expected[metric], abs=1e-5), metric
+
+
+def test_probe_equals_sklearn_sgd_on_same_features(gpt2, dataset):
+    """The bank's training equals StandardScaler + SGDClassifier fed the same batches."""
+    config = ProbeConfig("transformer.h.4.output", [0, 1], early_stopping=False)
+    runner = ProbeRunner(gpt2, [config], seed=7).fit_probes(dataset, None, batch_size=16)
+    docs = dataset[:]
+    X = runner.get_probe_features(docs["input_ids"], docs["attention_mask"])[config.name]
+    y = docs["labels"].numpy()
+    scaler = StandardScaler()
+    sgd = SGDClassifier(loss="log_loss", random_state=7)
+    for start in range(0, len(y), 16):
+        rows = slice(start, start + 16)
+        scaler.partial_fit(X[rows])
+        sgd.partial_fit(scaler.transform(X[rows]), y[rows], classes=[0, 1])
+    probe = runner[config.name]
+    assert probe.n_updates_ == -(-len(y) // 16)
+    np.testing.assert_allclose(probe.classifier_.coef_, sgd.coef_, atol=1e-4)
+    np.testing.assert_array_equal(probe.predict(X), sgd.predict(scaler.transform(X)))
+
+
+def test_early_stopping_uses_fixed_seeded_heldout_slice(gpt2, dataset):
+    """Defect 6: a fixed, seeded slice of the training set, with patience and warmup."""
+    configs = [
+        # threshold so large that only the first held-out loss counts as an improvement
+        ProbeConfig("transformer.h.2.output", [0, 1], test_size=0.25, patience=3, threshold=1e9),
+        ProbeConfig(
+            "transformer.h.2.output",
+            [0, 1],
+            test_size=0.25,
+            patience=3,
+            threshold=1e9,
+            warmup_steps=6,
+            name="warm",
+        ),
+        ProbeConfig("transformer.h.2.output", [0, 1], test_size=0.1, patience=1000, name="small"),
+    ]
+    runner = ProbeRunner(gpt2, configs, seed=3).fit_probes(dataset, None, batch_size=4)
+    n = len(dataset)
+    union = np.random.default_rng(3).permutation(n)[: round(0.25 * n)]
+    assert sorted(runner.module.heldout_index.tolist()) == sorted(union.tolist())
+    assert runner["transformer.h.2.output"].n_updates_ == 1 + 3
+    assert runner["warm"].n_updates_ == 6 + 3
+    assert runner.module.stopped_early == {
+        "transformer.h.2.output": True,
+        "warm": True,
+        "small": False,
+    }
+    # 'small' holds out only its own 10%; the rest of the shared slice is training data for it
+    assert runner["small"].n_samples_seen_ == n - round(0.1 * n)
+    again = ProbeRunner(gpt2, configs, seed=3).fit_probes(dataset, None, batch_size=4)
+    assert torch.equal(again.module.heldout_index, runner.module.heldout_index)
+
+
+def test_wide_label_values_and_int64(gpt2, docs):
+    """Defect 7a: labels are int64, not int8 (values past 127)."""
+    _, enc, labels = docs
+    wide = torch.where(labels == 1, 1000, 130)
+    ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], wide)
+    assert ds.labels.dtype == torch.int64
+    train_set, test_set = ds.tt_split(test_size=0.25)
+    runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output", [130, 1000])])
+    runner.fit_probes(train_set, test_set)
+    features = runner.get_probe_features(test_set[:]["input_ids"], test_set[:]["attention_mask"])
+    assert set(runner["transformer.h.1.output"].predict(features["transformer.h.1.output"])) <= {
+        130,
+        1000,
+    }
+    assert runner.metrics.loc["transformer.h.1.output", "support"] == len(test_set)
+
+
+def test_token_level_null_label_zero_and_padding_excluded(gpt2, docs):
+    """Defect 7b/c: null_label=0 is honoured and padding never reaches the metrics."""
+    _, enc, _ = docs
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    labels = ids % 2 + 1  # classes 1 and 2, decodable from the token itself
+    labels[:, ::3] = 0  # every third position is unlabelled
+    labels[mask == 0] = 1  # padding carries a *valid* class: it must still be ignored
+    ds = ProbeDataset(ids, mask, labels)
+    train_set, test_set = ds.tt_split(test_size=0.3)
+    config = ProbeConfig("transformer.h.0.output", [1, 2], pooling="none", null_label=0)
+    runner = ProbeRunner(gpt2, [config]).fit_probes(train_set, test_set, batch_size=8)
+    docs = test_set[:]
+    X = runner.get_probe_features(docs["input_ids"], docs["attention_mask"])[config.name]
+    real = docs["attention_mask"].bool()
+    y_all = docs["labels"][real].numpy()
+    keep = y_all != 0
+    expected = sklearn_metrics(runner[config.name], X[keep], y_all[keep])
+    row = runner.metrics.loc[config.name]
+    assert row["support"] == keep.sum()
+    for metric in METRICS:
+        assert row[metric] == pytest.approx(expected[metric], abs=1e-5), metric
+    assert row["accuracy"] > 0.9  # parity of the token id is linearly decodable at layer 0
+
+
+def test_same_seed_same_metrics(gpt2, dataset):
+    """Defect 8: seeded end to end."""
+    train_set, test_set = dataset.tt_split(test_size=0.3, seed=5)
+    configs = [ProbeConfig("transformer.h.6.output", [0, 1], test_size=0.2, patience=2)]
+    first = ProbeRunner(gpt2, configs, seed=11).fit_probes(train_set, test_set).metrics
+    second = ProbeRunner(gpt2, configs, seed=11).fit_probes(train_set, test_set).metrics
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_epochs_after_the_first_reuse_cached_features(gpt2, hf_gpt2, dataset):
+    config = ProbeConfig("transformer.h.2.output", [0, 1], early_stopping=False)
+    runner = ProbeRunner(gpt2, [config])
+    calls = {"n": 0}
+    handle = hf_gpt2.transformer.h[0].register_forward_pre_hook(
+        lambda *_: calls.__setitem__("n", calls["n"] + 1)
+    )
+    try:
+        runner.fit_probes(dataset, None, batch_size=10, max_epochs=3)
+    finally:
+        handle.remove()
+    n_batches = -(-len(dataset) // 10)
+    assert calls["n"] == n_batches
+    assert runner[config.name].n_updates_ == 3 * n_batches
+
+
+def test_checkpoint_holds_probes_not_lm_weights(gpt2, dataset, tmp_path):
+    config = ProbeConfig("transformer.h.2.output", [0, 1])
+    runner = ProbeRunner(gpt2, [config]).fit_probes(dataset, None, batch_size=10)
+    path = tmp_path / "probes.ckpt"
+    runner.trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["state_dict"] == {}
+    restored = ProbeRunner(gpt2, [config])
+    restored.module.on_load_checkpoint(checkpoint)
+    X = np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32)
+    np.testing.assert_array_equal(
+        restored[config.name].predict_proba(X), runner[config.name].predict_proba(X)
+    )
+
+
+def test_model_as_hf_model_or_local_path(tokenizer, tiny_model_dir, dataset):
+    from conftest import build_gpt2
+
+    config = ProbeConfig("transformer.h.1.output", [0, 1])
+    docs = dataset[0:3]
+    from_hf = ProbeRunner(build_gpt2(tokenizer), [config], tokenizer=tokenizer)
+    from_dir = ProbeRunner(str(tiny_model_dir), [config])
+    a = from_hf.get_probe_features(docs["input_ids"], docs["attention_mask"])
+    b = from_dir.get_probe_features(docs["input_ids"], docs["attention_mask"])
+    np.testing.assert_allclose(a[config.name], b[config.name], atol=1e-6)

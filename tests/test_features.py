@@ -1,0 +1,142 @@
+"""Activations: pooled features equal a plain HF forward of each text alone (defects 2-4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmprobe import ProbeConfig, ProbeRunner
+
+SITES = ["transformer.h.2.output", "transformer.h.1.mlp.output", "transformer.h.3.attn.output"]
+TEXTS = ["good movie", "the food was really quite awful and sad", "a", "so nice and fine day"]
+
+
+def reference(hf_model, tokenizer, text: str, site: str) -> torch.Tensor:
+    """The site's activation for ``text`` alone (no padding), from a hook on the HF model."""
+    module_path = site.rsplit(".", 1)[0]
+    captured = {}
+
+    def hook(_module, _args, output):
+        captured["value"] = output[0] if isinstance(output, tuple) else output
+
+    handle = hf_model.get_submodule(module_path).register_forward_hook(hook)
+    try:
+        enc = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            hf_model(**enc)
+    finally:
+        handle.remove()
+    return captured["value"][0]
+
+
+def pooled_reference(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
+    return {
+        "mean": lambda t: t.mean(0, keepdim=True),
+        "last": lambda t: t[-1:],
+        "first": lambda t: t[:1],
+        "max": lambda t: t.amax(0, keepdim=True),
+        "none": lambda t: t,
+    }[pooling](tokens)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_features_equal_unpadded_forward_for_every_pooling(gpt2, hf_gpt2, tokenizer, side):
+    configs = [
+        ProbeConfig(site, [0, 1], pooling=pooling, name=f"{site}/{pooling}")
+        for site in SITES
+        for pooling in ("mean", "last", "first", "max", "none")
+    ]
+    runner = ProbeRunner(gpt2, configs)
+    tokenizer.padding_side = side
+    try:
+        enc = tokenizer(TEXTS, padding="max_length", max_length=16, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "left"
+    features = runner.get_probe_features(enc["input_ids"], enc["attention_mask"], batch_size=3)
+    for config in configs:
+        expected = torch.cat(
+            [
+                pooled_reference(reference(hf_gpt2, tokenizer, t, config.submodule), config.pooling)
+                for t in TEXTS
+            ]
+        ).numpy()
+        got = features[config.name]
+        assert got.dtype == np.float32
+        assert got.shape == expected.shape, config.name
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0, err_msg=config.name)
+
+
+def test_old_readme_feature_shape(gpt2, dataset):
+    runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.5.mlp.output", [0, 1])])
+    docs = dataset[0:5]
+    features = runner.get_probe_features(docs["input_ids"], docs["attention_mask"])
+    assert features["transformer.h.5.mlp.output"].shape == (5, 64)
+
+
+def count_calls(hf_model, paths):
+    calls = dict.fromkeys(paths, 0)
+    handles = []
+    for path in paths:
+
+        def hook(*_args, path=path):
+            calls[path] += 1
+
+        handles.append(hf_model.get_submodule(path).register_forward_pre_hook(hook))
+    return calls, handles
+
+
+def test_trace_stops_after_deepest_live_probe(gpt2, hf_gpt2, dataset):
+    """Defect 4: lm_head and blocks past the deepest live probe never run."""
+    train_set, test_set = dataset.tt_split(test_size=0.25)
+    configs = [
+        ProbeConfig("transformer.h.1.output", [0, 1], early_stopping=False),
+        # stops after 2 updates; block 6 must then no longer run for training batches
+        ProbeConfig("transformer.h.6.output", [0, 1], early_stopping=False, max_steps=2),
+    ]
+    runner = ProbeRunner(gpt2, configs)
+    calls, handles = count_calls(
+        hf_gpt2, ["lm_head", "transformer.h.1", "transformer.h.2", "transformer.h.6"]
+    )
+    try:
+        runner.fit_probes(train_set, test_set, batch_size=10, enable_progress_bar=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_train_batches = -(-len(train_set) // 10)
+    n_test_batches = -(-len(test_set) // 10)
+    assert calls["lm_head"] == 0
+    assert calls["transformer.h.6"] == 2 + n_test_batches
+    # after h.6's probe stops, training traces end at h.1: h.2 runs only while h.6 is live
+    assert calls["transformer.h.2"] == 2 + n_test_batches
+    assert calls["transformer.h.1"] == n_train_batches + n_test_batches
+
+
+def test_reads_in_any_config_order(gpt2, dataset):
+    """Defect 1: submodules listed against forward order (the old three-probe example)."""
+    train_set, test_set = dataset.tt_split(test_size=0.5)
+    configs = [
+        ProbeConfig(s, [0, 1], test_size=0.5, patience=10, warmup_steps=25)
+        for s in [
+            "transformer.h.11.output",
+            "transformer.h.4.mlp.output",
+            "transformer.h.7.attn.output",
+        ]
+    ]
+    runner = ProbeRunner(gpt2, configs).fit_probes(train_set, test_set, batch_size=8)
+    table = runner.metrics.sort_values(["loss", "matthews"], ascending=[True, False])
+    assert sorted(table.index) == sorted(c.submodule for c in configs)
+    assert table[["loss", "accuracy", "precision", "recall", "f1", "matthews"]].notna().all().all()
+
+
+def test_bf16_model_gives_float32_features(tokenizer):
+    from conftest import build_gpt2
+    from nnsight import TransformersModel
+
+    model = build_gpt2(tokenizer, n_layer=2).to(torch.bfloat16)
+    lm = TransformersModel(model, tokenizer=tokenizer, task="text-generation")
+    runner = ProbeRunner(lm, [ProbeConfig("transformer.h.1.output", [0, 1])])
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    got = runner.get_probe_features(enc["input_ids"], enc["attention_mask"])
+    assert got["transformer.h.1.output"].dtype == np.float32
+    assert np.isfinite(got["transformer.h.1.output"]).all()
