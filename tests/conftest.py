@@ -114,3 +114,22 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     build_gpt2(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+class InterruptAt:
+    """A Lightning callback that interrupts training at one batch, like Ctrl-C or SIGTERM."""
+
+    def __new__(cls, batch: int, how: str = "ctrl-c"):
+        import signal
+
+        from lightning.pytorch.callbacks import Callback
+
+        class _Interrupt(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx):
+                if batch_idx == batch:
+                    if how == "sigterm":
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    else:
+                        raise KeyboardInterrupt
+
+        return _Interrupt()

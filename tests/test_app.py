@@ -175,3 +175,116 @@ def test_cli_sweep_leaves_one_directory_per_job(tmp_path, tiny_model_dir, csv_fi
         assert len(pd.read_csv(job / "metrics.csv")) == 12
         assert (job / ".hydra" / "overrides.yaml").exists()
     assert "Best probes by test accuracy" in result.stdout
+
+
+def test_wrong_override_type_names_the_key(tmp_path, tiny_model_dir, csv_file):
+    from lmprobe import LmProbeError
+
+    cfg = compose_cfg(
+        tmp_path / "run",
+        [
+            "data=csv",
+            f"data.path={csv_file}",
+            f"model.name_or_path={tiny_model_dir}",
+            "data.batch_size=abc",
+        ],
+    )
+    with pytest.raises(LmProbeError, match=r"data\.batch_size='abc'"):
+        train(cfg)
+    cfg = compose_cfg(tmp_path / "run", ["data=csv", f"data.path={csv_file}", "probes.pooling=avg"])
+    with pytest.raises(LmProbeError, match=r"probes\.pooling='avg'.*mean, last"):
+        train(cfg)
+    cfg = compose_cfg(tmp_path / "run", ["data=csv"])
+    with pytest.raises(LmProbeError, match=r"data\.path must be set"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_run_keeps_results_and_resumes(tiny_cfg, tmp_path, how):
+    from lmprobe.errors import RunInterrupted
+
+    run = tmp_path / "run"
+    with open_dict(tiny_cfg):
+        tiny_cfg.probes.early_stopping = False
+        tiny_cfg.callbacks.interrupt = {"_target_": "conftest.InterruptAt", "batch": 3, "how": how}
+    with pytest.raises(RunInterrupted):
+        train(tiny_cfg)
+    partial = pd.read_csv(run / "metrics.csv", index_col="probe")
+    assert partial["partial"].all()
+    assert (run / "probes" / "index.json").exists()
+    steps = LinearProbe.load(run / "probes" / "transformer.h.0.output.pkl").n_updates_
+    assert steps >= 3
+    with open_dict(tiny_cfg):
+        del tiny_cfg.callbacks["interrupt"]
+        tiny_cfg.ckpt_path = str(run / "last.ckpt")
+    table = train(tiny_cfg)
+    final = pd.read_csv(run / "metrics.csv", index_col="probe")
+    assert "partial" not in final.columns and len(final) == 12
+    assert (table["steps"] > steps).all()
+
+
+def test_same_seed_identical_metrics_csv(tmp_path, tiny_model_dir, csv_file):
+    outputs = []
+    for name in ("a", "b"):
+        cfg = compose_cfg(
+            tmp_path / name,
+            [
+                "probes=gpt2_layers",
+                f"model.name_or_path={tiny_model_dir}",
+                "data=csv",
+                f"data.path={csv_file}",
+                "trainer.max_epochs=2",
+                "trainer.enable_progress_bar=false",
+                "logger=none",
+            ],
+        )
+        train(cfg)
+        outputs.append((tmp_path / name / "metrics.csv").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_results_are_written_atomically(tmp_path, monkeypatch):
+    from lmprobe.results import write_metrics
+
+    path = tmp_path / "metrics.csv"
+    table = pd.DataFrame({"accuracy": [0.5]}, index=pd.Index(["p"], name="probe"))
+    write_metrics(table, path)
+    before = path.read_bytes()
+
+    def crash(_fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError):
+        write_metrics(table.assign(accuracy=0.9), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+def test_sweep_with_a_failing_job_keeps_the_others(tmp_path, tiny_model_dir, csv_file):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "probes=gpt2_layers",
+            f"model.name_or_path={tiny_model_dir}",
+            "data=csv",
+            f"data.path={tmp_path / 'missing.csv'},{csv_file}",
+            f"hydra.sweep.dir={sweep}",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "missing.csv" in (sweep / "0" / "error.txt").read_text()
+    assert not (sweep / "0" / "metrics.csv").exists()
+    assert len(pd.read_csv(sweep / "1" / "metrics.csv")) == 12

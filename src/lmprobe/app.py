@@ -106,8 +106,7 @@ class RunOutputs(Callback):
         table = metrics.tables.get("test")
         if table is None:
             table = metrics.partial_table("test", pl_module)
-        if table is not None:
-            write_metrics(table, self.directory / "metrics.csv", partial=True)
+        write_metrics(table, self.directory / "metrics.csv", partial=True)
         log.warning(
             "run stopped (%s): probes trained so far are in %s; resume with ckpt_path=%s",
             type(exception).__name__,

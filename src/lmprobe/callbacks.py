@@ -173,46 +173,35 @@ class ProbeMetrics(Callback):
             sums[0] += float(total)
             sums[1] += len(rows.y)
 
-    def _finish(self, stage: str, trainer: L.Trainer, pl_module: ProbeModule) -> None:
-        if trainer.sanity_checking:
-            self._reset(stage)
-            return
+    def _table(self, stage: str, pl_module: ProbeModule, log_metrics: bool) -> pd.DataFrame:
         rows = {}
         for name in pl_module.configs:
             metrics = self._metrics.get((stage, name))
             row = dict.fromkeys(METRIC_COLUMNS, float("nan"))
+            row["support"] = 0
             if metrics is not None:
                 row.update({k: float(v) for k, v in metrics.compute().items()})
                 total, count = self._loss[(stage, name)]
-                row["loss"] = total / count
-                for metric, value in row.items():
-                    pl_module.log(f"{stage}/{name}/{metric}", value, on_epoch=True)
-            probe = pl_module.probes[name]
-            row["support"] = self._loss[(stage, name)][1] if metrics is not None else 0
-            row["steps"] = getattr(probe, "n_updates_", 0)
+                row["loss"], row["support"] = total / count, count
+                if log_metrics:
+                    for metric in METRIC_COLUMNS:
+                        pl_module.log(f"{stage}/{name}/{metric}", row[metric], on_epoch=True)
+            row["steps"] = getattr(pl_module.probes[name], "n_updates_", 0)
             row["stopped_early"] = bool(pl_module.stopped_early.get(name, False))
             rows[name] = row
         table = pd.DataFrame.from_dict(rows, orient="index")
         table.index.name = "probe"
-        self.tables[stage] = table
+        return table
+
+    def _finish(self, stage: str, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        if not trainer.sanity_checking:
+            self.tables[stage] = self._table(stage, pl_module, log_metrics=True)
         self._reset(stage)
 
-    def partial_table(self, stage: str, pl_module: ProbeModule) -> pd.DataFrame | None:
-        """Metrics of what a stage scored before it was interrupted (None if nothing was)."""
-        if not any(key[0] == stage for key in self._metrics):
-            return None
-        rows = {}
-        for name in pl_module.configs:
-            metrics = self._metrics.get((stage, name))
-            if metrics is None:
-                continue
-            row = {k: float(v) for k, v in metrics.compute().items()}
-            total, count = self._loss[(stage, name)]
-            row.update(loss=total / count, support=count)
-            rows[name] = row
-        table = pd.DataFrame.from_dict(rows, orient="index")
-        table.index.name = "probe"
-        return table
+    def partial_table(self, stage: str, pl_module: ProbeModule) -> pd.DataFrame:
+        """The table so far: metrics of what ``stage`` scored before an interruption (NaN where
+        nothing was), with every probe's steps."""
+        return self._table(stage, pl_module, log_metrics=False)
 
     def _reset(self, stage: str) -> None:
         for key in [k for k in self._metrics if k[0] == stage]:

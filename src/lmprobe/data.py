@@ -155,7 +155,12 @@ def pad_to_longest(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     Works for left and right padding alike: the real tokens of a batch occupy one contiguous
     block of columns, so a batch costs its own longest document, not the dataset's.
     """
-    batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    return trim_padding({key: torch.stack([item[key] for item in items]) for key in items[0]})
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the columns of a batch that are padding in every row."""
+    batch = dict(batch)
     used = batch["attention_mask"].any(0).nonzero()
     start, stop = int(used[0, 0]), int(used[-1, 0]) + 1
     for key in ("input_ids", "attention_mask"):

@@ -3,6 +3,7 @@ pooling on the model's device, and an early stop after the deepest site needed."
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -13,6 +14,8 @@ import torch
 from lmprobe.config import ProbeConfig
 from lmprobe.errors import NonFiniteActivationError
 from lmprobe.models import envoy_at, input_device
+
+log = logging.getLogger("lmprobe")
 
 
 class FeatureKey(NamedTuple):
@@ -144,6 +147,13 @@ def trace_features(
                     f"(documents {bad_docs[:5]}); use a wider dtype (e.g. model.dtype=float32) "
                     f"or set on_nonfinite=skip to drop such rows"
                 )
+            log.warning(
+                "skipping %d rows with non-finite activations at %s in %s (documents %s)",
+                int((~finite).sum()),
+                key.submodule,
+                batch_label,
+                bad_docs[:5],
+            )
             X, y, doc = X[finite], y[finite], doc[finite]
         results[key] = Features(
             X.to("cpu", non_blocking=True), y.to("cpu", non_blocking=True), doc.to("cpu")

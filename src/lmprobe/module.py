@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lmprobe.config import ProbeConfig
-from lmprobe.data import ProbeDataset, pad_to_longest
+from lmprobe.data import ProbeDataset, pad_to_longest, trim_padding
 from lmprobe.errors import LmProbeError
 from lmprobe.features import FeatureKey, Features, trace_features
 from lmprobe.models import check_submodules, forward_order, torch_module
@@ -185,9 +185,7 @@ class ProbeModule(L.LightningModule):
             if not bool(keep.any()):
                 return None
             if not bool(keep.all()):
-                batch = pad_to_longest(
-                    [{k: v[i] for k, v in batch.items()} for i in keep.nonzero()[:, 0]]
-                )
+                batch = trim_padding({k: v[keep] for k, v in batch.items()})
         cached = self._train_cache.get(batch_idx) if self._train_cache is not None else None
         if cached is not None and torch.equal(cached[0], batch["index"]):
             features = cached[1]

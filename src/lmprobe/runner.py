@@ -16,7 +16,7 @@ import torch
 
 from lmprobe.callbacks import ProbeEarlyStopping, ProbeMetrics, ProbeUpdater
 from lmprobe.config import ProbeConfig
-from lmprobe.data import ProbeDataModule, ProbeDataset
+from lmprobe.data import ProbeDataModule, ProbeDataset, trim_padding
 from lmprobe.errors import LmProbeError
 from lmprobe.features import trace_features
 from lmprobe.models import input_device, load_language_model
@@ -183,12 +183,14 @@ class ProbeRunner:
                 if not group:
                     continue
                 labels = sentinel[rows] if kind == "token" else sentinel[rows, 0]
-                batch = {
-                    "input_ids": ids[rows],
-                    "attention_mask": mask[rows],
-                    "labels": labels,
-                    "index": torch.arange(len(ids))[rows],
-                }
+                batch = trim_padding(
+                    {
+                        "input_ids": ids[rows],
+                        "attention_mask": mask[rows],
+                        "labels": labels,
+                        "index": torch.arange(len(ids))[rows],
+                    }
+                )
                 out = trace_features(
                     self.model,
                     batch,
