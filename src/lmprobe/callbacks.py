@@ -22,8 +22,57 @@ log = logging.getLogger("lmprobe")
 METRIC_COLUMNS = ("loss", "accuracy", "precision", "recall", "f1", "matthews")
 
 
+DEFAULT_CHUNK_ROWS = 256
+
+
+class RowBuffer:
+    """Collects feature rows per name until ``chunk_rows`` are there (``None``: every batch).
+
+    scikit-learn's ``partial_fit`` and ``predict_proba`` cost about a millisecond per call
+    whatever the size of the call, and SGD updates per sample anyway: handing probes larger
+    chunks removes call overhead without changing the maths (beyond SGD's in-call shuffle).
+    """
+
+    def __init__(self, chunk_rows: int | None) -> None:
+        self.chunk_rows = chunk_rows
+        self.parts: dict[Any, list[Features]] = {}
+        self.rows: dict[Any, int] = {}
+
+    def add(self, name: Any, features: Features) -> bool:
+        """Buffer ``features``; True when ``name`` has a full chunk."""
+        self.parts.setdefault(name, []).append(features)
+        self.rows[name] = self.rows.get(name, 0) + len(features.y)
+        return self.chunk_rows is None or self.rows[name] >= self.chunk_rows
+
+    def take(self, name: Any) -> Features | None:
+        parts = self.parts.pop(name, None)
+        self.rows.pop(name, None)
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else Features.concat(parts)
+
+    def names(self) -> list[Any]:
+        return list(self.parts)
+
+    def clear(self) -> None:
+        self.parts.clear()
+        self.rows.clear()
+
+
 class ProbeUpdater(Callback):
-    """``partial_fit`` every live probe on the features of each training batch."""
+    """``partial_fit`` every live probe on the features of the training batches.
+
+    Rows are handed over in chunks of at least ``chunk_rows`` (``None``: after every batch);
+    whatever is left is handed over at the end of each epoch. A probe's *steps* count the
+    training batches it has consumed, chunked or not.
+    """
+
+    def __init__(self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> None:
+        self.chunk_rows = chunk_rows
+        self.buffer = RowBuffer(chunk_rows)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        self.buffer.clear()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: ProbeModule, outputs: Any, batch: Any, batch_idx: int
@@ -36,6 +85,28 @@ class ProbeUpdater(Callback):
             rows = features.get(pl_module.key(name))
             if rows is None or len(rows.y) == 0:
                 continue
+            pl_module.steps[name] += 1
+            full = self.buffer.add(name, rows)
+            max_steps = pl_module.configs[name].max_steps
+            if full or (max_steps is not None and pl_module.steps[name] >= max_steps):
+                self._update(pl_module, name)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        pl_module.updated_names = []
+        for name in self.buffer.names():
+            if name in pl_module.live:
+                self._update(pl_module, name)
+        self.buffer.clear()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: ProbeModule, exception: BaseException
+    ) -> None:
+        # Interrupted mid-chunk: the buffered rows were paid for, so train on them.
+        self.on_train_epoch_end(trainer, pl_module)
+
+    def _update(self, pl_module: ProbeModule, name: str) -> None:
+        rows = self.buffer.take(name)
+        if rows is not None:
             pl_module.probes[name].partial_fit(rows.X, rows.y)
             pl_module.updated_names.append(name)
 
@@ -46,15 +117,16 @@ class ProbeEarlyStopping(Callback):
     Probe ``p`` holds out the first ``round(test_size_p * n)`` rows of one seeded permutation
     of the training set, so probes with equal ``test_size`` share a slice. Those rows are
     traced once, before training, and never trained on by ``p``. A probe stops when its
-    held-out log loss has not improved by ``threshold`` for ``patience`` updates (after
-    ``warmup_steps``), or at ``max_steps``; the run stops when every probe has.
+    held-out log loss has not improved by ``threshold`` for ``patience`` steps (training
+    batches; counted after ``warmup_steps``), or at ``max_steps``; it is scored whenever the
+    updater hands it new rows. The run stops when every probe has stopped.
     """
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
         self.heldout: dict[str, Features] = {}
         self.best: dict[str, float] = {}
-        self.wait: dict[str, int] = {}
+        self.best_step: dict[str, int] = {}
         self.prepared = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
@@ -83,27 +155,38 @@ class ProbeEarlyStopping(Callback):
                 if len(extra.y):  # held out for other probes only: training data for this one
                     pl_module.probes[name].partial_fit(extra.X, extra.y)
         pl_module.heldout_index = torch.as_tensor(union, dtype=torch.long)
-        self.best = {name: math.inf for name in pl_module.configs}
-        self.wait = {name: 0 for name in pl_module.configs}
+        self.best = dict.fromkeys(pl_module.configs, math.inf)
+        self.best_step = dict.fromkeys(pl_module.configs, 0)
         self.prepared = True
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: ProbeModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        self._check(trainer, pl_module, on_step=False)
+
+    def _check(self, trainer: L.Trainer, pl_module: ProbeModule, on_step: bool = True) -> None:
+        """Score the probes updated just now; retire those out of patience or steps."""
         for name in pl_module.updated_names:
+            if name not in pl_module.live:
+                continue
             config = pl_module.configs[name]
             probe = pl_module.probes[name]
-            steps = probe.n_updates_
+            steps = pl_module.steps[name]
             heldout = self.heldout.get(name)
             if config.early_stopping and heldout is not None and len(heldout.y):
                 loss = log_loss(heldout.y, probe.predict_proba(heldout.X), labels=probe.classes_)
                 if trainer.loggers:
-                    pl_module.log(f"train/{name}/heldout_loss", loss, on_step=True)
+                    pl_module.log(
+                        f"train/{name}/heldout_loss", loss, on_step=on_step, on_epoch=not on_step
+                    )
                 if loss < self.best[name] - config.threshold:
-                    self.best[name], self.wait[name] = loss, 0
-                elif steps > config.warmup_steps:
-                    self.wait[name] += 1
-                if steps > config.warmup_steps and self.wait[name] >= config.patience:
+                    self.best[name], self.best_step[name] = loss, steps
+                # patience counts the steps without improvement once warm-up is over
+                waited = steps - max(self.best_step[name], config.warmup_steps)
+                if steps > config.warmup_steps and waited >= config.patience:
                     log.info("Early stopping after %d steps for %s", steps, name)
                     pl_module.live.discard(name)
                     pl_module.stopped_early[name] = True
@@ -118,13 +201,13 @@ class ProbeEarlyStopping(Callback):
         return {
             "heldout": {k: tuple(v) for k, v in self.heldout.items()},
             "best": self.best,
-            "wait": self.wait,
+            "best_step": self.best_step,
             "prepared": self.prepared,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.heldout = {k: Features(*v) for k, v in state_dict["heldout"].items()}
-        self.best, self.wait = dict(state_dict["best"]), dict(state_dict["wait"])
+        self.best, self.best_step = dict(state_dict["best"]), dict(state_dict["best_step"])
         self.prepared = state_dict["prepared"]
 
 
@@ -145,22 +228,35 @@ def _metric_collection(n_classes: int) -> torchmetrics.MetricCollection:
 class ProbeMetrics(Callback):
     """Scores every probe on whole validation/test sets with torchmetrics.
 
-    Logs ``<stage>/<probe>/<metric>`` to every attached Lightning logger and keeps a pandas
-    table per stage in ``tables`` (index = probe name).
+    Rows are scored in chunks of ``chunk_rows`` per feature key (one ``predict_proba`` per
+    probe per chunk, not per batch). Logs ``<stage>/<probe>/<metric>`` to every attached
+    Lightning logger and keeps a pandas table per stage in ``tables`` (index = probe name).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> None:
+        self.chunk_rows = chunk_rows
         self.tables: dict[str, pd.DataFrame] = {}
         self._metrics: dict[tuple[str, str], torchmetrics.MetricCollection] = {}
         self._loss: dict[tuple[str, str], list[float]] = {}
+        self._buffers: dict[str, RowBuffer] = {}
 
     def _update(self, stage: str, pl_module: ProbeModule, outputs: Any) -> None:
         if not outputs or "features" not in outputs:
             return
+        buffer = self._buffers.setdefault(stage, RowBuffer(self.chunk_rows))
+        for key, rows in outputs["features"].items():
+            if len(rows.y) and buffer.add(key, rows):
+                self._score(stage, pl_module, key, buffer.take(key))
+
+    def _flush(self, stage: str, pl_module: ProbeModule) -> None:
+        buffer = self._buffers.pop(stage, None)
+        for key in buffer.names() if buffer else []:
+            self._score(stage, pl_module, key, buffer.take(key))
+
+    def _score(self, stage: str, pl_module: ProbeModule, key: Any, rows: Features) -> None:
         for name in pl_module.configs:
             probe = pl_module.probes[name]
-            rows = outputs["features"].get(pl_module.key(name))
-            if rows is None or len(rows.y) == 0 or not hasattr(probe, "n_features_in_"):
+            if pl_module.key(name) != key or not hasattr(probe, "n_features_in_"):
                 continue
             proba = probe.predict_proba(rows.X)
             target = probe.class_index(rows.y)
@@ -186,7 +282,7 @@ class ProbeMetrics(Callback):
                 if log_metrics:
                     for metric in METRIC_COLUMNS:
                         pl_module.log(f"{stage}/{name}/{metric}", row[metric], on_epoch=True)
-            row["steps"] = getattr(pl_module.probes[name], "n_updates_", 0)
+            row["steps"] = pl_module.steps[name]
             row["stopped_early"] = bool(pl_module.stopped_early.get(name, False))
             rows[name] = row
         table = pd.DataFrame.from_dict(rows, orient="index")
@@ -194,6 +290,7 @@ class ProbeMetrics(Callback):
         return table
 
     def _finish(self, stage: str, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        self._flush(stage, pl_module)
         if not trainer.sanity_checking:
             self.tables[stage] = self._table(stage, pl_module, log_metrics=True)
         self._reset(stage)
@@ -201,9 +298,11 @@ class ProbeMetrics(Callback):
     def partial_table(self, stage: str, pl_module: ProbeModule) -> pd.DataFrame:
         """The table so far: metrics of what ``stage`` scored before an interruption (NaN where
         nothing was), with every probe's steps."""
+        self._flush(stage, pl_module)
         return self._table(stage, pl_module, log_metrics=False)
 
     def _reset(self, stage: str) -> None:
+        self._buffers.pop(stage, None)
         for key in [k for k in self._metrics if k[0] == stage]:
             del self._metrics[key]
             self._loss.pop(key, None)

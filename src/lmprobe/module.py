@@ -92,6 +92,8 @@ class ProbeModule(L.LightningModule):
         }
         self.live: set[str] = set(self.configs)
         self.stopped_early: dict[str, bool] = dict.fromkeys(self.configs, False)
+        # Training batches each probe has consumed (its early-stopping clock).
+        self.steps: dict[str, int] = dict.fromkeys(self.configs, 0)
         self.updated_names: list[str] = []
         # Rows of the training set held out for early stopping: never traced as training data.
         self.heldout_index = torch.empty(0, dtype=torch.long)
@@ -244,6 +246,7 @@ class ProbeModule(L.LightningModule):
             "probes": pickle.dumps(self.probes),
             "live": sorted(self.live),
             "stopped_early": dict(self.stopped_early),
+            "steps": dict(self.steps),
             "heldout_index": self.heldout_index.clone(),
         }
 
@@ -251,6 +254,7 @@ class ProbeModule(L.LightningModule):
         self.probes = pickle.loads(state["probes"])
         self.live = set(state["live"])
         self.stopped_early = dict(state["stopped_early"])
+        self.steps = dict(state["steps"])
         self.heldout_index = state["heldout_index"]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -14,7 +14,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lmprobe.callbacks import ProbeEarlyStopping, ProbeMetrics, ProbeUpdater
+from lmprobe.callbacks import (
+    DEFAULT_CHUNK_ROWS,
+    ProbeEarlyStopping,
+    ProbeMetrics,
+    ProbeUpdater,
+)
 from lmprobe.config import ProbeConfig
 from lmprobe.data import ProbeDataModule, ProbeDataset, trim_padding
 from lmprobe.errors import LmProbeError
@@ -36,9 +41,11 @@ def show_lmprobe_log() -> None:
         log.setLevel(logging.INFO)
 
 
-def probe_callbacks(seed: int | None = None) -> list[L.Callback]:
+def probe_callbacks(
+    seed: int | None = None, chunk_rows: int | None = DEFAULT_CHUNK_ROWS
+) -> list[L.Callback]:
     """The callbacks every probe run needs, in the order they must run after each batch."""
-    return [ProbeUpdater(), ProbeEarlyStopping(seed), ProbeMetrics()]
+    return [ProbeUpdater(chunk_rows), ProbeEarlyStopping(seed), ProbeMetrics(chunk_rows)]
 
 
 def accelerator_for(module: ProbeModule) -> str:
@@ -108,9 +115,14 @@ class ProbeRunner:
         enable_progress_bar: bool = True,
         callbacks: Sequence[L.Callback] = (),
         ckpt_path: str | None = None,
+        chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
         **trainer_kwargs: Any,
     ) -> ProbeRunner:
-        """Fit every probe on ``train_set`` and, if given, score them on all of ``test_set``."""
+        """Fit every probe on ``train_set`` and, if given, score them on all of ``test_set``.
+
+        Probes are updated with at least ``chunk_rows`` rows at a time (``None``: after every
+        batch); steps, patience and warm-up count training batches either way.
+        """
         for split, dataset in (("train_set", train_set), ("test_set", test_set)):
             if dataset is not None and not isinstance(dataset, ProbeDataset):
                 raise LmProbeError(
@@ -131,7 +143,7 @@ class ProbeRunner:
                 "enable_model_summary": False,
                 "enable_progress_bar": enable_progress_bar,
                 "num_sanity_val_steps": 0,
-                "callbacks": [*probe_callbacks(self.seed), *callbacks],
+                "callbacks": [*probe_callbacks(self.seed, chunk_rows), *callbacks],
                 **trainer_kwargs,
             }
         )

@@ -1,0 +1,249 @@
+"""Probing cost against the floor: a bare HF forward of the LM body over every document once.
+
+Configurations (see bench/README.md):
+  cpu   tiny random GPT-2 (12 layers, width 256), ~1,000 short documents, 12 probes, batch 8
+  gpu   GPT-2-small architecture, random weights, 2,048 x 512 tokens, batch 8 and 32, fp32/bf16
+  bank  100 probes (12 layers x {block, mlp, attn} x {mean, last} + SGD-alpha variants) vs 1
+
+Floor and lmprobe run in one process, interleaved, ``--repeats`` times after a warm-up;
+the table shows medians and the JSON keeps every sample. Run with OMP_NUM_THREADS=1 on
+small CPU machines (``make bench`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner  # noqa: E402
+from lmprobe.data import pad_to_longest  # noqa: E402
+
+warnings.filterwarnings("ignore")
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+logging.getLogger("lmprobe").setLevel(logging.ERROR)
+
+
+def random_docs(n: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> ProbeDataset:
+    """Right-padded random token documents with random binary labels."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_len, max_len + 1, n)
+    ids = np.zeros((n, max_len), dtype=np.int64)
+    mask = np.zeros((n, max_len), dtype=np.int64)
+    for i, length in enumerate(lengths):
+        ids[i, :length] = rng.integers(0, vocab, length)
+        mask[i, :length] = 1
+    return ProbeDataset(ids, mask, rng.integers(0, 2, n))
+
+
+def gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int, vocab: int, device, dtype):
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, vocab_size=vocab
+    )
+    return GPT2LMHeadModel(config).eval().to(device=device, dtype=dtype)
+
+
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer over ``vocab`` made-up words: these benchmarks feed token ids
+    directly, nnsight only needs a tokenizer object to wrap the model."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, **{f"w{i}": i for i in range(1, vocab)}}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<pad>")
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def floor(model, datasets, batch_size: int, device) -> float:
+    """A bare forward of the LM body (no lm_head) over every document once."""
+    from torch.utils.data import DataLoader
+
+    sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for dataset in datasets:
+            for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=pad_to_longest):
+                mask = batch["attention_mask"].to(device, non_blocking=True)
+                ids = batch["input_ids"].to(device, non_blocking=True)
+                model.transformer(input_ids=ids, attention_mask=mask)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def probe_run(runner: ProbeRunner, train, test, batch_size: int, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    runner.fit_probes(train, test, batch_size=batch_size, max_epochs=1, enable_progress_bar=False)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def layer_probes(n_layer: int) -> list[ProbeConfig]:
+    return [
+        ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False)
+        for i in range(n_layer)
+    ]
+
+
+def bank_probes(n_layer: int) -> list[ProbeConfig]:
+    configs = []
+    for i in range(n_layer):
+        for site in ("", ".mlp", ".attn"):
+            for pooling in ("mean", "last"):
+                path = f"transformer.h.{i}{site}.output"
+                configs.append(
+                    ProbeConfig(
+                        path,
+                        [0, 1],
+                        pooling=pooling,
+                        early_stopping=False,
+                        name=f"{path}/{pooling}",
+                    )
+                )
+    i = 0
+    while len(configs) < 100:  # SGD-alpha variants on block outputs
+        path = f"transformer.h.{i % n_layer}.output"
+        alpha = (1e-2, 1e-3, 1e-1)[i // n_layer]
+        configs.append(
+            ProbeConfig(
+                path,
+                [0, 1],
+                early_stopping=False,
+                model_kwargs={"alpha": alpha},
+                name=f"{path}/alpha={alpha}",
+            )
+        )
+        i += 1
+    return configs
+
+
+def measure(cases: dict, repeats: int, device) -> tuple[dict[str, list[float]], dict]:
+    """Run every case once to warm up (recording peak GPU memory), then ``repeats``
+    interleaved rounds."""
+    peak = {}
+    for name, fn in cases.items():
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        fn()
+        if torch.device(device).type == "cuda":
+            peak[name] = torch.cuda.max_memory_allocated() / 2**20
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            samples[name].append(fn())
+    return samples, peak
+
+
+def run_config(name: str, args) -> list[dict]:
+    from nnsight import TransformersModel
+
+    rows = []
+    if name in ("cpu", "bank"):
+        device, settings = "cpu", [(8, torch.float32)]
+        shape = dict(n_layer=12, n_embd=256, n_head=4, n_positions=128, vocab=1000)
+        train = random_docs(args.docs, 4, 48, shape["vocab"], seed=0)
+        test = random_docs(args.docs // 4, 4, 48, shape["vocab"], seed=1)
+    else:
+        device = "cuda"
+        settings = [(b, d) for d in (torch.float32, torch.bfloat16) for b in (8, 32)]
+        shape = dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab=50257)
+        train = random_docs(args.docs, 512, 512, shape["vocab"], seed=0)
+        test = random_docs(args.docs // 4, 512, 512, shape["vocab"], seed=1)
+        train_n = int(args.docs * 0.8)
+        train, test = train.subset(range(train_n)), train.subset(range(train_n, args.docs))
+    for batch_size, dtype in settings:
+        model = gpt2(device=device, dtype=dtype, **shape)
+        lm = TransformersModel(
+            model, tokenizer=word_tokenizer(shape["vocab"]), task="text-generation"
+        )
+        if name == "bank":
+            many = ProbeRunner(lm, bank_probes(shape["n_layer"]))
+            one = ProbeRunner(lm, [layer_probes(shape["n_layer"])[-1]])
+            cases = {
+                "1 probe": lambda: probe_run(one, train, test, batch_size, device),
+                "100 probes": lambda: probe_run(many, train, test, batch_size, device),
+            }
+            base = "1 probe"
+        else:
+            runner = ProbeRunner(lm, layer_probes(shape["n_layer"]))
+            cases = {
+                "floor": lambda: floor(model, (train, test), batch_size, device),
+                "lmprobe": lambda: probe_run(runner, train, test, batch_size, device),
+            }
+            base = "floor"
+        samples, peak = measure(cases, args.repeats, device)
+        medians = {k: statistics.median(v) for k, v in samples.items()}
+        for case, value in medians.items():
+            rows.append(
+                {
+                    "config": name,
+                    "case": case,
+                    "batch_size": batch_size,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "median_s": value,
+                    "ratio": value / medians[base],
+                    "peak_mib": peak.get(case),
+                    "peak_ratio": peak[case] / peak[base] if peak else None,
+                    "samples_s": samples[case],
+                }
+            )
+    return rows
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config", choices=["cpu", "gpu", "bank"], nargs="+", default=["cpu", "bank"]
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--docs", type=int, default=None, help="training+test documents")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
+    args = parser.parse_args()
+    rows = []
+    for name in args.config:
+        args_for = argparse.Namespace(**vars(args))
+        if args.docs is None:
+            args_for.docs = 2048 if name == "gpu" else 800
+        rows.extend(run_config(name, args_for))
+    print(f"machine: {machine()}; torch {torch.__version__}")
+    print(
+        f"{'config':7} {'case':11} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} {'peak MiB':>9}"
+    )
+    for row in rows:
+        peak = f"{row['peak_mib']:9.0f}" if row["peak_mib"] else f"{'-':>9}"
+        print(
+            f"{row['config']:7} {row['case']:11} {row['batch_size']:5d} {row['dtype']:9} "
+            f"{row['median_s']:9.3f} {row['ratio']:6.2f} {peak}"
+        )
+    args.out.write_text(
+        json.dumps({"machine": machine(), "torch": torch.__version__, "rows": rows}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()
