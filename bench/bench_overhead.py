@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -177,15 +178,15 @@ def run_config(name: str, args) -> list[dict]:
             many = ProbeRunner(lm, bank_probes(shape["n_layer"]))
             one = ProbeRunner(lm, [layer_probes(shape["n_layer"])[-1]])
             cases = {
-                "1 probe": lambda: probe_run(one, train, test, batch_size, device),
-                "100 probes": lambda: probe_run(many, train, test, batch_size, device),
+                "1 probe": partial(probe_run, one, train, test, batch_size, device),
+                "100 probes": partial(probe_run, many, train, test, batch_size, device),
             }
             base = "1 probe"
         else:
             runner = ProbeRunner(lm, layer_probes(shape["n_layer"]))
             cases = {
-                "floor": lambda: floor(model, (train, test), batch_size, device),
-                "lmprobe": lambda: probe_run(runner, train, test, batch_size, device),
+                "floor": partial(floor, model, (train, test), batch_size, device),
+                "lmprobe": partial(probe_run, runner, train, test, batch_size, device),
             }
             base = "floor"
         samples, peak = measure(cases, args.repeats, device)
