@@ -100,6 +100,8 @@ class RunOutputs(Callback):
         self.label_names = label_names
 
     def on_exception(self, trainer: L.Trainer, pl_module: ProbeModule, exception: BaseException):
+        if not any(pl_module.steps.values()):
+            return  # stopped before any probe saw data (e.g. a bad label): nothing to keep
         save_probes(pl_module.probes, self.directory / "probes", self.label_names)
         trainer.save_checkpoint(self.directory / "last.ckpt")
         metrics = next(cb for cb in trainer.callbacks if isinstance(cb, ProbeMetrics))
