@@ -52,6 +52,34 @@ def compose_cfg(run_dir: Path, overrides: list[str]):
     return cfg
 
 
+def run_sweep(tmp_path: Path, model_dir: Path, data_paths: str, *overrides: str):
+    """``python train.py -m`` on the tiny model, as a user would run it."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "probes=gpt2_layers",
+            f"model.name_or_path={model_dir}",
+            "data=csv",
+            f"data.path={data_paths}",
+            f"hydra.sweep.dir={sweep}",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep, result
+
+
 @pytest.fixture()
 def tiny_cfg(tmp_path, tiny_model_dir, csv_file):
     return compose_cfg(
@@ -146,29 +174,7 @@ def test_all_layers_finds_llama_blocks(tokenizer):
 
 
 def test_cli_sweep_leaves_one_directory_per_job(tmp_path, tiny_model_dir, csv_file):
-    sweep = tmp_path / "sweep"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "-m",
-            "probes=gpt2_layers",
-            f"model.name_or_path={tiny_model_dir}",
-            "data=csv",
-            f"data.path={csv_file}",
-            "probes.pooling=mean,last",
-            f"hydra.sweep.dir={sweep}",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    sweep, result = run_sweep(tmp_path, tiny_model_dir, str(csv_file), "probes.pooling=mean,last")
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
     for job in jobs:
@@ -263,29 +269,9 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
 
 
 def test_sweep_with_a_failing_job_keeps_the_others(tmp_path, tiny_model_dir, csv_file):
-    sweep = tmp_path / "sweep"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "-m",
-            "probes=gpt2_layers",
-            f"model.name_or_path={tiny_model_dir}",
-            "data=csv",
-            f"data.path={tmp_path / 'missing.csv'},{csv_file}",
-            f"hydra.sweep.dir={sweep}",
-            "trainer.max_epochs=1",
-            "trainer.enable_progress_bar=false",
-            "logger=none",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=tmp_path,
+    sweep, _ = run_sweep(
+        tmp_path, tiny_model_dir, f"{tmp_path / 'missing.csv'},{csv_file}", "logger=none"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert "missing.csv" in (sweep / "0" / "error.txt").read_text()
     assert not (sweep / "0" / "metrics.csv").exists()
     assert len(pd.read_csv(sweep / "1" / "metrics.csv")) == 12
