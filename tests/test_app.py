@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from lmprobe import LinearProbe, ProbeRunner
-from lmprobe.app import load_model, train
+from lmprobe.app import build, load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_COLUMNS = ["loss", "accuracy", "precision", "recall", "f1", "matthews"]
@@ -126,13 +126,9 @@ def test_train_writes_every_output(tiny_cfg, tmp_path):
 def test_train_and_probe_runner_give_the_same_metrics(tiny_cfg):
     table = train(tiny_cfg)
     lm = load_model(tiny_cfg.model)
-    datamodule = __import__("hydra").utils.instantiate(
-        tiny_cfg.data, tokenizer=lm.tokenizer, model_max_length=128, _convert_="all"
-    )
+    datamodule = build(tiny_cfg.data, tokenizer=lm.tokenizer, model_max_length=128, _convert_="all")
     datamodule.setup("fit")
-    probes = __import__("hydra").utils.instantiate(
-        tiny_cfg.probes, model=lm, classes=[0, 1], _convert_="all"
-    )
+    probes = build(tiny_cfg.probes, model=lm, classes=[0, 1], _convert_="all")
     runner = ProbeRunner(lm, probes, seed=tiny_cfg.seed)
     runner.fit_probes(
         datamodule.train_set,

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
@@ -37,13 +38,26 @@ log = logging.getLogger("lmprobe")
 _loaded_models: dict[str, Any] = {}
 
 
+def build(config: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, with lmprobe's own errors passed on unwrapped."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, LmProbeError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def load_model(model_cfg: DictConfig) -> Any:
     spec = OmegaConf.to_container(model_cfg, resolve=True)
     spec.pop("remote", None)
     key = json.dumps(spec, sort_keys=True, default=str)
     if key not in _loaded_models:
         _loaded_models.clear()  # a different model: free the old one first
-        _loaded_models[key] = instantiate(spec)
+        _loaded_models[key] = build(spec)
     return _loaded_models[key]
 
 
@@ -126,12 +140,12 @@ def train(cfg: DictConfig) -> pd.DataFrame:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     lm = load_model(cfg.model)
-    datamodule = instantiate(
+    datamodule = build(
         cfg.data, tokenizer=lm.tokenizer, model_max_length=context_length(lm), _convert_="all"
     )
     datamodule.setup("fit")
     classes = cfg.probes.get("classes") or sorted(datamodule.label_names)
-    probe_configs = instantiate(cfg.probes, model=lm, classes=classes, _convert_="all")
+    probe_configs = build(cfg.probes, model=lm, classes=classes, _convert_="all")
     module = ProbeModule(
         lm,
         probe_configs,
@@ -139,13 +153,13 @@ def train(cfg: DictConfig) -> pd.DataFrame:
         remote=bool(cfg.model.get("remote", False)),
         on_nonfinite=cfg.get("on_nonfinite", "error"),
     )
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(RunOutputs(out, datamodule.label_names))
     trainer_kwargs = {"callbacks": callbacks, "logger": loggers or False}
     if cfg.trainer.get("accelerator", "auto") == "auto":
         trainer_kwargs["accelerator"] = accelerator_for(module)
-    trainer = instantiate(cfg.trainer, **trainer_kwargs)
+    trainer = build(cfg.trainer, **trainer_kwargs)
 
     try:
         table = fit_and_test(trainer, module, datamodule, ckpt_path=cfg.get("ckpt_path"))
