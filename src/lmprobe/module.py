@@ -126,7 +126,7 @@ class ProbeModule(L.LightningModule):
     def extract_dataset(
         self, dataset: ProbeDataset, names: Sequence[str], batch_size: int = 8
     ) -> dict[FeatureKey, Features]:
-        """Features of a whole dataset (used for the held-out slice and for prediction)."""
+        """Features of a whole dataset (the early-stopping slice is traced this way)."""
         parts: dict[FeatureKey, list[Features]] = {}
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=pad_to_longest)
         for i, batch in enumerate(loader):
