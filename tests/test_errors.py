@@ -157,3 +157,14 @@ def test_tokenizer_without_pad_token_and_long_max_length(tmp_path, tokenizer, ca
     dm.setup()
     assert tok.pad_token == tok.eos_token
     assert "no pad token" in caplog.text and "max_length=4096" in caplog.text
+
+
+def test_empty_after_filtering_and_empty_split(tmp_path, tokenizer):
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"text": ["a", "b", "c"], "label": ["x", "x", "y"]}).to_csv(path, index=False)
+    with pytest.raises(LmProbeError) as excinfo:
+        ProbeDataModule(path=str(path), tokenizer=tokenizer, exclude={"label": ["x", "y"]}).setup()
+    check(excinfo, "no rows left after filtering", "data.exclude")
+    with pytest.raises(LmProbeError) as excinfo:
+        ProbeDataModule(path=str(path), tokenizer=tokenizer, test_size=0.1).setup()
+    check(excinfo, "test_size=0.1", "3 documents", "empty split")
