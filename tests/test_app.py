@@ -271,3 +271,16 @@ def test_sweep_with_a_failing_job_keeps_the_others(tmp_path, tiny_model_dir, csv
     assert "missing.csv" in (sweep / "0" / "error.txt").read_text()
     assert not (sweep / "0" / "metrics.csv").exists()
     assert len(pd.read_csv(sweep / "1" / "metrics.csv")) == 12
+
+
+def test_all_layers_is_not_fooled_by_a_longer_expert_list(tokenizer):
+    import torch
+    from conftest import build_gpt2
+    from nnsight import TransformersModel
+
+    from lmprobe.models import decoder_block_paths
+
+    model = build_gpt2(tokenizer, n_layer=3)
+    model.transformer.h[0].experts = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(8))
+    lm = TransformersModel(model, tokenizer=tokenizer, task="text-generation")
+    assert decoder_block_paths(lm) == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]

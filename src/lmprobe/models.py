@@ -201,18 +201,38 @@ def _block_count_hint(lm: Any) -> str:
 def decoder_block_paths(lm: Any) -> list[str]:
     """Module paths of the decoder blocks, found from the model (no per-architecture table).
 
-    The blocks are the children of the largest ``ModuleList`` whose entries share one class:
-    GPT-2's ``transformer.h``, Llama's ``model.layers``, GPT-NeoX's ``gpt_neox.layers``...
+    The blocks are the children of a ``ModuleList`` whose entries share one class: GPT-2's
+    ``transformer.h``, Llama's ``model.layers``, GPT-NeoX's ``gpt_neox.layers``... Where the
+    config states the layer count, the shallowest list of that length wins (so a
+    mixture-of-experts list of 64 experts is not mistaken for 24 layers); otherwise the
+    longest, shallowest list.
     """
-    best: tuple[int, str] | None = None
-    for name, module in torch_module(lm).named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            if len({type(child) for child in module}) == 1:
-                if best is None or len(module) > best[0]:
-                    best = (len(module), name)
-    if best is None:
+    module = torch_module(lm)
+    config = getattr(module, "config", None)
+    config = getattr(config, "text_config", None) or config
+    n_layers = next(
+        (
+            value
+            for key in ("num_hidden_layers", "n_layer", "num_layers")
+            if isinstance(value := getattr(config, key, None), int)
+        ),
+        None,
+    )
+    lists = [
+        (len(child), name.count("."), name)
+        for name, child in module.named_modules()
+        if isinstance(child, torch.nn.ModuleList)
+        and len(child) > 0
+        and len({type(entry) for entry in child}) == 1
+    ]
+    if not lists:
         return []
-    return [f"{best[1]}.{i}" for i in range(best[0])]
+    matching = [entry for entry in lists if entry[0] == n_layers]
+    if matching:
+        _, _, name = min(matching, key=lambda e: e[1])
+    else:
+        _, _, name = max(lists, key=lambda e: (e[0], -e[1]))
+    return [f"{name}.{i}" for i in range(len(module.get_submodule(name)))]
 
 
 def forward_order(lm: Any, submodules: Iterable[str]) -> dict[str, int]:
