@@ -229,10 +229,10 @@ def decoder_block_paths(lm: Any) -> list[str]:
         return []
     matching = [entry for entry in lists if entry[0] == n_layers]
     if matching:
-        _, _, name = min(matching, key=lambda e: e[1])
+        length, _, name = min(matching, key=lambda e: e[1])
     else:
-        _, _, name = max(lists, key=lambda e: (e[0], -e[1]))
-    return [f"{name}.{i}" for i in range(len(module.get_submodule(name)))]
+        length, _, name = max(lists, key=lambda e: (e[0], -e[1]))
+    return [f"{name}.{i}" for i in range(length)]
 
 
 def forward_order(lm: Any, submodules: Iterable[str]) -> dict[str, int]:

@@ -23,7 +23,6 @@ from lmprobe.callbacks import (
 from lmprobe.config import ProbeConfig
 from lmprobe.data import ProbeDataModule, ProbeDataset, trim_padding
 from lmprobe.errors import LmProbeError
-from lmprobe.features import trace_features
 from lmprobe.models import input_device, load_language_model
 from lmprobe.module import ProbeModule
 from lmprobe.probes import LinearProbe
@@ -183,10 +182,10 @@ class ProbeRunner:
             ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
         # Labels are unused here; a sentinel that equals no null_label keeps every real token.
         sentinel = torch.full_like(ids, torch.iinfo(torch.long).min)
-        keys = self.module.keys_for(list(self.module.configs))
+        configs = self.module.configs.values()
         groups = {
-            "token": [k for k in keys if k.pooling == "none"],
-            "pooled": [k for k in keys if k.pooling != "none"],
+            "token": [c.name for c in configs if c.token_level],
+            "pooled": [c.name for c in configs if not c.token_level],
         }
         parts: dict[Any, list[np.ndarray]] = {}
         for start in range(0, len(ids), batch_size):
@@ -203,15 +202,7 @@ class ProbeRunner:
                         "index": torch.arange(len(ids))[rows],
                     }
                 )
-                out = trace_features(
-                    self.model,
-                    batch,
-                    group,
-                    self.module.order,
-                    accepts_position_ids=self.module.accepts_position_ids,
-                    remote=self.module.remote,
-                    on_nonfinite=self.module.on_nonfinite,
-                )
+                out = self.module.extract(batch, group, f"documents {start}-{start + batch_size}")
                 for key, features in out.items():
                     parts.setdefault(key, []).append(features.X)
         return {name: np.concatenate(parts[self.module.key(name)]) for name in self.module.configs}
