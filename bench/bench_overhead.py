@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -135,6 +136,20 @@ def bank_probes(n_layer: int) -> list[ProbeConfig]:
     return configs
 
 
+def count_syncs(fn) -> int:
+    """How often ``fn`` makes the CPU wait for the GPU (CUDA's sync debug mode warns on each
+    synchronising call). The floor waits once, at the end; each wait inside the loop stops
+    the CPU from queueing the next batch while the GPU works."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def measure(cases: dict, repeats: int, device) -> tuple[dict[str, list[float]], dict]:
     """Run every case once to warm up (recording peak GPU memory), then ``repeats``
     interleaved rounds."""
@@ -152,21 +167,20 @@ def measure(cases: dict, repeats: int, device) -> tuple[dict[str, list[float]], 
     return samples, peak
 
 
-def run_config(name: str, args) -> list[dict]:
+def run_config(name: str, args) -> Iterator[dict]:
+    """The rows of one configuration, one setting (batch size, dtype) at a time."""
     from nnsight import TransformersModel
 
-    rows = []
     if name in ("cpu", "bank"):
         device, settings = "cpu", [(8, torch.float32)]
         shape = dict(n_layer=12, n_embd=256, n_head=4, n_positions=128, vocab=1000)
         train = random_docs(args.docs, 4, 48, shape["vocab"], seed=0)
         test = random_docs(args.docs // 4, 4, 48, shape["vocab"], seed=1)
     else:
-        device = "cuda"
+        device = args.device or "cuda"
         settings = [(b, d) for d in (torch.float32, torch.bfloat16) for b in (8, 32)]
         shape = dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab=50257)
-        train = random_docs(args.docs, 512, 512, shape["vocab"], seed=0)
-        test = random_docs(args.docs // 4, 512, 512, shape["vocab"], seed=1)
+        train = random_docs(args.docs, args.tokens, args.tokens, shape["vocab"], seed=0)
         train_n = int(args.docs * 0.8)
         train, test = train.subset(range(train_n)), train.subset(range(train_n, args.docs))
     for batch_size, dtype in settings:
@@ -191,8 +205,15 @@ def run_config(name: str, args) -> list[dict]:
             base = "floor"
         samples, peak = measure(cases, args.repeats, device)
         medians = {k: statistics.median(v) for k, v in samples.items()}
+        syncs = {}
+        if torch.device(device).type == "cuda":
+            try:
+                syncs = {case: count_syncs(fn) for case, fn in cases.items()}
+            except Exception as error:  # a diagnostic: never lose the timings for it
+                print(f"counting syncs failed: {error!r}", file=sys.stderr)
+        n_batches = sum(-(-len(d) // batch_size) for d in (train, test))
         for case, value in medians.items():
-            rows.append(
+            yield (
                 {
                     "config": name,
                     "case": case,
@@ -202,10 +223,10 @@ def run_config(name: str, args) -> list[dict]:
                     "ratio": value / medians[base],
                     "peak_mib": peak.get(case),
                     "peak_ratio": peak[case] / peak[base] if peak else None,
+                    "syncs_per_batch": syncs[case] / n_batches if syncs else None,
                     "samples_s": samples[case],
                 }
             )
-    return rows
 
 
 def machine() -> str:
@@ -223,27 +244,38 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--docs", type=int, default=None, help="training+test documents")
+    parser.add_argument(
+        "--tokens", type=int, default=512, help="gpu: tokens per document (smaller: smoke test)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="gpu: run its cases on this device (e.g. cpu, smoke test)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
+    print(f"machine: {machine()}; torch {torch.__version__}")
+    print(
+        f"{'config':7} {'case':11} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} "
+        f"{'peak MiB':>9} {'peak x':>6} {'syncs/batch':>11}",
+        flush=True,
+    )
     rows = []
     for name in args.config:
         args_for = argparse.Namespace(**vars(args))
         if args.docs is None:
             args_for.docs = 2048 if name == "gpu" else 800
-        rows.extend(run_config(name, args_for))
-    print(f"machine: {machine()}; torch {torch.__version__}")
-    print(
-        f"{'config':7} {'case':11} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} {'peak MiB':>9}"
-    )
-    for row in rows:
-        peak = f"{row['peak_mib']:9.0f}" if row["peak_mib"] else f"{'-':>9}"
-        print(
-            f"{row['config']:7} {row['case']:11} {row['batch_size']:5d} {row['dtype']:9} "
-            f"{row['median_s']:9.3f} {row['ratio']:6.2f} {peak}"
-        )
-    args.out.write_text(
-        json.dumps({"machine": machine(), "torch": torch.__version__, "rows": rows}, indent=2)
-    )
+        for row in run_config(name, args_for):
+            rows.append(row)
+            peak = f"{row['peak_mib']:9.0f} {row['peak_ratio']:6.2f}" if row["peak_mib"] else "-"
+            syncs = row["syncs_per_batch"]
+            print(
+                f"{row['config']:7} {row['case']:11} {row['batch_size']:5d} {row['dtype']:9} "
+                f"{row['median_s']:9.3f} {row['ratio']:6.2f} {peak:>16} "
+                f"{'-' if syncs is None else f'{syncs:.2f}':>11}",
+                flush=True,
+            )
+            # written after every row, so a later failure (out of memory, say) loses nothing
+            result = {"machine": machine(), "torch": torch.__version__, "rows": rows}
+            args.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

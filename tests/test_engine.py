@@ -224,3 +224,31 @@ def test_chunked_updates_match_per_batch_updates(gpt2, docs):
     # SGD shuffles inside each call, so the two differ by order effects only
     assert (abs(per_batch["accuracy"] - chunked["accuracy"]) <= 0.1).all()
     assert abs(per_batch["accuracy"].mean() - chunked["accuracy"].mean()) <= 0.05
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 32])
+def test_features_leave_the_device_once_per_chunk(gpt2, dataset, monkeypatch, chunk_rows):
+    """Each device-to-host copy makes the CPU wait for the GPU: one per chunk, not per batch."""
+    import lmprobe.features
+
+    copied: list[int] = []
+    to_host = lmprobe.features.to_host
+    monkeypatch.setattr(lmprobe.features, "to_host", lambda X: copied.append(len(X)) or to_host(X))
+    configs = [
+        ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False) for i in (1, 3)
+    ]
+    ProbeRunner(gpt2, configs).fit_probes(dataset, dataset, batch_size=4, chunk_rows=chunk_rows)
+    n = len(dataset)
+    per_pass = -(-n // (chunk_rows or 4))  # chunks of chunk_rows rows, else one per batch
+    # 2 sites x (training pass + test pass)
+    assert len(copied) == 2 * 2 * per_pass
+    assert sum(copied) == 2 * 2 * n
+
+
+def test_batches_stay_on_the_host(gpt2, dataset):
+    """Lightning would move batches to its root device; labels and indices are used on the
+    host and the LM's inputs go to the LM's own device, so the module keeps them where they are."""
+    module = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output", [0, 1])]).module
+    batch = dataset[0:4]
+    moved = module.transfer_batch_to_device(batch, torch.device("cuda", 0), 0)
+    assert all(moved[k] is batch[k] for k in batch)

@@ -14,7 +14,7 @@ import torchmetrics
 from lightning.pytorch.callbacks import Callback
 from sklearn.metrics import log_loss
 
-from lmprobe.features import Features
+from lmprobe.features import Features, PendingFeatures, gather
 from lmprobe.module import ProbeModule
 
 log = logging.getLogger("lmprobe")
@@ -31,25 +31,29 @@ class RowBuffer:
     scikit-learn's ``partial_fit`` and ``predict_proba`` cost about a millisecond per call
     whatever the size of the call, and SGD updates per sample anyway: handing probes larger
     chunks removes call overhead without changing the maths (beyond SGD's in-call shuffle).
+    On a GPU it also means one device-to-host copy, one wait, per chunk instead of per batch.
     """
 
     def __init__(self, chunk_rows: int | None) -> None:
         self.chunk_rows = chunk_rows
-        self.parts: dict[Any, list[Features]] = {}
+        self.parts: dict[Any, list[PendingFeatures]] = {}
         self.rows: dict[Any, int] = {}
 
-    def add(self, name: Any, features: Features) -> bool:
+    def add(self, name: Any, features: PendingFeatures) -> bool:
         """Buffer ``features``; True when ``name`` has a full chunk."""
         self.parts.setdefault(name, []).append(features)
-        self.rows[name] = self.rows.get(name, 0) + len(features.y)
+        self.rows[name] = self.rows.get(name, 0) + len(features)
         return self.chunk_rows is None or self.rows[name] >= self.chunk_rows
 
-    def take(self, name: Any) -> Features | None:
+    def take(self, name: Any, drop_failed: bool = False) -> Features | None:
+        """The buffered rows of ``name`` on the host (``None`` if there are none);
+        ``drop_failed`` leaves out batches with non-finite rows instead of raising."""
         parts = self.parts.pop(name, None)
         self.rows.pop(name, None)
         if not parts:
             return None
-        return parts[0] if len(parts) == 1 else Features.concat(parts)
+        rows = gather(parts, drop_failed=drop_failed)
+        return rows if len(rows.y) else None
 
     def names(self) -> list[Any]:
         return list(self.parts)
@@ -83,7 +87,7 @@ class ProbeUpdater(Callback):
         features = outputs["features"]
         for name in sorted(pl_module.live):
             rows = features.get(pl_module.key(name))
-            if rows is None or len(rows.y) == 0:
+            if rows is None or len(rows) == 0:
                 continue
             pl_module.steps[name] += 1
             full = self.buffer.add(name, rows)
@@ -92,20 +96,24 @@ class ProbeUpdater(Callback):
                 self._update(pl_module, name)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
-        pl_module.updated_names = []
-        for name in self.buffer.names():
-            if name in pl_module.live:
-                self._update(pl_module, name)
-        self.buffer.clear()
+        self._flush(pl_module)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: ProbeModule, exception: BaseException
     ) -> None:
-        # Interrupted mid-chunk: the buffered rows were paid for, so train on them.
-        self.on_train_epoch_end(trainer, pl_module)
+        # Interrupted mid-chunk: the buffered rows were paid for, so train on them (all
+        # but a batch with non-finite rows, if that is what stopped the run).
+        self._flush(pl_module, drop_failed=True)
 
-    def _update(self, pl_module: ProbeModule, name: str) -> None:
-        rows = self.buffer.take(name)
+    def _flush(self, pl_module: ProbeModule, drop_failed: bool = False) -> None:
+        pl_module.updated_names = []
+        for name in self.buffer.names():
+            if name in pl_module.live:
+                self._update(pl_module, name, drop_failed)
+        self.buffer.clear()
+
+    def _update(self, pl_module: ProbeModule, name: str, drop_failed: bool = False) -> None:
+        rows = self.buffer.take(name, drop_failed)
         if rows is not None:
             pl_module.probes[name].partial_fit(rows.X, rows.y)
             pl_module.updated_names.append(name)
@@ -245,15 +253,17 @@ class ProbeMetrics(Callback):
             return
         buffer = self._buffers.setdefault(stage, RowBuffer(self.chunk_rows))
         for key, rows in outputs["features"].items():
-            if len(rows.y) and buffer.add(key, rows):
+            if len(rows) and buffer.add(key, rows):
                 self._score(stage, pl_module, key, buffer.take(key))
 
-    def _flush(self, stage: str, pl_module: ProbeModule) -> None:
+    def _flush(self, stage: str, pl_module: ProbeModule, drop_failed: bool = False) -> None:
         buffer = self._buffers.pop(stage, None)
         for key in buffer.names() if buffer else []:
-            self._score(stage, pl_module, key, buffer.take(key))
+            self._score(stage, pl_module, key, buffer.take(key, drop_failed))
 
-    def _score(self, stage: str, pl_module: ProbeModule, key: Any, rows: Features) -> None:
+    def _score(self, stage: str, pl_module: ProbeModule, key: Any, rows: Features | None) -> None:
+        if rows is None:
+            return
         for name in pl_module.configs:
             probe = pl_module.probes[name]
             if pl_module.key(name) != key or not hasattr(probe, "n_features_in_"):
@@ -298,7 +308,7 @@ class ProbeMetrics(Callback):
     def partial_table(self, stage: str, pl_module: ProbeModule) -> pd.DataFrame:
         """The table so far: metrics of what ``stage`` scored before an interruption (NaN where
         nothing was), with every probe's steps."""
-        self._flush(stage, pl_module)
+        self._flush(stage, pl_module, drop_failed=True)
         return self._table(stage, pl_module, log_metrics=False)
 
     def _reset(self, stage: str) -> None:

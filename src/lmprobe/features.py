@@ -4,7 +4,7 @@ pooling on the model's device, and an early stop after the deepest site needed."
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import nnsight
@@ -50,35 +50,154 @@ class Features(NamedTuple):
         )
 
 
-def pool(hidden: torch.Tensor, keep: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool ``hidden`` (batch, tokens, d) over the positions where ``keep`` is true.
+def pool(
+    hidden: torch.Tensor, real: torch.Tensor, pooling: str, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Pool ``hidden`` (batch, tokens, d) over the positions where ``real`` is true, then keep
+    the output rows ``rows`` (all when ``None``). With ``pooling="none"`` the output rows are
+    the flattened (batch x tokens) positions, so ``rows`` must say which to keep.
 
     Padding positions are excluded with ``where`` rather than multiplied by zero, so a NaN in
     a padding position (fully masked attention rows can produce one) never leaks in. Sums
-    accumulate in float32 so bf16/fp16 models pool as precisely as fp32 ones.
+    accumulate in float32 so bf16/fp16 models pool as precisely as fp32 ones. Rows are picked
+    with ``index_select`` on an index made on the host: a boolean mask would make the device
+    report the number of rows back, a wait on every batch.
     """
     if pooling == "none":
-        return hidden[keep].float()
-    mask = keep.unsqueeze(-1)
+        if rows is None:
+            raise ValueError("pooling='none' needs the flat indices of the tokens to keep")
+        return hidden.flatten(0, 1).index_select(0, rows).float()
+    mask = real.unsqueeze(-1)
     if pooling == "mean":
         total = torch.where(mask, hidden, 0).sum(1, dtype=torch.float32)
-        return total / keep.sum(1, keepdim=True).to(torch.float32)
-    if pooling == "max":
-        return torch.where(mask, hidden, float("-inf")).amax(1).float()
-    positions = torch.arange(keep.shape[1], device=keep.device)
-    if pooling == "first":
-        index = torch.where(keep, positions, keep.shape[1]).amin(1)
-    elif pooling == "last":
-        index = torch.where(keep, positions, -1).amax(1)
+        pooled = total / real.sum(1, keepdim=True).to(torch.float32)
+    elif pooling == "max":
+        pooled = torch.where(mask, hidden, float("-inf")).amax(1).float()
     else:
-        raise ValueError(f"unknown pooling {pooling!r}")
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
+        positions = torch.arange(real.shape[1], device=real.device)
+        if pooling == "first":
+            index = torch.where(real, positions, real.shape[1]).amin(1)
+        elif pooling == "last":
+            index = torch.where(real, positions, -1).amax(1)
+        else:
+            raise ValueError(f"unknown pooling {pooling!r}")
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
+    return pooled if rows is None else pooled.index_select(0, rows)
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count real tokens only, so a left-padded text sees the same positions
     as the text alone (HF models otherwise number padding positions too)."""
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+class PendingFeatures:
+    """One batch's rows for one key, whose matrix may still be on the model's device.
+
+    Bringing a GPU result to the host makes the CPU wait until the GPU has caught up; doing
+    that once per chunk of batches (``gather``), not once per batch, lets the CPU queue the
+    next batches' forward passes meanwhile. Labels and document indices never leave the
+    host. ``host()`` copies the matrix once, checks that every row is finite, and keeps the
+    result; the device copy is dropped then.
+    """
+
+    __slots__ = ("X", "y", "doc", "site", "label", "on_nonfinite", "_host", "_error", "_nbytes")
+
+    def __init__(
+        self,
+        X: torch.Tensor,
+        y: np.ndarray,
+        doc: np.ndarray,
+        site: str = "",
+        label: str = "",
+        on_nonfinite: str = "error",
+    ) -> None:
+        self.X: torch.Tensor | None = X
+        self.y = y
+        self.doc = doc
+        self.site = site
+        self.label = label
+        self.on_nonfinite = on_nonfinite
+        self._host: Features | None = None
+        self._error: NonFiniteActivationError | None = None
+        self._nbytes = X.numel() * X.element_size() + y.nbytes + doc.nbytes
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def host(self) -> Features:
+        """The rows as numpy arrays; raises ``NonFiniteActivationError`` (every time) if a
+        row is not finite and the policy is ``error``."""
+        settle([self])
+        if self._error is not None:
+            raise self._error
+        return self._host
+
+    def _settle(self, X: np.ndarray) -> None:
+        self.X = None  # the device copy has served its purpose
+        finite = np.isfinite(X).all(1)
+        if finite.all():
+            self._host = Features(X, self.y, self.doc)
+            return
+        bad_docs = np.unique(self.doc[~finite]).tolist()
+        if self.on_nonfinite == "error":
+            self._error = NonFiniteActivationError(
+                f"non-finite activations (NaN/inf) at {self.site} in {self.label} "
+                f"(documents {bad_docs[:5]}); use a wider dtype (e.g. model.dtype=float32) "
+                f"or set on_nonfinite=skip to drop such rows"
+            )
+            return
+        log.warning(
+            "skipping %d rows with non-finite activations at %s in %s (documents %s)",
+            int((~finite).sum()),
+            self.site,
+            self.label,
+            bad_docs[:5],
+        )
+        self._host = Features(X[finite], self.y[finite], self.doc[finite])
+
+
+def to_host(X: torch.Tensor) -> np.ndarray:
+    """The one place a pooled matrix leaves the device (and the CPU waits for the GPU)."""
+    return X.cpu().numpy()
+
+
+def settle(parts: Sequence[PendingFeatures]) -> None:
+    """Bring every part still on a device to the host with one copy (one wait)."""
+    waiting = [p for p in parts if p.X is not None]
+    if not waiting:
+        return
+    X = to_host(waiting[0].X if len(waiting) == 1 else torch.cat([p.X for p in waiting]))
+    bounds = np.cumsum([len(p) for p in waiting])[:-1]
+    for part, block in zip(waiting, np.split(X, bounds), strict=True):
+        part._settle(block)
+
+
+def gather(parts: Sequence[PendingFeatures], drop_failed: bool = False) -> Features:
+    """The rows of ``parts`` on the host, concatenated. ``drop_failed`` leaves out parts with
+    non-finite rows instead of raising (used when saving what an interrupted run has)."""
+    settle(parts)
+    if drop_failed:
+        parts = [p for p in parts if not _fails(p)]
+    hosts = [p.host() for p in parts]
+    if len(hosts) == 1:
+        return hosts[0]
+    if not hosts:
+        empty = np.empty((0, 0), dtype=np.float32)
+        return Features(empty, np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+    return Features.concat(hosts)
+
+
+def _fails(part: PendingFeatures) -> bool:
+    try:
+        part.host()
+    except NonFiniteActivationError:
+        return True
+    return False
 
 
 def trace_features(
@@ -91,22 +210,40 @@ def trace_features(
     remote: bool = False,
     batch_label: str = "",
     on_nonfinite: str = "error",
-) -> dict[FeatureKey, Features]:
-    """Run the LM once on ``batch`` and return the pooled features of every key."""
+) -> dict[FeatureKey, PendingFeatures]:
+    """Run the LM once on ``batch`` and return the pooled features of every key.
+
+    Nothing here waits for the device: which rows each key keeps is decided on the host
+    from the labels and the attention mask, and the pooled matrices stay on the device
+    until a consumer asks for them (``PendingFeatures.host`` or ``gather``).
+    """
     keys = list(dict.fromkeys(keys))
     device = input_device(lm)
-    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    labels = batch["labels"].cpu()
+    doc_index = batch["index"].cpu()
+    real_host = batch["attention_mask"].cpu().bool()
     attention_mask = batch["attention_mask"].to(device, non_blocking=True)
-    labels = batch["labels"].to(device, non_blocking=True)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
+    inputs["attention_mask"] = attention_mask
     if accepts_position_ids:
         inputs["position_ids"] = position_ids_for(attention_mask)
     real = attention_mask.bool()
-    token_keep = {
-        key: real if key.null_label is None else real & (labels != key.null_label)
-        for key in keys
-        if key.pooling == "none"
-    }
+    rows: dict[FeatureKey, torch.Tensor | None] = {}
+    targets: dict[FeatureKey, tuple[np.ndarray, np.ndarray]] = {}
+    for key in keys:
+        if key.pooling == "none":
+            keep = real_host if key.null_label is None else real_host & (labels != key.null_label)
+            index = keep.flatten().nonzero().squeeze(1)
+            docs = doc_index.unsqueeze(1).expand_as(keep)
+            targets[key] = (labels[keep].numpy(), docs[keep].numpy())
+        elif key.null_label is not None:
+            keep = labels != key.null_label
+            index = keep.nonzero().squeeze(1)
+            targets[key] = (labels[keep].numpy(), doc_index[keep].numpy())
+        else:
+            index = None
+            targets[key] = (labels.numpy(), doc_index.numpy())
+        rows[key] = None if index is None else index.to(device, non_blocking=True)
     by_site: dict[str, list[FeatureKey]] = {}
     for key in keys:
         by_site.setdefault(key.submodule, []).append(key)
@@ -121,43 +258,9 @@ def trace_features(
             if isinstance(value, (tuple, list)):  # e.g. attention returns (hidden, weights)
                 value = value[0]
             for key in by_site[site]:
-                keep = token_keep.get(key, real)
-                saved[key] = nnsight.save(pool(value, keep, key.pooling))
+                saved[key] = nnsight.save(pool(value, real, key.pooling, rows[key]))
         tracer.stop()  # nothing after the deepest site is needed: skip the rest, lm_head too
-    doc_index = batch["index"].to(device)
-    results: dict[FeatureKey, Features] = {}
-    for key in keys:
-        X = saved[key]
-        if key.pooling == "none":
-            keep = token_keep[key]
-            y = labels[keep]
-            doc = doc_index.unsqueeze(1).expand_as(keep)[keep]
-        else:
-            y = labels
-            doc = doc_index
-            if key.null_label is not None:
-                rows = labels != key.null_label
-                X, y, doc = X[rows], y[rows], doc[rows]
-        finite = torch.isfinite(X).all(1)
-        if not bool(finite.all()):
-            bad_docs = doc[~finite].unique().tolist()
-            if on_nonfinite == "error":
-                raise NonFiniteActivationError(
-                    f"non-finite activations (NaN/inf) at {key.submodule} in {batch_label} "
-                    f"(documents {bad_docs[:5]}); use a wider dtype (e.g. model.dtype=float32) "
-                    f"or set on_nonfinite=skip to drop such rows"
-                )
-            log.warning(
-                "skipping %d rows with non-finite activations at %s in %s (documents %s)",
-                int((~finite).sum()),
-                key.submodule,
-                batch_label,
-                bad_docs[:5],
-            )
-            X, y, doc = X[finite], y[finite], doc[finite]
-        results[key] = Features(
-            X.to("cpu", non_blocking=True), y.to("cpu", non_blocking=True), doc.to("cpu")
-        )
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-    return {key: Features(f.X.numpy(), f.y.numpy(), f.doc.numpy()) for key, f in results.items()}
+    return {
+        key: PendingFeatures(saved[key], *targets[key], key.submodule, batch_label, on_nonfinite)
+        for key in keys
+    }

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from lmprobe.config import ProbeConfig
 from lmprobe.data import ProbeDataset, pad_to_longest, trim_padding
 from lmprobe.errors import LmProbeError
-from lmprobe.features import FeatureKey, Features, trace_features
+from lmprobe.features import FeatureKey, Features, PendingFeatures, gather, settle, trace_features
 from lmprobe.models import check_submodules, forward_order, torch_module
 from lmprobe.probes import LinearProbe
 
@@ -30,6 +30,8 @@ log = logging.getLogger("lmprobe")
 
 # Having no optimizer is the design here, not a mistake worth a warning on every run.
 warnings.filterwarnings("ignore", message=r".*configure_optimizers.* returned `None`")
+# Batches stay on the host by design (see ProbeModule.transfer_batch_to_device).
+warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`")
 
 NONFINITE_POLICIES = ("error", "skip")
 
@@ -97,7 +99,9 @@ class ProbeModule(L.LightningModule):
         self.updated_names: list[str] = []
         # Rows of the training set held out for early stopping: never traced as training data.
         self.heldout_index = torch.empty(0, dtype=torch.long)
-        self._train_cache: dict[int, tuple[torch.Tensor, dict[FeatureKey, Features]]] | None = {}
+        self._train_cache: (
+            dict[int, tuple[torch.Tensor, dict[FeatureKey, PendingFeatures]]] | None
+        ) = {}
         self._eval_cache: dict[tuple[str, int], tuple[torch.Tensor, dict]] = {}
         self._cache_checked = False
 
@@ -110,7 +114,8 @@ class ProbeModule(L.LightningModule):
 
     def extract(
         self, batch: dict[str, torch.Tensor], names: Sequence[str], label: str = "batch"
-    ) -> dict[FeatureKey, Features]:
+    ) -> dict[FeatureKey, PendingFeatures]:
+        """One trace for the features of ``names``; they may still be on the device."""
         self.check_labels(batch["labels"], names)
         return trace_features(
             self.lm,
@@ -127,12 +132,12 @@ class ProbeModule(L.LightningModule):
         self, dataset: ProbeDataset, names: Sequence[str], batch_size: int = 8
     ) -> dict[FeatureKey, Features]:
         """Features of a whole dataset (the early-stopping slice is traced this way)."""
-        parts: dict[FeatureKey, list[Features]] = {}
+        parts: dict[FeatureKey, list[PendingFeatures]] = {}
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=pad_to_longest)
         for i, batch in enumerate(loader):
             for key, features in self.extract(batch, names, f"batch {i}").items():
                 parts.setdefault(key, []).append(features)
-        return {key: Features.concat(p) for key, p in parts.items()}
+        return {key: gather(p) for key, p in parts.items()}
 
     def check_labels(self, labels: torch.Tensor, names: Sequence[str]) -> None:
         for name in names:
@@ -174,8 +179,23 @@ class ProbeModule(L.LightningModule):
     def configure_optimizers(self) -> None:
         return None
 
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        # Batches stay on the host: labels and document indices are only ever used there,
+        # and trace_features moves the two tensors the LM reads to the LM's own input device
+        # (which need not be Lightning's root device under a device_map).
+        return batch
+
     def on_train_epoch_start(self) -> None:
         self._cache_checked = self.current_epoch > 0
+
+    def on_train_epoch_end(self) -> None:
+        # Kept features of a probe that stopped mid-chunk were never gathered: bring them to
+        # the host now, so the cache holds no device memory.
+        if self._train_cache:
+            parts = [f for _, features in self._train_cache.values() for f in features.values()]
+            settle(parts)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
         self.updated_names = []
@@ -197,7 +217,7 @@ class ProbeModule(L.LightningModule):
         return {"features": features}
 
     def _remember(
-        self, batch_idx: int, index: torch.Tensor, features: dict[FeatureKey, Features]
+        self, batch_idx: int, index: torch.Tensor, features: dict[FeatureKey, PendingFeatures]
     ) -> None:
         """Keep epoch-1 features so later epochs skip the LM, if they fit in memory."""
         if self._train_cache is None or self.trainer is None or self.current_epoch > 0:
@@ -207,7 +227,7 @@ class ProbeModule(L.LightningModule):
             return
         if not self._cache_checked:
             self._cache_checked = True
-            per_batch = sum(f.X.nbytes + f.y.nbytes + f.doc.nbytes for f in features.values())
+            per_batch = sum(f.nbytes for f in features.values())
             n_batches = self.trainer.num_training_batches
             need = per_batch * (n_batches if np.isfinite(n_batches) else 1)
             budget = self.feature_cache_fraction * available_memory_bytes()

@@ -23,6 +23,7 @@ from lmprobe.callbacks import (
 from lmprobe.config import ProbeConfig
 from lmprobe.data import ProbeDataModule, ProbeDataset, trim_padding
 from lmprobe.errors import LmProbeError
+from lmprobe.features import PendingFeatures, gather
 from lmprobe.models import input_device, load_language_model
 from lmprobe.module import ProbeModule
 from lmprobe.probes import LinearProbe
@@ -187,7 +188,7 @@ class ProbeRunner:
             "token": [c.name for c in configs if c.token_level],
             "pooled": [c.name for c in configs if not c.token_level],
         }
-        parts: dict[Any, list[np.ndarray]] = {}
+        parts: dict[Any, list[PendingFeatures]] = {}
         for start in range(0, len(ids), batch_size):
             rows = slice(start, start + batch_size)
             for kind, group in groups.items():
@@ -204,5 +205,6 @@ class ProbeRunner:
                 )
                 out = self.module.extract(batch, group, f"documents {start}-{start + batch_size}")
                 for key, features in out.items():
-                    parts.setdefault(key, []).append(features.X)
-        return {name: np.concatenate(parts[self.module.key(name)]) for name in self.module.configs}
+                    parts.setdefault(key, []).append(features)
+        features = {key: gather(p).X for key, p in parts.items()}
+        return {name: features[self.module.key(name)] for name in self.module.configs}
