@@ -96,3 +96,19 @@ def test_tt_split_is_seeded_and_stratified(dataset):
     assert len(a_test) == 30 and int(a_test.labels.sum()) == 15
     item = a_train[0]
     assert set(item) == {"input_ids", "attention_mask", "labels", "index"}
+
+
+def test_scoring_batches_group_documents_of_similar_length(dataset):
+    """Test and validation batches go longest first (less padding); training keeps the
+    dataset's order, which SGD depends on; every document is scored exactly once."""
+    module = ProbeDataModule(train_set=dataset, test_set=dataset, batch_size=8)
+    module.setup("fit")
+    lengths = dataset.attention_mask.sum(1)
+    test_batches = list(module.test_dataloader())
+    seen = torch.cat([b["index"] for b in test_batches])
+    assert sorted(seen.tolist()) == list(range(len(dataset)))
+    assert torch.equal(lengths[seen], lengths.sort(descending=True, stable=True).values)
+    padded = sum(b["input_ids"].numel() for b in test_batches)
+    train_batches = list(module.train_dataloader())
+    assert torch.equal(torch.cat([b["index"] for b in train_batches]), torch.arange(len(dataset)))
+    assert padded < sum(b["input_ids"].numel() for b in train_batches)

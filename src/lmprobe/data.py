@@ -158,6 +158,15 @@ def pad_to_longest(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
     return trim_padding({key: torch.stack([item[key] for item in items]) for key in items[0]})
 
 
+def longest_first(dataset: ProbeDataset) -> list[int]:
+    """An order for scoring passes (held-out, validation, test): longest documents first,
+    so each batch holds documents of about one length and pads little. Scores do not depend
+    on order; training keeps the dataset's order, which SGD does depend on. Longest first
+    also makes a batch too large for memory fail at once rather than at the end."""
+    lengths = dataset.attention_mask.sum(1).numpy()
+    return np.argsort(-lengths, kind="stable").tolist()
+
+
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the columns of a batch that are padding in every row."""
     batch = dict(batch)
@@ -457,13 +466,13 @@ class ProbeDataModule(L.LightningDataModule):
         val = full.subset(val_idx) if len(val_idx) else None
         return full.subset(rest), val, full.subset(test_idx)
 
-    def _loader(self, dataset: ProbeDataset | None, shuffle: bool = False) -> DataLoader | list:
+    def _loader(self, dataset: ProbeDataset | None, by_length: bool = False) -> DataLoader | list:
         if dataset is None:
             return []
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=longest_first(dataset) if by_length else None,
             num_workers=self.num_workers,
             collate_fn=pad_to_longest,
         )
@@ -472,10 +481,10 @@ class ProbeDataModule(L.LightningDataModule):
         return self._loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set)
+        return self._loader(self.val_set, by_length=True)
 
     def test_dataloader(self) -> DataLoader | list:
-        return self._loader(self.test_set)
+        return self._loader(self.test_set, by_length=True)
 
     def predict_dataloader(self) -> DataLoader | list:
         return self._loader(self.test_set)

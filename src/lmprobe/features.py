@@ -63,6 +63,10 @@ def pool(
     with ``index_select`` on an index made on the host: a boolean mask would make the device
     report the number of rows back, a wait on every batch.
     """
+    # Under a device_map a layer can sit on another GPU than the inputs (no-op otherwise).
+    real = real.to(hidden.device, non_blocking=True)
+    if rows is not None:
+        rows = rows.to(hidden.device, non_blocking=True)
     if pooling == "none":
         if rows is None:
             raise ValueError("pooling='none' needs the flat indices of the tokens to keep")
@@ -167,14 +171,16 @@ def to_host(X: torch.Tensor) -> np.ndarray:
 
 
 def settle(parts: Sequence[PendingFeatures]) -> None:
-    """Bring every part still on a device to the host with one copy (one wait)."""
-    waiting = [p for p in parts if p.X is not None]
-    if not waiting:
-        return
-    X = to_host(waiting[0].X if len(waiting) == 1 else torch.cat([p.X for p in waiting]))
-    bounds = np.cumsum([len(p) for p in waiting])[:-1]
-    for part, block in zip(waiting, np.split(X, bounds), strict=True):
-        part._settle(block)
+    """Bring every part still on a device to the host with one copy (one wait) per device."""
+    by_device: dict[torch.device, list[PendingFeatures]] = {}
+    for part in parts:
+        if part.X is not None:
+            by_device.setdefault(part.X.device, []).append(part)
+    for waiting in by_device.values():
+        X = to_host(waiting[0].X if len(waiting) == 1 else torch.cat([p.X for p in waiting]))
+        bounds = np.cumsum([len(p) for p in waiting])[:-1]
+        for part, block in zip(waiting, np.split(X, bounds), strict=True):
+            part._settle(block)
 
 
 def gather(parts: Sequence[PendingFeatures], drop_failed: bool = False) -> Features:
