@@ -167,6 +167,19 @@ def longest_first(dataset: ProbeDataset) -> list[int]:
     return np.argsort(-lengths, kind="stable").tolist()
 
 
+def batches(
+    dataset: ProbeDataset, batch_size: int, by_length: bool = False, num_workers: int = 0
+) -> DataLoader:
+    """Batches padded to their own longest; ``by_length`` for scoring passes (``longest_first``)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=longest_first(dataset) if by_length else None,
+        num_workers=num_workers,
+        collate_fn=pad_to_longest,
+    )
+
+
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the columns of a batch that are padding in every row."""
     batch = dict(batch)
@@ -469,13 +482,7 @@ class ProbeDataModule(L.LightningDataModule):
     def _loader(self, dataset: ProbeDataset | None, by_length: bool = False) -> DataLoader | list:
         if dataset is None:
             return []
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=longest_first(dataset) if by_length else None,
-            num_workers=self.num_workers,
-            collate_fn=pad_to_longest,
-        )
+        return batches(dataset, self.batch_size, by_length, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set)

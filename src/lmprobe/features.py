@@ -187,8 +187,8 @@ def gather(parts: Sequence[PendingFeatures], drop_failed: bool = False) -> Featu
     """The rows of ``parts`` on the host, concatenated. ``drop_failed`` leaves out parts with
     non-finite rows instead of raising (used when saving what an interrupted run has)."""
     settle(parts)
-    if drop_failed:
-        parts = [p for p in parts if not _fails(p)]
+    if drop_failed:  # settled parts know whether they failed the finiteness check
+        parts = [p for p in parts if p._error is None]
     hosts = [p.host() for p in parts]
     if len(hosts) == 1:
         return hosts[0]
@@ -196,14 +196,6 @@ def gather(parts: Sequence[PendingFeatures], drop_failed: bool = False) -> Featu
         empty = np.empty((0, 0), dtype=np.float32)
         return Features(empty, np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
     return Features.concat(hosts)
-
-
-def _fails(part: PendingFeatures) -> bool:
-    try:
-        part.host()
-    except NonFiniteActivationError:
-        return True
-    return False
 
 
 def trace_features(

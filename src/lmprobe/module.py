@@ -17,10 +17,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from lmprobe.config import ProbeConfig
-from lmprobe.data import ProbeDataset, longest_first, pad_to_longest, trim_padding
+from lmprobe.data import ProbeDataset, batches, trim_padding
 from lmprobe.errors import LmProbeError
 from lmprobe.features import FeatureKey, Features, PendingFeatures, gather, settle, trace_features
 from lmprobe.models import check_submodules, forward_order, torch_module
@@ -133,13 +132,7 @@ class ProbeModule(L.LightningModule):
     ) -> dict[FeatureKey, Features]:
         """Features of a whole dataset (the early-stopping slice is traced this way)."""
         parts: dict[FeatureKey, list[PendingFeatures]] = {}
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=longest_first(dataset),
-            collate_fn=pad_to_longest,
-        )
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(batches(dataset, batch_size, by_length=True)):
             for key, features in self.extract(batch, names, f"batch {i}").items():
                 parts.setdefault(key, []).append(features)
         return {key: gather(p) for key, p in parts.items()}
