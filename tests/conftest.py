@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 from pathlib import Path
@@ -75,16 +76,25 @@ def build_gpt2(tokenizer, n_layer: int = 12, n_embd: int = 64, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
+def base_tokenizer():
+    """Built once; never handed out itself, so no test can change what another one sees."""
     return build_tokenizer()
 
 
+@pytest.fixture()
+def tokenizer(base_tokenizer):
+    """A private copy for each test: a test may change it (e.g. ``padding_side``) freely."""
+    return copy.deepcopy(base_tokenizer)
+
+
 @pytest.fixture(scope="session")
-def gpt2(tokenizer):
-    """The tiny GPT-2 wrapped as an nnsight model (as the old README's ``gpt2``)."""
+def gpt2(base_tokenizer):
+    """The tiny GPT-2 wrapped as an nnsight model (as the old README's ``gpt2``), with a
+    tokenizer of its own (nnsight sets it to left padding)."""
     from nnsight import TransformersModel
 
-    return TransformersModel(build_gpt2(tokenizer), tokenizer=tokenizer, task="text-generation")
+    own = copy.deepcopy(base_tokenizer)
+    return TransformersModel(build_gpt2(own), tokenizer=own, task="text-generation")
 
 
 @pytest.fixture(scope="session")
@@ -93,9 +103,12 @@ def hf_gpt2(gpt2):
 
 
 @pytest.fixture(scope="session")
-def docs(tokenizer):
+def docs(base_tokenizer):
     texts, labels = make_texts(120)
-    enc = tokenizer(texts, padding="max_length", max_length=32, return_tensors="pt")
+    # left padding, as nnsight pads: set here, so no fixture or test order can change it
+    enc = base_tokenizer(
+        texts, padding="max_length", max_length=32, padding_side="left", return_tensors="pt"
+    )
     return texts, enc, torch.tensor(labels)
 
 
@@ -108,11 +121,11 @@ def dataset(docs):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer):
+def tiny_model_dir(tmp_path_factory, base_tokenizer):
     """The tiny GPT-2 saved as a local model directory (for path-based loading and the app)."""
     path = tmp_path_factory.mktemp("tiny-gpt2")
-    build_gpt2(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    build_gpt2(base_tokenizer).save_pretrained(path)
+    base_tokenizer.save_pretrained(path)
     return path
 
 

@@ -17,7 +17,7 @@ METRICS = ["loss", "accuracy", "precision", "recall", "f1", "matthews"]
 
 def sklearn_metrics(probe: LinearProbe, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
     proba = probe.predict_proba(X)
-    pred = probe.classes_[proba.argmax(1)]
+    pred = probe.predict(X)
     return {
         "loss": skm.log_loss(y, proba, labels=probe.classes_),
         "accuracy": skm.accuracy_score(y, pred),

@@ -21,13 +21,14 @@ def check(excinfo: pytest.ExceptionInfo, *names: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def small_lm(tokenizer):
+def small_lm(base_tokenizer):
+    import copy
+
     from conftest import build_gpt2
     from nnsight import TransformersModel
 
-    return TransformersModel(
-        build_gpt2(tokenizer, n_layer=4), tokenizer=tokenizer, task="text-generation"
-    )
+    own = copy.deepcopy(base_tokenizer)
+    return TransformersModel(build_gpt2(own, n_layer=4), tokenizer=own, task="text-generation")
 
 
 @pytest.mark.parametrize(

@@ -10,16 +10,17 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torchmetrics
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from sklearn.metrics import log_loss
 
 from lmprobe.features import Features, PendingFeatures, gather
+from lmprobe.metrics import ProbeScores, metric_columns
 from lmprobe.module import ProbeModule
 
 log = logging.getLogger("lmprobe")
 
-METRIC_COLUMNS = ("loss", "accuracy", "precision", "recall", "f1", "matthews")
+METRIC_COLUMNS = metric_columns()
 
 
 DEFAULT_CHUNK_ROWS = 256
@@ -98,6 +99,12 @@ class ProbeUpdater(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         self._flush(pl_module)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        # Lightning validates at the end of a training epoch *before* on_train_epoch_end:
+        # train on the rows still buffered first, so "val" scores the probes as they are.
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._flush(pl_module)
+
     def on_exception(
         self, trainer: L.Trainer, pl_module: ProbeModule, exception: BaseException
     ) -> None:
@@ -106,7 +113,6 @@ class ProbeUpdater(Callback):
         self._flush(pl_module, drop_failed=True)
 
     def _flush(self, pl_module: ProbeModule, drop_failed: bool = False) -> None:
-        pl_module.updated_names = []
         for name in self.buffer.names():
             if name in pl_module.live:
                 self._update(pl_module, name, drop_failed)
@@ -116,7 +122,8 @@ class ProbeUpdater(Callback):
         rows = self.buffer.take(name, drop_failed)
         if rows is not None:
             pl_module.probes[name].partial_fit(rows.X, rows.y)
-            pl_module.updated_names.append(name)
+            if name not in pl_module.updated_names:  # checked (and cleared) by early stopping
+                pl_module.updated_names.append(name)
 
 
 class ProbeEarlyStopping(Callback):
@@ -202,6 +209,7 @@ class ProbeEarlyStopping(Callback):
             if config.max_steps is not None and steps >= config.max_steps:
                 log.info("Reached max_steps=%d for %s", config.max_steps, name)
                 pl_module.live.discard(name)
+        pl_module.updated_names = []
         if not pl_module.live:
             trainer.should_stop = True
 
@@ -219,20 +227,6 @@ class ProbeEarlyStopping(Callback):
         self.prepared = state_dict["prepared"]
 
 
-def _metric_collection(n_classes: int) -> torchmetrics.MetricCollection:
-    from torchmetrics import classification as tc
-
-    return torchmetrics.MetricCollection(
-        {
-            "accuracy": tc.MulticlassAccuracy(n_classes, average="micro"),
-            "precision": tc.MulticlassPrecision(n_classes, average="macro"),
-            "recall": tc.MulticlassRecall(n_classes, average="macro"),
-            "f1": tc.MulticlassF1Score(n_classes, average="macro"),
-            "matthews": tc.MulticlassMatthewsCorrCoef(n_classes),
-        }
-    )
-
-
 class ProbeMetrics(Callback):
     """Scores every probe on whole validation/test sets with torchmetrics.
 
@@ -244,8 +238,7 @@ class ProbeMetrics(Callback):
     def __init__(self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> None:
         self.chunk_rows = chunk_rows
         self.tables: dict[str, pd.DataFrame] = {}
-        self._metrics: dict[tuple[str, str], torchmetrics.MetricCollection] = {}
-        self._loss: dict[tuple[str, str], list[float]] = {}
+        self._scores: dict[tuple[str, str], ProbeScores] = {}
         self._buffers: dict[str, RowBuffer] = {}
 
     def _update(self, stage: str, pl_module: ProbeModule, outputs: Any) -> None:
@@ -268,27 +261,19 @@ class ProbeMetrics(Callback):
             probe = pl_module.probes[name]
             if pl_module.key(name) != key or not hasattr(probe, "n_features_in_"):
                 continue
-            proba = probe.predict_proba(rows.X)
-            target = probe.class_index(rows.y)
-            metrics = self._metrics.get((stage, name))
-            if metrics is None:
-                metrics = self._metrics[(stage, name)] = _metric_collection(len(probe.classes_))
-            metrics.update(torch.from_numpy(proba.argmax(1)), torch.from_numpy(target))
-            total = log_loss(rows.y, proba, labels=probe.classes_, normalize=False)
-            sums = self._loss.setdefault((stage, name), [0.0, 0])
-            sums[0] += float(total)
-            sums[1] += len(rows.y)
+            scores = self._scores.get((stage, name))
+            if scores is None:
+                scores = self._scores[(stage, name)] = ProbeScores(probe.classes_)
+            scores.update(rows.y, *probe.predict_with_proba(rows.X))
 
     def _table(self, stage: str, pl_module: ProbeModule, log_metrics: bool) -> pd.DataFrame:
         rows = {}
         for name in pl_module.configs:
-            metrics = self._metrics.get((stage, name))
+            scores = self._scores.get((stage, name))
             row = dict.fromkeys(METRIC_COLUMNS, float("nan"))
             row["support"] = 0
-            if metrics is not None:
-                row.update({k: float(v) for k, v in metrics.compute().items()})
-                total, count = self._loss[(stage, name)]
-                row["loss"], row["support"] = total / count, count
+            if scores is not None:
+                row.update(scores.compute())
                 if log_metrics:
                     for metric in METRIC_COLUMNS:
                         pl_module.log(f"{stage}/{name}/{metric}", row[metric], on_epoch=True)
@@ -313,9 +298,8 @@ class ProbeMetrics(Callback):
 
     def _reset(self, stage: str) -> None:
         self._buffers.pop(stage, None)
-        for key in [k for k in self._metrics if k[0] == stage]:
-            del self._metrics[key]
-            self._loss.pop(key, None)
+        for key in [k for k in self._scores if k[0] == stage]:
+            del self._scores[key]
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0

@@ -15,6 +15,8 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
+from lmprobe.metrics import column_of
+
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
     """A linear probe trained online with ``partial_fit``.
@@ -38,9 +40,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def _init_fitted_state(self, y: np.ndarray, classes: Sequence[Any] | None) -> None:
         chosen = classes if classes is not None else self.classes
-        if chosen is None:
-            chosen = np.unique(y)
-        self.classes_ = np.asarray(chosen)
+        # scikit-learn keeps classes_ sorted and orders predict_proba's columns that way: the
+        # probe uses that one order everywhere; ``classes`` keeps the user's, for display.
+        self.classes_ = np.unique(np.asarray(chosen if chosen is not None else y))
         kwargs = {"random_state": self.random_state, **(self.model_kwargs or {})}
         kwargs["loss"] = "log_loss"
         self.classifier_ = SGDClassifier(**kwargs)
@@ -86,10 +88,15 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classifier_.predict(self._transform(X))
 
+    def predict_with_proba(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``predict(X)`` and ``predict_proba(X)``, scaling ``X`` once."""
+        X = self._transform(X)
+        return self.classifier_.predict(X), self.classifier_.predict_proba(X)
+
     def class_index(self, y: np.ndarray) -> np.ndarray:
         """Column of each label in ``predict_proba`` (labels must be in ``classes_``)."""
-        order = np.argsort(self.classes_)
-        return order[np.searchsorted(self.classes_, np.asarray(y), sorter=order)]
+        check_is_fitted(self, "classes_")
+        return column_of(self.classes_, y)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Pickle the probe; written to a temporary file and renamed, so never half-written."""
