@@ -30,7 +30,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner  # noqa: E402
-from lmprobe.data import pad_to_longest  # noqa: E402
+from lmprobe.dataset import pad_to_longest  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

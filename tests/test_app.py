@@ -180,19 +180,23 @@ def test_cli_sweep_leaves_one_directory_per_job(tmp_path, tiny_model_dir, csv_fi
 
 
 def test_wrong_override_type_names_the_key(tmp_path, tiny_model_dir, csv_file):
+    from hydra.errors import ConfigCompositionException
+
     from lmprobe import LmProbeError
 
-    cfg = compose_cfg(
-        tmp_path / "run",
-        [
-            "data=csv",
-            f"data.path={csv_file}",
-            f"model.name_or_path={tiny_model_dir}",
-            "data.batch_size=abc",
-        ],
-    )
-    with pytest.raises(LmProbeError, match=r"data\.batch_size='abc'"):
-        train(cfg)
+    # typed schemas (lmprobe.schema): Hydra refuses a wrong type while composing, before any
+    # model work, naming the key and the value
+    for override, key in [
+        ("data.batch_size=abc", "data.batch_size"),
+        ("probes.patience=soon", "probes.patience"),
+        ("trainer.max_epochs=1.5", "trainer.max_epochs"),
+        ("probes.early_stopping=maybe", "probes.early_stopping"),
+        ("seed=x", "seed"),
+    ]:
+        with pytest.raises(ConfigCompositionException) as excinfo:
+            compose_cfg(tmp_path / "run", ["data=csv", f"data.path={csv_file}", override])
+        message = f"{excinfo.value} {excinfo.value.__cause__}"
+        assert key in message and override.split("=")[1] in message, message
     cfg = compose_cfg(tmp_path / "run", ["data=csv", f"data.path={csv_file}", "probes.pooling=avg"])
     with pytest.raises(LmProbeError, match=r"probes\.pooling='avg'.*mean, last"):
         train(cfg)
@@ -216,7 +220,9 @@ def test_interrupted_run_keeps_results_and_resumes(tiny_cfg, tmp_path, how):
     assert (run / "probes" / "index.json").exists()
     steps = partial["steps"]
     assert (steps == 4).all()  # batches 0..3, buffered rows included
-    assert LinearProbe.load(run / "probes" / "transformer.h.0.output.pkl").n_samples_seen_ == 32
+    index = json.loads((run / "probes" / "index.json").read_text())
+    saved = LinearProbe.load(run / "probes" / index["transformer.h.0.output"])
+    assert saved.n_samples_seen_ == 32
     with open_dict(tiny_cfg):
         del tiny_cfg.callbacks["interrupt"]
         tiny_cfg.ckpt_path = str(run / "last.ckpt")

@@ -75,7 +75,7 @@ def test_runner_metrics_follow_predict_whatever_the_class_order(gpt2, docs, orde
 def test_scores_of_string_and_unsorted_classes_equal_sklearn(classes):
     """Label types scikit-learn accepts (strings, integers in any order): the probe and the accumulated scores agree with
     sklearn whatever order ``classes`` comes in, over several chunks."""
-    from lmprobe.metrics import ProbeScores
+    from lmprobe.metrics import ClassificationScores
 
     rng = np.random.default_rng(0)
     n, d = 600, 6
@@ -89,7 +89,7 @@ def test_scores_of_string_and_unsorted_classes_equal_sklearn(classes):
         probe.partial_fit(X[start : start + 50], y[start : start + 50])
     assert list(probe.classes_) == sorted(classes)
     assert list(probe.classifier_.classes_) == list(probe.classes_)
-    scores = ProbeScores(probe.classes_)
+    scores = ClassificationScores(probe.classes_)
     for start in range(400, n, 64):  # several chunks of the test rows
         rows = slice(start, start + 64)
         scores.update(y[rows], probe.predict(X[rows]), probe.predict_proba(X[rows]))

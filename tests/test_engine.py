@@ -59,7 +59,7 @@ def test_probe_equals_sklearn_sgd_on_same_features(gpt2, dataset):
     """The bank's training equals StandardScaler + SGDClassifier fed the same batches."""
     config = ProbeConfig("transformer.h.4.output", [0, 1], early_stopping=False)
     runner = ProbeRunner(gpt2, [config], seed=7)
-    runner.fit_probes(dataset, None, batch_size=16, chunk_rows=None)
+    runner.fit_probes(dataset, None, num_epoch=1, batch_size=16, chunk_rows=None)
     docs = dataset[:]
     X = runner.get_probe_features(docs["input_ids"], docs["attention_mask"])[config.name]
     y = docs["labels"].numpy()
@@ -79,7 +79,14 @@ def test_early_stopping_uses_fixed_seeded_heldout_slice(gpt2, dataset):
     """Defect 6: a fixed, seeded slice of the training set, with patience and warmup."""
     configs = [
         # threshold so large that only the first held-out loss counts as an improvement
-        ProbeConfig("transformer.h.2.output", [0, 1], test_size=0.25, patience=3, threshold=1e9),
+        ProbeConfig(
+            "transformer.h.2.output",
+            [0, 1],
+            test_size=0.25,
+            patience=3,
+            threshold=1e9,
+            warmup_steps=0,
+        ),
         ProbeConfig(
             "transformer.h.2.output",
             [0, 1],
@@ -92,14 +99,14 @@ def test_early_stopping_uses_fixed_seeded_heldout_slice(gpt2, dataset):
         ProbeConfig("transformer.h.2.output", [0, 1], test_size=0.1, patience=1000, name="small"),
     ]
     runner = ProbeRunner(gpt2, configs, seed=3)
-    runner.fit_probes(dataset, None, batch_size=4, chunk_rows=None)
+    runner.fit_probes(dataset, None, num_epoch=1, batch_size=4, chunk_rows=None)
     n = len(dataset)
     union = np.random.default_rng(3).permutation(n)[: round(0.25 * n)]
-    assert sorted(runner.module.heldout_index.tolist()) == sorted(union.tolist())
-    assert runner.module.steps["transformer.h.2.output"] == 1 + 3
-    assert runner.module.steps["warm"] == 6 + 3
+    assert sorted(runner.module.bank.heldout_index.tolist()) == sorted(union.tolist())
+    assert runner.module.bank.steps["transformer.h.2.output"] == 1 + 3
+    assert runner.module.bank.steps["warm"] == 6 + 3
     assert runner["warm"].n_updates_ == 6 + 3
-    assert runner.module.stopped_early == {
+    assert runner.module.bank.stopped_early == {
         "transformer.h.2.output": True,
         "warm": True,
         "small": False,
@@ -108,7 +115,7 @@ def test_early_stopping_uses_fixed_seeded_heldout_slice(gpt2, dataset):
     assert runner["small"].n_samples_seen_ == n - round(0.1 * n)
     again = ProbeRunner(gpt2, configs, seed=3).fit_probes(dataset, None, batch_size=4)
     # chunked updates (the default) score held-out loss less often, on the same slice
-    assert torch.equal(again.module.heldout_index, runner.module.heldout_index)
+    np.testing.assert_array_equal(again.module.bank.heldout_index, runner.module.bank.heldout_index)
 
 
 def test_wide_label_values_and_int64(gpt2, docs):
@@ -140,8 +147,9 @@ def test_token_level_null_label_zero_and_padding_excluded(gpt2, docs):
     config = ProbeConfig("transformer.h.0.output", [1, 2], pooling="none", null_label=0)
     runner = ProbeRunner(gpt2, [config]).fit_probes(train_set, test_set, batch_size=8)
     docs = test_set[:]
-    X = runner.get_probe_features(docs["input_ids"], docs["attention_mask"])[config.name]
     real = docs["attention_mask"].bool()
+    X = runner.get_probe_features(docs["input_ids"], docs["attention_mask"])[config.name]
+    X = X[real.numpy()]  # (documents, tokens, d) -> one row per real token
     y_all = docs["labels"][real].numpy()
     keep = y_all != 0
     expected = sklearn_metrics(runner[config.name], X[keep], y_all[keep])
@@ -174,7 +182,7 @@ def test_epochs_after_the_first_reuse_cached_features(gpt2, hf_gpt2, dataset):
         handle.remove()
     n_batches = -(-len(dataset) // 10)
     assert calls["n"] == n_batches
-    assert runner.module.steps[config.name] == 3 * n_batches
+    assert runner.module.bank.steps[config.name] == 3 * n_batches
     assert runner[config.name].n_samples_seen_ == 3 * len(dataset)
 
 
@@ -218,7 +226,7 @@ def test_chunked_updates_match_per_batch_updates(gpt2, docs):
         runner = ProbeRunner(gpt2, configs, seed=0)
         runner.fit_probes(train_set, test_set, batch_size=8, max_epochs=3, chunk_rows=chunk)
         tables[chunk] = runner.metrics
-        assert runner.module.steps == {c.name: 3 * -(-len(train_set) // 8) for c in configs}
+        assert runner.module.bank.steps == {c.name: 3 * -(-len(train_set) // 8) for c in configs}
     per_batch, chunked = tables[None], tables[32]
     assert (per_batch["support"] == chunked["support"]).all()
     # SGD shuffles inside each call, so the two differ by order effects only

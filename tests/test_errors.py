@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmprobe import LmProbeError, NonFiniteActivationError, ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.data import ProbeDataModule
+from lmprobe.datamodule import ProbeDataModule
 
 
 def check(excinfo: pytest.ExceptionInfo, *names: str) -> None:

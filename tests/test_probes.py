@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sklearn.base import clone
 from sklearn.linear_model import SGDClassifier
+from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import LinearProbe
@@ -27,7 +29,11 @@ def test_partial_fit_returns_self_and_matches_scaler_plus_sgd():
         sgd.partial_fit(scaler.transform(X[rows]), y[rows], classes=[0, 1, 2])
     np.testing.assert_allclose(probe.predict_proba(X), sgd.predict_proba(scaler.transform(X)))
     assert probe.n_updates_ == 5 and probe.n_samples_seen_ == len(y)
-    assert probe.score(X, y) > 0.6  # chance is 1/3
+    assert (probe.predict(X) == y).mean() > 0.6  # chance is 1/3
+    # lm_probe's score: the log loss (cross-entropy), not scikit-learn's accuracy
+    proba = sgd.predict_proba(scaler.transform(X)).astype(np.float64)  # as lm_probe does
+    expected = log_loss(y, proba, labels=[0, 1, 2])
+    assert probe.score(X, y) == pytest.approx(expected)
 
 
 def test_init_stores_arguments_only_and_clones():
@@ -40,7 +46,7 @@ def test_init_stores_arguments_only_and_clones():
 def test_save_load_identical_predictions(tmp_path):
     X, y = blobs(1)
     probe = LinearProbe(classes=[0, 1, 2], random_state=0).partial_fit(X, y)
-    path = probe.save(tmp_path / "probe.pkl")
+    path = probe.save(tmp_path / "probe.safetensors")
     loaded = LinearProbe.load(path)
     np.testing.assert_array_equal(loaded.predict(X), probe.predict(X))
     np.testing.assert_array_equal(loaded.predict_proba(X), probe.predict_proba(X))

@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from lightning.pytorch.callbacks import Callback
 from sklearn.linear_model import SGDClassifier
 from sklearn.metrics import log_loss
@@ -130,8 +129,8 @@ def test_early_stopping_matches_a_replay_of_the_rules(gpt2, dataset, train_featu
         first_loss = ref["losses"][0][1]
         # patience was reset at least once: a later check improved on the first one
         assert any(loss < first_loss - 1e-3 for _, loss in ref["losses"][1:]), name
-        assert runner.module.steps[name] == ref["steps"], name
-        assert runner.module.stopped_early[name], name
+        assert runner.module.bank.steps[name] == ref["steps"], name
+        assert runner.module.bank.stopped_early[name], name
         np.testing.assert_allclose(runner[name].classifier_.coef_, ref["coef"], atol=1e-4)
     # patience restarted after improvements: 'slow' stopped later than patience alone allows
     assert expected["slow"]["steps"] > 10 + 45
@@ -186,9 +185,8 @@ def test_validation_split_is_scored_like_sklearn_and_traced_once(gpt2, hf_gpt2, 
     "val" metrics equal sklearn's on the final probes."""
     from sklearn import metrics as skm
 
-    from lmprobe.callbacks import ProbeMetrics
-    from lmprobe.data import ProbeDataModule
-    from lmprobe.runner import fit_and_test
+    from lmprobe.datamodule import ProbeDataModule
+    from lmprobe.engine import fit_and_test
 
     _, enc, labels = docs
     ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
@@ -202,7 +200,7 @@ def test_validation_split_is_scored_like_sklearn_and_traced_once(gpt2, hf_gpt2, 
     )
     import lightning as L
 
-    from lmprobe.runner import probe_callbacks
+    from lmprobe.engine import probe_callbacks
 
     trainer = L.Trainer(
         max_epochs=3,
@@ -223,7 +221,7 @@ def test_validation_split_is_scored_like_sklearn_and_traced_once(gpt2, hf_gpt2, 
         handle.remove()
     n_batches = sum(math.ceil(len(s) / 8) for s in (train_set, val_set, test_set))
     assert calls["n"] == n_batches  # training and validation traced once, in epoch 1
-    table = next(cb for cb in trainer.callbacks if isinstance(cb, ProbeMetrics)).tables["val"]
+    table = runner.module.bank.tables["val"]
     docs_ = val_set[:]
     X = runner.get_probe_features(docs_["input_ids"], docs_["attention_mask"])[config.name]
     y = docs_["labels"].numpy()
@@ -242,7 +240,7 @@ def test_a_different_seed_changes_what_is_learned(gpt2, dataset):
     a = ProbeRunner(gpt2, configs, seed=11).fit_probes(dataset, None, batch_size=8)
     b = ProbeRunner(gpt2, configs, seed=12).fit_probes(dataset, None, batch_size=8)
     c = ProbeRunner(gpt2, configs, seed=11).fit_probes(dataset, None, batch_size=8)
-    assert not torch.equal(a.module.heldout_index, b.module.heldout_index)
+    assert not np.array_equal(a.module.bank.heldout_index, b.module.bank.heldout_index)
     assert not np.allclose(a[SITE].classifier_.coef_, b[SITE].classifier_.coef_)
     np.testing.assert_array_equal(a[SITE].classifier_.coef_, c[SITE].classifier_.coef_)
 
@@ -259,8 +257,9 @@ def test_token_metrics_accumulate_over_several_default_chunks(gpt2, docs):
     config = ProbeConfig("transformer.h.0.output", [2, 0, 1], pooling="none")
     runner = ProbeRunner(gpt2, [config]).fit_probes(train_set, test_set, batch_size=8)
     docs_ = test_set[:]
+    real = docs_["attention_mask"].bool()
     X = runner.get_probe_features(docs_["input_ids"], docs_["attention_mask"])[config.name]
-    y = docs_["labels"][docs_["attention_mask"].bool()].numpy()
+    X, y = X[real.numpy()], docs_["labels"][real].numpy()
     row = runner.metrics.loc[config.name]
     assert row["support"] == len(y) > 2 * 256
     expected = reference_metrics(runner[config.name], X, y)

@@ -21,15 +21,15 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from lmprobe.callbacks import ProbeMetrics
-from lmprobe.config import POOLINGS
+from lmprobe.engine import fit_and_test, show_lmprobe_log
 from lmprobe.errors import LmProbeError, RunInterrupted
 from lmprobe.models import context_length
 from lmprobe.module import ProbeModule
+from lmprobe.probes import resolve_probe_kind
 from lmprobe.results import accuracy_by_layer, save_figure, save_probes, write_metrics
-from lmprobe.runner import accelerator_for, fit_and_test, show_lmprobe_log
+from lmprobe.schema import check_config
 
 log = logging.getLogger("lmprobe")
 
@@ -61,45 +61,6 @@ def load_model(model_cfg: DictConfig) -> Any:
     return _loaded_models[key]
 
 
-# key -> (python types accepted, what to write instead); checked before any model work.
-_TYPED_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "seed": ((int,), "an integer, e.g. seed=0"),
-    "data.batch_size": ((int,), "a positive integer, e.g. data.batch_size=16"),
-    "data.sample_size": ((int, type(None)), "an integer or null, e.g. data.sample_size=1000"),
-    "data.test_size": ((float, int), "a fraction, e.g. data.test_size=0.2"),
-    "data.val_size": ((float, int), "a fraction, e.g. data.val_size=0.1"),
-    "data.max_length": ((int, type(None)), "an integer or null, e.g. data.max_length=128"),
-    "data.path": ((str,), "a file path, e.g. data.path=reviews.csv"),
-    "trainer.max_epochs": ((int,), "an integer, e.g. trainer.max_epochs=5"),
-    "probes.patience": ((int,), "an integer, e.g. probes.patience=10"),
-    "probes.warmup_steps": ((int,), "an integer, e.g. probes.warmup_steps=0"),
-    "probes.test_size": ((float, int), "a fraction, e.g. probes.test_size=0.2"),
-    "probes.threshold": ((float, int), "a number, e.g. probes.threshold=1e-4"),
-    "probes.early_stopping": ((bool,), "true or false"),
-}
-
-
-def check_config(cfg: DictConfig) -> None:
-    """One-line errors naming the key for wrongly typed or missing settings."""
-    absent = object()
-    for key, (types, hint) in _TYPED_KEYS.items():
-        try:
-            value = OmegaConf.select(cfg, key, default=absent, throw_on_missing=True)
-        except MissingMandatoryValue:
-            raise LmProbeError(f"config key {key} must be set: {hint}") from None
-        if value is absent:  # not part of this composition (e.g. another data source)
-            continue
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise LmProbeError(f"config key {key}={value!r} has the wrong type: use {hint}")
-    pooling = OmegaConf.select(cfg, "probes.pooling")
-    for value in [pooling] if isinstance(pooling, str) else list(pooling or []):
-        if value not in POOLINGS:
-            raise LmProbeError(
-                f"config key probes.pooling={value!r} is not a pooling: use one of "
-                f"{', '.join(POOLINGS)}"
-            )
-
-
 def output_dir(cfg: DictConfig) -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
@@ -114,14 +75,14 @@ class RunOutputs(Callback):
         self.label_names = label_names
 
     def on_exception(self, trainer: L.Trainer, pl_module: ProbeModule, exception: BaseException):
-        if not any(pl_module.steps.values()):
+        bank = pl_module.bank
+        if not any(bank.steps.values()):
             return  # stopped before any probe saw data (e.g. a bad label): nothing to keep
-        save_probes(pl_module.probes, self.directory / "probes", self.label_names)
+        save_probes(bank.probes, self.directory / "probes", self.label_names)
         trainer.save_checkpoint(self.directory / "last.ckpt")
-        metrics = next(cb for cb in trainer.callbacks if isinstance(cb, ProbeMetrics))
-        table = metrics.tables.get("test")
-        if table is None:
-            table = metrics.partial_table("test", pl_module)
+        table = bank.tables.get("test")
+        if table is None:  # what the test pass scored before it stopped, if it ran
+            table = bank.finish_scoring("test", drop_failed=True)
         write_metrics(table, self.directory / "metrics.csv", partial=True)
         log.warning(
             "run stopped (%s): probes trained so far are in %s; resume with ckpt_path=%s",
@@ -139,12 +100,17 @@ def train(cfg: DictConfig) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    regression = resolve_probe_kind(cfg.probes.get("kind", "sgd_classifier")).task == "regression"
     lm = load_model(cfg.model)
     datamodule = build(
-        cfg.data, tokenizer=lm.tokenizer, model_max_length=context_length(lm), _convert_="all"
+        cfg.data,
+        tokenizer=lm.tokenizer,
+        model_max_length=context_length(lm),
+        continuous=regression,
+        _convert_="all",
     )
     datamodule.setup("fit")
-    classes = cfg.probes.get("classes") or sorted(datamodule.label_names)
+    classes = None if regression else cfg.probes.get("classes") or sorted(datamodule.label_names)
     probe_configs = build(cfg.probes, model=lm, classes=classes, _convert_="all")
     module = ProbeModule(
         lm,
@@ -156,10 +122,9 @@ def train(cfg: DictConfig) -> pd.DataFrame:
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(RunOutputs(out, datamodule.label_names))
-    trainer_kwargs = {"callbacks": callbacks, "logger": loggers or False}
-    if cfg.trainer.get("accelerator", "auto") == "auto":
-        trainer_kwargs["accelerator"] = accelerator_for(module)
-    trainer = build(cfg.trainer, **trainer_kwargs)
+    trainer = build(
+        cfg.trainer, module=module, callbacks=callbacks, logger=loggers or False, _convert_="all"
+    )
 
     try:
         table = fit_and_test(trainer, module, datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -171,8 +136,8 @@ def train(cfg: DictConfig) -> pd.DataFrame:
         ) from err
 
     write_metrics(table, out / "metrics.csv")
-    save_probes(module.probes, out / "probes", datamodule.label_names)
-    figure = accuracy_by_layer(table, module.configs)
+    save_probes(module.bank.probes, out / "probes", datamodule.label_names)
+    figure = accuracy_by_layer(table, module.configs, headline_metric(table))
     save_figure(figure, out / "accuracy_by_layer.png")
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
@@ -182,10 +147,16 @@ def train(cfg: DictConfig) -> pd.DataFrame:
     return table
 
 
+def headline_metric(table: pd.DataFrame, wanted: str = "accuracy") -> str:
+    """``wanted`` if the table has it, else r2 (regression probes have no accuracy)."""
+    return wanted if wanted in table.columns else "r2"
+
+
 def show_best(table: pd.DataFrame, cfg: DictConfig, n: int = 10) -> None:
-    metric = cfg.get("optimized_metric", "accuracy")
+    metric = headline_metric(table, cfg.get("optimized_metric", "accuracy"))
     best = table.sort_values([metric, "loss"], ascending=[False, True]).head(n)
-    columns = ["accuracy", "f1", "matthews", "loss", "steps"]
+    shown = ("accuracy", "f1", "matthews", "r2", "pearson", "loss", "steps")
+    columns = [c for c in shown if c in table.columns]
     print(f"\nBest probes by test {metric} (all {len(table)} in metrics.csv):")
     print(best[columns].to_string(float_format=lambda v: f"{v:.4f}"))
 
@@ -194,7 +165,7 @@ def optimized_metric(table: pd.DataFrame | None, cfg: DictConfig) -> float | Non
     """The value a sweeper optimizes: the best probe's ``cfg.optimized_metric``."""
     if table is None or table.empty:
         return None
-    return float(table[cfg.get("optimized_metric", "accuracy")].max())
+    return float(table[headline_metric(table, cfg.get("optimized_metric", "accuracy"))].max())
 
 
 def run_job(cfg: DictConfig) -> float | None:

@@ -16,31 +16,45 @@ SITE_SUFFIXES = ("output", "input")
 class ProbeConfig:
     """One probe: an nnsight path such as ``transformer.h.5.mlp.output`` and its label set.
 
-    ``test_size`` is the fraction of the *training* set held out (fixed and seeded) to decide
-    early stopping; ``patience`` / ``threshold`` / ``warmup_steps`` count probe updates.
+    The positional order and defaults up to ``model_kwargs`` are lm_probe's. ``test_size``
+    (lm_probe's name; ``heldout_size`` is the clearer one) is the fraction of the *training*
+    set held out (fixed and seeded) to decide early stopping, not a test split;
+    ``patience`` / ``warmup_steps`` / ``max_steps`` count training batches and ``threshold``
+    is the absolute improvement of the held-out loss that resets patience.
     ``pooling="none"`` trains a token-level probe (one label per token; padding and
-    ``null_label`` positions are ignored). ``pool=False`` is the old spelling of that.
-    ``model_kwargs`` go to scikit-learn's ``SGDClassifier``.
+    ``null_label`` positions are ignored); ``pool=False`` is lm_probe's spelling of that.
+    ``model_kwargs`` go to the kind's scikit-learn estimator. ``kind`` names a registered
+    probe kind (``lmprobe.probes.PROBE_KINDS``) or a class path.
     """
 
     submodule: str
-    classes: Sequence[Any]
-    test_size: float = 0.2
-    max_steps: int | None = None
+    classes: Sequence[Any] | None
+    test_size: float = 0.1
+    max_steps: int | None = 1000
     early_stopping: bool = True
-    patience: int = 10
-    threshold: float = 1e-4
-    warmup_steps: int = 0
+    patience: int = 5
+    threshold: float = 1e-5
+    warmup_steps: int = 10
     pool: bool | None = None
-    null_label: int | None = None
+    null_label: Any = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     pooling: str = "mean"
     name: str | None = None
+    kind: str = "sgd_classifier"
+    heldout_size: float | None = None
 
     def __post_init__(self) -> None:
         if self.pool is False:
             self.pooling = "none"
-        self.classes = list(self.classes)
+        if self.heldout_size is None:
+            self.heldout_size = self.test_size
+        elif self.test_size not in (self.heldout_size, 0.1):
+            raise LmProbeError(
+                f"probe {self.name or self.submodule!r}: test_size={self.test_size!r} and "
+                f"heldout_size={self.heldout_size!r} name the same setting; give one"
+            )
+        self.test_size = self.heldout_size
+        self.classes = list(self.classes) if self.classes is not None else None
         self.model_kwargs = dict(self.model_kwargs or {})
         if self.name is None:
             self.name = self.submodule
@@ -75,29 +89,43 @@ class ProbeConfig:
             raise LmProbeError(
                 f"{where}: unknown pooling {self.pooling!r}; use one of {', '.join(POOLINGS)}"
             )
-        if len(self.classes) == 0:
+        from lmprobe.probes import resolve_probe_kind
+
+        kind = resolve_probe_kind(self.kind)
+        if not kind.needs_classes:
+            if self.classes:
+                raise LmProbeError(
+                    f"{where}: kind {self.kind!r} predicts a number and takes no classes; "
+                    f"pass classes=None"
+                )
+        elif not self.classes:
             raise LmProbeError(f"{where}: classes is empty; list the label values, e.g. [0, 1]")
-        if len(set(self.classes)) != len(self.classes):
+        if kind.needs_classes and len(set(self.classes)) != len(self.classes):
             raise LmProbeError(f"{where}: classes {self.classes} has duplicates; list each once")
-        if len(self.classes) < 2:
+        if kind.needs_classes and len(self.classes) < 2:
             raise LmProbeError(
                 f"{where}: classes {self.classes} has one class; a probe needs at least two"
             )
-        if self.null_label is not None and self.null_label in self.classes:
+        if self.null_label is not None and self.null_label in (self.classes or []):
             raise LmProbeError(
                 f"{where}: null_label={self.null_label!r} is also a class in {self.classes}; "
                 f"pick a null_label outside the classes (e.g. -100)"
             )
-        if not 0.0 <= float(self.test_size) < 1.0:
+        if not 0.0 <= float(self.heldout_size) < 1.0:
             raise LmProbeError(
-                f"{where}: test_size={self.test_size!r} must be a fraction in [0, 1), e.g. 0.2"
+                f"{where}: heldout_size (test_size)={self.heldout_size!r} must be a fraction "
+                f"in [0, 1), e.g. 0.1"
             )
         for key in ("patience", "warmup_steps"):
             if int(getattr(self, key)) < 0:
                 raise LmProbeError(f"{where}: {key}={getattr(self, key)!r} must be >= 0")
         if self.max_steps is not None and int(self.max_steps) < 1:
             raise LmProbeError(f"{where}: max_steps={self.max_steps!r} must be >= 1 or None")
-        if "loss" in self.model_kwargs and self.model_kwargs["loss"] != "log_loss":
+        if (
+            self.kind == "sgd_classifier"
+            and "loss" in self.model_kwargs
+            and self.model_kwargs["loss"] != "log_loss"
+        ):
             raise LmProbeError(
                 f"{where}: model_kwargs loss={self.model_kwargs['loss']!r} is not supported; "
                 f"probes are logistic (loss='log_loss'); remove the key"
@@ -117,10 +145,13 @@ def probe_bank(
 
     ``submodules="all_layers"`` means one probe on every decoder block of whatever model is
     loaded (found from the model); otherwise it is a list of nnsight paths. Every other
-    option (pooling, test_size, patience, model_kwargs, ...) applies to the whole bank.
+    option (pooling, heldout_size, patience, kind, model_kwargs, ...) applies to the whole bank.
     """
     from lmprobe.models import decoder_block_paths
 
+    test_size = options.pop("test_size", None)  # lm_probe's name for heldout_size
+    if test_size is not None:
+        options["heldout_size"] = test_size
     if isinstance(submodules, str):
         if submodules != "all_layers":
             raise LmProbeError(

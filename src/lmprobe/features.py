@@ -208,8 +208,13 @@ def trace_features(
     remote: bool = False,
     batch_label: str = "",
     on_nonfinite: str = "error",
+    all_positions: bool = False,
 ) -> dict[FeatureKey, PendingFeatures]:
     """Run the LM once on ``batch`` and return the pooled features of every key.
+
+    Token-level keys (``pooling="none"``) keep the real, labelled tokens, one row each; with
+    ``all_positions`` every position, padding included, in (document, position) order (what
+    lm_probe's feature calls return).
 
     Nothing here waits for the device: which rows each key keeps is decided on the host
     from the labels and the attention mask, and the pooled matrices stay on the device
@@ -230,7 +235,12 @@ def trace_features(
     targets: dict[FeatureKey, tuple[np.ndarray, np.ndarray]] = {}
     for key in keys:
         if key.pooling == "none":
-            keep = real_host if key.null_label is None else real_host & (labels != key.null_label)
+            if all_positions:
+                keep = torch.ones_like(real_host)
+            elif key.null_label is None:
+                keep = real_host
+            else:
+                keep = real_host & (labels != key.null_label)
             index = keep.flatten().nonzero().squeeze(1)
             docs = doc_index.unsqueeze(1).expand_as(keep)
             targets[key] = (labels[keep].numpy(), docs[keep].numpy())

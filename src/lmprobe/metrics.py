@@ -1,20 +1,25 @@
 """Test metrics of a probe, accumulated over chunks of rows.
 
-``CLASSIFICATION_METRICS`` is the registry: a name and a torchmetrics factory taking the
-number of classes. Adding a metric is one entry here; it then appears in ``metrics.csv``,
+``CLASSIFICATION_METRICS`` and ``REGRESSION_METRICS`` are the registries: a name and a
+torchmetrics factory. Adding a metric is one entry here; it then appears in ``metrics.csv``,
 the loggers and ``ProbeRunner.metrics``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torchmetrics
 from sklearn.metrics import log_loss
 from torchmetrics import classification as tc
+from torchmetrics import regression as tr
 
+# factory(number of classes) -> metric over (predicted column, target column)
 CLASSIFICATION_METRICS: dict[str, Callable[[int], torchmetrics.Metric]] = {
     "accuracy": lambda n: tc.MulticlassAccuracy(n, average="micro"),
     "precision": lambda n: tc.MulticlassPrecision(n, average="macro"),
@@ -23,9 +28,13 @@ CLASSIFICATION_METRICS: dict[str, Callable[[int], torchmetrics.Metric]] = {
     "matthews": lambda n: tc.MulticlassMatthewsCorrCoef(n),
 }
 
-
-def metric_columns() -> tuple[str, ...]:
-    return ("loss", *CLASSIFICATION_METRICS)
+# factory() -> metric over (prediction, target), both float
+REGRESSION_METRICS: dict[str, Callable[[], torchmetrics.Metric]] = {
+    "mse": tr.MeanSquaredError,
+    "r2": tr.R2Score,
+    "pearson": tr.PearsonCorrCoef,
+    "spearman": tr.SpearmanCorrCoef,
+}
 
 
 def column_of(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -40,12 +49,13 @@ def column_of(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
     return index
 
 
-class ProbeScores:
-    """Metrics of one probe over every row it is shown, chunk by chunk.
+class ClassificationScores:
+    """Metrics of one classifier probe over every row it is shown, chunk by chunk.
 
     Predictions are what ``predict`` returns (the argmax of the decision function: the
     argmax of ``predict_proba`` can differ where probabilities saturate and tie); the loss is
-    the mean log loss over all rows (summed per chunk, divided once at the end).
+    the mean log loss over all rows (summed per chunk, divided once at the end), NaN for a
+    kind without probabilities.
     """
 
     def __init__(self, classes: np.ndarray) -> None:
@@ -58,16 +68,71 @@ class ProbeScores:
         self.loss_sum = 0.0
         self.count = 0
 
-    def update(self, y: np.ndarray, pred: np.ndarray, proba: np.ndarray) -> None:
-        """``pred``: predicted labels (``predict``); ``proba``: ``predict_proba``."""
+    def add(self, probe: Any, X: np.ndarray, y: np.ndarray) -> None:
+        self.update(y, *probe.predict_with_proba(X))
+
+    def update(self, y: np.ndarray, pred: np.ndarray, proba: np.ndarray | None) -> None:
+        """``pred``: predicted labels (``predict``); ``proba``: ``predict_proba`` or None."""
         target = column_of(self.classes, y)
         predicted = column_of(self.classes, pred)
         self.metrics.update(torch.from_numpy(predicted), torch.from_numpy(target))
-        self.loss_sum += float(log_loss(y, proba, labels=self.classes, normalize=False))
+        if proba is None:
+            self.loss_sum = math.nan
+        else:
+            self.loss_sum += float(log_loss(y, proba, labels=self.classes, normalize=False))
         self.count += len(target)
 
     def compute(self) -> dict[str, float]:
-        row = {name: float(value) for name, value in self.metrics.compute().items()}
-        row["loss"] = self.loss_sum / self.count
+        row = {"loss": self.loss_sum / self.count}
+        row.update({name: float(value) for name, value in self.metrics.compute().items()})
         row["support"] = self.count
         return row
+
+
+class RegressionScores:
+    """Metrics of one regression probe over every row it is shown, chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.metrics = torchmetrics.MetricCollection(
+            {name: make() for name, make in REGRESSION_METRICS.items()}
+        )
+        self.count = 0
+
+    def add(self, probe: Any, X: np.ndarray, y: np.ndarray) -> None:
+        self.update(y, probe.predict(X))
+
+    def update(self, y: np.ndarray, pred: np.ndarray) -> None:
+        self.metrics.update(
+            torch.as_tensor(pred, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+        )
+        self.count += len(y)
+
+    def compute(self) -> dict[str, float]:
+        row = {name: float(value) for name, value in self.metrics.compute().items()}
+        row["loss"] = row["mse"]
+        row["support"] = self.count
+        return row
+
+
+def metric_columns(task: str = "classification") -> tuple[str, ...]:
+    registry = CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
+    return ("loss", *registry)
+
+
+@dataclass
+class Metrics:
+    """lm_probe's ``Metrics``: what ``LinearProbe.compute_metrics`` returns."""
+
+    loss: float
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    matthews: float
+
+    @classmethod
+    def from_row(cls, row: dict[str, float]) -> Metrics:
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)

@@ -289,3 +289,11 @@ def forward_order(lm: Any, submodules: Iterable[str]) -> dict[str, int]:
             f"probe a module the forward pass runs"
         )
     return ranks
+
+
+def accepts_position_ids(lm: Any) -> bool:
+    """Whether the model's forward takes ``position_ids`` (so padding can be left out of the
+    positions; see ``lmprobe.features.position_ids_for``)."""
+    import inspect
+
+    return "position_ids" in inspect.signature(torch_module(lm).forward).parameters

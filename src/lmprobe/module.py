@@ -6,10 +6,8 @@ trace and returns the features of every probe; the callbacks fit and score the p
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-import pickle
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -18,12 +16,12 @@ import lightning as L
 import numpy as np
 import torch
 
+from lmprobe.bank import ProbeBank
 from lmprobe.config import ProbeConfig
-from lmprobe.data import ProbeDataset, batches, trim_padding
+from lmprobe.dataset import ProbeDataset, batches, trim_padding
 from lmprobe.errors import LmProbeError
 from lmprobe.features import FeatureKey, Features, PendingFeatures, gather, settle, trace_features
-from lmprobe.models import check_submodules, forward_order, torch_module
-from lmprobe.probes import LinearProbe
+from lmprobe.models import accepts_position_ids, check_submodules, forward_order, torch_module
 
 log = logging.getLogger("lmprobe")
 
@@ -56,16 +54,8 @@ class ProbeModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False  # no optimizer: probes learn in callbacks
-        configs = list(probes)
-        if not configs:
-            raise LmProbeError("no probes configured; pass at least one ProbeConfig")
-        names = [c.name for c in configs]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise LmProbeError(
-                f"probe name {duplicates[0]!r} is used twice; give each ProbeConfig a "
-                f"distinct name= (e.g. '{duplicates[0]}/last')"
-            )
+        self.bank = ProbeBank(probes, seed=seed)
+        configs = list(self.bank.configs.values())
         if on_nonfinite not in NONFINITE_POLICIES:
             raise LmProbeError(
                 f"on_nonfinite={on_nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}"
@@ -73,7 +63,6 @@ class ProbeModule(L.LightningModule):
         # A plain attribute, not a registered submodule: the LM's weights stay out of
         # checkpoints and Lightning never moves it; its own device placement is kept.
         self.lm = model
-        self.configs = {c.name: c for c in configs}
         self.seed = seed
         self.remote = remote
         self.on_nonfinite = on_nonfinite
@@ -81,23 +70,16 @@ class ProbeModule(L.LightningModule):
         check_submodules(model, [c.submodule for c in configs])
         torch_module(model).eval().requires_grad_(False)
         self.order = forward_order(model, [c.submodule for c in configs])
-        forward = inspect.signature(torch_module(model).forward).parameters
-        self.accepts_position_ids = "position_ids" in forward
+        self.accepts_position_ids = accepts_position_ids(model)
         self.reset_probes()
 
+    @property
+    def configs(self) -> dict[str, ProbeConfig]:
+        return self.bank.configs
+
     def reset_probes(self) -> None:
-        """Fresh, unfitted probes and no cached features (a new fit starts from here)."""
-        self.probes = {
-            name: LinearProbe(c.classes, c.model_kwargs, random_state=self.seed)
-            for name, c in self.configs.items()
-        }
-        self.live: set[str] = set(self.configs)
-        self.stopped_early: dict[str, bool] = dict.fromkeys(self.configs, False)
-        # Training batches each probe has consumed (its early-stopping clock).
-        self.steps: dict[str, int] = dict.fromkeys(self.configs, 0)
-        self.updated_names: list[str] = []
-        # Rows of the training set held out for early stopping: never traced as training data.
-        self.heldout_index = torch.empty(0, dtype=torch.long)
+        """Fresh, unfitted probes and no kept features (a new fit starts from here)."""
+        self.bank.reset()
         self._train_cache: (
             dict[int, tuple[torch.Tensor, dict[FeatureKey, PendingFeatures]]] | None
         ) = {}
@@ -105,26 +87,25 @@ class ProbeModule(L.LightningModule):
         self._cache_checked = False
 
     # ----------------------------------------------------------------- features
-    def key(self, name: str) -> FeatureKey:
-        return FeatureKey.of(self.configs[name])
-
-    def keys_for(self, names: Sequence[str]) -> list[FeatureKey]:
-        return list(dict.fromkeys(self.key(n) for n in names))
-
     def extract(
-        self, batch: dict[str, torch.Tensor], names: Sequence[str], label: str = "batch"
+        self,
+        batch: dict[str, torch.Tensor],
+        names: Sequence[str],
+        label: str = "batch",
+        all_positions: bool = False,
     ) -> dict[FeatureKey, PendingFeatures]:
         """One trace for the features of ``names``; they may still be on the device."""
-        self.check_labels(batch["labels"], names)
+        self.bank.check_labels(batch["labels"], names)
         return trace_features(
             self.lm,
             batch,
-            self.keys_for(names),
+            self.bank.keys_for(names),
             self.order,
             accepts_position_ids=self.accepts_position_ids,
             remote=self.remote,
             batch_label=label,
             on_nonfinite=self.on_nonfinite,
+            all_positions=all_positions,
         )
 
     def extract_dataset(
@@ -137,41 +118,15 @@ class ProbeModule(L.LightningModule):
                 parts.setdefault(key, []).append(features)
         return {key: gather(p) for key, p in parts.items()}
 
-    def check_labels(self, labels: torch.Tensor, names: Sequence[str]) -> None:
-        for name in names:
-            config = self.configs[name]
-            if config.token_level and labels.dim() != 2:
-                raise LmProbeError(
-                    f"probe {name!r} has pooling='none' (one label per token) but the data has "
-                    f"one label per sequence; use pooling='mean' or token-level labels"
-                )
-            if not config.token_level and labels.dim() != 1:
-                raise LmProbeError(
-                    f"probe {name!r} pools to one vector per sequence (pooling="
-                    f"{config.pooling!r}) but the data has one label per token; use pooling='none'"
-                )
-
-    def validate_dataset(self, dataset: ProbeDataset, split: str) -> None:
-        """Label checks over a whole split, before any model work."""
-        self.check_labels(dataset.labels[:1], list(self.configs))
-        for name, config in self.configs.items():
-            present = np.unique(dataset.label_values(config.null_label))
-            unknown = [v for v in present.tolist() if v not in set(config.classes)]
-            if unknown:
-                raise LmProbeError(
-                    f"{split} label {unknown[0]!r} is not in classes {config.classes} of probe "
-                    f"{name!r}; add it to classes"
-                    + (" or set null_label" if config.token_level else "")
-                )
-            if len(present) == 0:
-                raise LmProbeError(f"the {split} split has no labelled rows for probe {name!r}")
-            if len(present) < 2:
-                log.warning(
-                    "the %s split has a single class (%s) for probe %r: its metrics are degenerate",
-                    split,
-                    present[0],
-                    name,
-                )
+    def prepare_heldout(self, dataset: ProbeDataset, batch_size: int, seed: int | None) -> None:
+        """Trace the early-stopping rows once, before training, and hand them to the bank."""
+        union = self.bank.heldout_plan(len(dataset), seed)
+        features: dict[FeatureKey, Features] = {}
+        if len(union):
+            features = self.extract_dataset(dataset.subset(union), list(self.configs), batch_size)
+            for key, rows in features.items():  # subset rows back to training-set rows
+                features[key] = Features(rows.X, rows.y, union[rows.doc])
+        self.bank.set_heldout(union, len(dataset), features)
 
     # ------------------------------------------------------------------ steps
     def configure_optimizers(self) -> None:
@@ -196,12 +151,11 @@ class ProbeModule(L.LightningModule):
             settle(parts)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
-        self.updated_names = []
-        live = sorted(self.live)
+        live = sorted(self.bank.live)
         if not live:
             return None
-        if len(self.heldout_index):
-            keep = ~torch.isin(batch["index"], self.heldout_index)
+        if len(self.bank.heldout_index):
+            keep = ~torch.isin(batch["index"], torch.from_numpy(self.bank.heldout_index))
             if not bool(keep.any()):
                 return None
             if not bool(keep.all()):
@@ -255,30 +209,11 @@ class ProbeModule(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
         return self._eval_step("test", batch, batch_idx)
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
-        return self._eval_step("predict", batch, batch_idx)
-
     # ------------------------------------------------------------ checkpoints
-    def probe_state(self) -> dict[str, Any]:
-        return {
-            "probes": pickle.dumps(self.probes),
-            "live": sorted(self.live),
-            "stopped_early": dict(self.stopped_early),
-            "steps": dict(self.steps),
-            "heldout_index": self.heldout_index.clone(),
-        }
-
-    def load_probe_state(self, state: dict[str, Any]) -> None:
-        self.probes = pickle.loads(state["probes"])
-        self.live = set(state["live"])
-        self.stopped_early = dict(state["stopped_early"])
-        self.steps = dict(state["steps"])
-        self.heldout_index = state["heldout_index"]
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lmprobe"] = self.probe_state()
+        checkpoint["lmprobe"] = self.bank.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "lmprobe" not in checkpoint:
             raise LmProbeError("this checkpoint was not written by lmprobe (no probe state)")
-        self.load_probe_state(checkpoint["lmprobe"])
+        self.bank.load_state_dict(checkpoint["lmprobe"])

@@ -1,29 +1,270 @@
-"""``LinearProbe``: a logistic ``SGDClassifier`` behind a running ``StandardScaler``."""
+"""Probe kinds: what a probe learns from feature rows, and the registry that names them.
+
+A kind is a scikit-learn-style estimator (``__init__`` stores arguments, fitted state ends in
+``_``, ``partial_fit`` returns self) with four more methods the bank relies on:
+``heldout_loss`` (the early-stopping criterion, lower is better; ``None``: the kind does not
+stop early), ``new_scores`` (an accumulator of its test metrics), and ``get_state`` /
+``set_state`` (arrays and plain values, so probes are saved without pickle).
+
+Adding a kind is one class here (or in your own module) decorated with
+``@register_probe_kind("name")``; ``ProbeConfig(kind="name")`` or ``probes.kind=name`` then
+selects it.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
-import pickle
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.linear_model import SGDClassifier
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.linear_model import SGDClassifier, SGDRegressor
+from sklearn.metrics import log_loss, mean_squared_error
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
-from lmprobe.metrics import column_of
+from lmprobe.errors import LmProbeError
+from lmprobe.metrics import (
+    ClassificationScores,
+    Metrics,
+    RegressionScores,
+    column_of,
+)
+
+PROBE_KINDS: dict[str, type[Probe]] = {}
 
 
-class LinearProbe(ClassifierMixin, BaseEstimator):
-    """A linear probe trained online with ``partial_fit``.
+def register_probe_kind(name: str):
+    """Class decorator: make a probe kind selectable as ``kind=name``."""
 
-    Activations of different layers differ in scale by orders of magnitude; a running
-    ``StandardScaler`` puts every probe on the same footing so one SGD learning-rate schedule
-    works for all of them.
+    def register(cls: type[Probe]) -> type[Probe]:
+        cls.kind = name
+        PROBE_KINDS[name] = cls
+        return cls
+
+    return register
+
+
+def resolve_probe_kind(kind: str | type) -> type[Probe]:
+    """A registered name, a probe class, or a dotted import path (``pkg.module.Class``, as a
+    Hydra ``_target_``) given in code or config. Files never name code to import: loading
+    a probe file looks kinds up in the registry only."""
+    if isinstance(kind, type):
+        if not issubclass(kind, Probe):
+            raise LmProbeError(f"probe kind {kind.__name__} is not a lmprobe.probes.Probe")
+        return kind
+    if kind in PROBE_KINDS:
+        return PROBE_KINDS[kind]
+    if isinstance(kind, str) and "." in kind:
+        module, _, name = kind.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as err:
+            raise LmProbeError(f"probe kind {kind!r} could not be imported ({err})") from None
+        return resolve_probe_kind(cls)
+    raise LmProbeError(
+        f"unknown probe kind {kind!r}; use one of {', '.join(PROBE_KINDS)} or a class path "
+        f"such as mypackage.MyProbe"
+    )
+
+
+class Probe(BaseEstimator):
+    """The interface every probe kind implements (see the module docstring)."""
+
+    kind: ClassVar[str] = ""
+    task: ClassVar[str] = "classification"  # or "regression"
+    needs_classes: ClassVar[bool] = True
+
+    def partial_fit(self, X: np.ndarray, y: np.ndarray) -> Probe:
+        raise NotImplementedError
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def heldout_loss(self, X: np.ndarray, y: np.ndarray) -> float | None:
+        return None
+
+    def new_scores(self) -> ClassificationScores | RegressionScores:
+        raise NotImplementedError
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        raise NotImplementedError
+
+    def set_state(self, arrays: dict[str, np.ndarray], values: dict[str, Any]) -> Probe:
+        raise NotImplementedError
+
+    @property
+    def is_fitted(self) -> bool:
+        return hasattr(self, "n_features_in_")
+
+    # --------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Safetensors arrays + a JSON header (no pickle); written atomically."""
+        from lmprobe.io import save_probe
+
+        return save_probe(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Probe:
+        """Load a file written by ``save``; no code in the file is run."""
+        from lmprobe.io import load_probe
+
+        probe = load_probe(path)
+        if not isinstance(probe, cls):
+            raise LmProbeError(f"{path} holds a {type(probe).__name__}, not a {cls.__name__}")
+        return probe
+
+    # ------------------------------------------------- lm_probe's spellings
+    def _rows(self, X: np.ndarray, y: np.ndarray | None = None):
+        """lm_probe passes token-level features as (documents, tokens, d): flatten them, and
+        drop ``null_label`` positions when labels are given."""
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim == 3:
+            X = X.reshape(-1, X.shape[-1])
+            if y is not None:
+                y = np.asarray(y).reshape(-1)
+        if y is not None and getattr(self, "null_label", None) is not None:
+            keep = np.asarray(y) != self.null_label
+            X, y = X[keep], np.asarray(y)[keep]
+        return X, y
+
+    def take_step(self, X: np.ndarray, y: np.ndarray) -> Probe:
+        """lm_probe's one online update: ``partial_fit`` on a batch (3-D token features are
+        flattened, ``null_label`` rows dropped)."""
+        return self.partial_fit(*self._rows(X, y))
+
+
+# ---------------------------------------------------------------- sklearn state
+def _plain(value: Any) -> Any:
+    """A JSON-able copy of a scalar or a non-numeric array."""
+    if isinstance(value, np.ndarray):
+        return {"array": value.tolist(), "dtype": value.dtype.str}
+    if isinstance(value, np.generic):
+        return {"scalar": value.item(), "dtype": value.dtype.str}
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    raise TypeError(f"cannot save a {type(value).__name__} without pickle")
+
+
+def _unplain(value: Any) -> Any:
+    if isinstance(value, dict) and "array" in value:
+        return np.asarray(value["array"], dtype=np.dtype(value["dtype"]))
+    if isinstance(value, dict) and "scalar" in value:
+        return np.dtype(value["dtype"]).type(value["scalar"])
+    return value
+
+
+# Recreated by scikit-learn on every partial_fit; not state worth saving.
+_TRANSIENT = {"_loss_function_"}
+
+
+def estimator_state(
+    est: BaseEstimator, prefix: str, arrays: dict[str, np.ndarray], values: dict[str, Any]
+) -> None:
+    """Every fitted attribute of a scikit-learn estimator: numeric arrays into ``arrays``,
+    the rest (scalars, string class labels) into ``values``; its parameters are not state."""
+    params = est.get_params(deep=False)
+    for name, value in vars(est).items():
+        if name in params or name in _TRANSIENT:
+            continue
+        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+            arrays[prefix + name] = value
+        else:
+            values[prefix + name] = _plain(value)
+
+
+def restore_estimator(
+    est: BaseEstimator, prefix: str, arrays: dict[str, np.ndarray], values: dict[str, Any]
+) -> BaseEstimator:
+    for name, value in arrays.items():
+        if name.startswith(prefix):
+            setattr(est, name[len(prefix) :], np.array(value))
+    for name, value in values.items():
+        if name.startswith(prefix):
+            setattr(est, name[len(prefix) :], _unplain(value))
+    return est
+
+
+class _ScaledSGD(Probe):
+    """Shared by the SGD kinds: a running ``StandardScaler`` in front of the estimator.
+
+    Activations of different layers differ in scale by orders of magnitude; a running scaler
+    puts every probe on the same footing so one SGD learning-rate schedule works for all.
+    """
+
+    def _new_estimator(self) -> BaseEstimator:
+        raise NotImplementedError
+
+    def _start(self, y: np.ndarray) -> None:
+        kwargs = {"random_state": self.random_state, **(self.model_kwargs or {})}
+        self.estimator_ = self._new_estimator(**kwargs)
+        self.scaler_ = StandardScaler() if self.scale else None
+        self.n_updates_ = 0
+        self.n_samples_seen_ = 0
+
+    def _transform(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "n_features_in_")
+        X, _ = self._rows(X)
+        return self.scaler_.transform(X) if self.scaler_ is not None else X
+
+    def _scale_and_fit(self, X: np.ndarray, y: np.ndarray, **fit_kwargs: Any) -> None:
+        if self.scaler_ is not None:
+            self.scaler_.partial_fit(X)
+            X = self.scaler_.transform(X)
+        self.estimator_.partial_fit(X, y, **fit_kwargs)
+        self.n_features_in_ = X.shape[1]
+        self.n_updates_ += 1
+        self.n_samples_seen_ += len(y)
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays: dict[str, np.ndarray] = {}
+        values: dict[str, Any] = {}
+        if not hasattr(self, "estimator_"):
+            return arrays, values
+        estimator_state(self.estimator_, "estimator.", arrays, values)
+        if self.scaler_ is not None:
+            estimator_state(self.scaler_, "scaler.", arrays, values)
+        for name, value in vars(self).items():
+            if (
+                name.endswith("_")
+                and not name.startswith("_")
+                and name
+                not in (
+                    "estimator_",
+                    "scaler_",
+                )
+            ):
+                if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+                    arrays[name] = value
+                else:
+                    values[name] = _plain(value)
+        return arrays, values
+
+    def set_state(self, arrays: dict[str, np.ndarray], values: dict[str, Any]) -> Probe:
+        if not arrays and not values:
+            return self
+        kwargs = {"random_state": self.random_state, **(self.model_kwargs or {})}
+        self.estimator_ = restore_estimator(
+            self._new_estimator(**kwargs), "estimator.", arrays, values
+        )
+        self.scaler_ = (
+            restore_estimator(StandardScaler(), "scaler.", arrays, values) if self.scale else None
+        )
+        own = {k: v for k, v in arrays.items() if "." not in k}
+        own_values = {k: v for k, v in values.items() if "." not in k}
+        restore_estimator(self, "", own, own_values)
+        return self
+
+
+@register_probe_kind("sgd_classifier")
+class LinearProbe(ClassifierMixin, _ScaledSGD):
+    """A logistic ``SGDClassifier`` behind a running ``StandardScaler``, trained online.
+
+    ``classes_`` is sorted (scikit-learn's order, the order of ``predict_proba``'s columns)
+    whatever order ``classes`` is given in; ``classes`` keeps the user's order for display.
     """
 
     def __init__(
@@ -32,97 +273,206 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         model_kwargs: dict[str, Any] | None = None,
         scale: bool = True,
         random_state: int | None = None,
+        null_label: Any = None,
     ) -> None:
         self.classes = classes
         self.model_kwargs = model_kwargs
         self.scale = scale
         self.random_state = random_state
+        self.null_label = null_label
 
-    def _init_fitted_state(self, y: np.ndarray, classes: Sequence[Any] | None) -> None:
-        chosen = classes if classes is not None else self.classes
-        # scikit-learn keeps classes_ sorted and orders predict_proba's columns that way: the
-        # probe uses that one order everywhere; ``classes`` keeps the user's, for display.
-        self.classes_ = np.unique(np.asarray(chosen if chosen is not None else y))
-        kwargs = {"random_state": self.random_state, **(self.model_kwargs or {})}
+    def _new_estimator(self, **kwargs: Any) -> SGDClassifier:
         kwargs["loss"] = "log_loss"
-        self.classifier_ = SGDClassifier(**kwargs)
-        self.scaler_ = StandardScaler() if self.scale else None
-        self.n_updates_ = 0
-        self.n_samples_seen_ = 0
+        return SGDClassifier(**kwargs)
+
+    @property
+    def classifier_(self) -> SGDClassifier:
+        return self.estimator_
 
     def partial_fit(
         self, X: np.ndarray, y: np.ndarray, classes: Sequence[Any] | None = None
     ) -> LinearProbe:
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y)
-        if not hasattr(self, "classifier_"):
-            self._init_fitted_state(y, classes)
+        X, y = np.asarray(X, dtype=np.float32), np.asarray(y)
+        if not hasattr(self, "estimator_"):
+            chosen = classes if classes is not None else self.classes
+            self.classes_ = np.unique(np.asarray(chosen if chosen is not None else y))
+            self._start(y)
         if len(y) == 0:
             return self
-        if self.scaler_ is not None:
-            self.scaler_.partial_fit(X)
-            X = self.scaler_.transform(X)
-        self.classifier_.partial_fit(X, y, classes=self.classes_)
-        self.n_features_in_ = X.shape[1]
-        self.n_updates_ += 1
-        self.n_samples_seen_ += len(y)
+        self._scale_and_fit(X, y, classes=self.classes_)
         return self
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> LinearProbe:
         """One pass of ``partial_fit`` from scratch (scikit-learn's ``fit`` contract)."""
-        for attr in ("classifier_", "scaler_", "classes_"):
+        for attr in ("estimator_", "scaler_", "classes_"):
             self.__dict__.pop(attr, None)
         return self.partial_fit(X, y)
 
-    def _transform(self, X: np.ndarray) -> np.ndarray:
-        check_is_fitted(self, "n_features_in_")
-        X = np.asarray(X, dtype=np.float32)
-        return self.scaler_.transform(X) if self.scaler_ is not None else X
-
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        return self.classifier_.decision_function(self._transform(X))
+        return self.estimator_.decision_function(self._transform(X))
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return self.classifier_.predict_proba(self._transform(X))
+        return self.estimator_.predict_proba(self._transform(X))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classifier_.predict(self._transform(X))
+        return self.estimator_.predict(self._transform(X))
 
     def predict_with_proba(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``predict(X)`` and ``predict_proba(X)``, scaling ``X`` once."""
         X = self._transform(X)
-        return self.classifier_.predict(X), self.classifier_.predict_proba(X)
+        return self.estimator_.predict(X), self.estimator_.predict_proba(X)
 
     def class_index(self, y: np.ndarray) -> np.ndarray:
         """Column of each label in ``predict_proba`` (labels must be in ``classes_``)."""
         check_is_fitted(self, "classes_")
         return column_of(self.classes_, y)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Pickle the probe; written to a temporary file and renamed, so never half-written."""
-        path = Path(path)
-        atomic_write_bytes(path, pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL))
-        return path
+    def heldout_loss(self, X: np.ndarray, y: np.ndarray) -> float:
+        return float(log_loss(y, self.predict_proba(X), labels=self.classes_))
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> LinearProbe:
-        with open(path, "rb") as handle:
-            probe = pickle.load(handle)
-        if not isinstance(probe, cls):
-            raise TypeError(f"{path} holds a {type(probe).__name__}, not a {cls.__name__}")
-        return probe
+    def score(self, X: np.ndarray, y: np.ndarray) -> float:
+        """Cross-entropy (log loss), lower is better, as in lm_probe. Note: scikit-learn's
+        classifiers return accuracy here; for model selection use ``scoring="neg_log_loss"``."""
+        X, y = self._rows(X, y)
+        return float(log_loss(y, self.predict_proba(X).astype(np.float64), labels=self.classes_))
+
+    def new_scores(self) -> ClassificationScores:
+        return ClassificationScores(self.classes_)
+
+    def compute_metrics(self, X: np.ndarray, y: np.ndarray) -> Metrics:
+        """lm_probe's metrics of this probe on (X, y): loss, accuracy and macro precision,
+        recall, f1, plus Matthews correlation; also kept as ``self.metrics``."""
+        X, y = self._rows(X, y)
+        scores = self.new_scores()
+        scores.add(self, X, y)
+        self.metrics = Metrics.from_row(scores.compute())
+        return self.metrics
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@register_probe_kind("sgd_regressor")
+class RegressionProbe(RegressorMixin, _ScaledSGD):
+    """A linear ``SGDRegressor`` for continuous targets, behind running scalers of the
+    features and of the target (SGD diverges on targets far from unit scale)."""
+
+    task = "regression"
+    needs_classes = False
+
+    def __init__(
+        self,
+        classes: Sequence[Any] | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        scale: bool = True,
+        random_state: int | None = None,
+        null_label: Any = None,
+    ) -> None:
+        self.classes = classes
+        self.model_kwargs = model_kwargs
+        self.scale = scale
+        self.random_state = random_state
+        self.null_label = null_label
+
+    def _new_estimator(self, **kwargs: Any) -> SGDRegressor:
+        return SGDRegressor(**kwargs)
+
+    def partial_fit(self, X: np.ndarray, y: np.ndarray) -> RegressionProbe:
+        X, y = np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.float64)
+        if not hasattr(self, "estimator_"):
+            self._start(y)
+            self.target_sum_ = np.zeros(1)
+            self.target_sumsq_ = np.zeros(1)
+        if len(y) == 0:
+            return self
+        self.target_sum_ += y.sum()
+        self.target_sumsq_ += (y**2).sum()
+        mean, scale = self._target_scale(len(y))
+        self._scale_and_fit(X, (y - mean) / scale)
+        return self
+
+    def _target_scale(self, extra: int = 0) -> tuple[float, float]:
+        n = self.n_samples_seen_ + extra
+        mean = float(self.target_sum_[0] / n)
+        var = max(float(self.target_sumsq_[0] / n) - mean**2, 0.0)
+        return mean, float(np.sqrt(var)) or 1.0
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        mean, scale = self._target_scale()
+        return self.estimator_.predict(self._transform(X)) * scale + mean
+
+    def heldout_loss(self, X: np.ndarray, y: np.ndarray) -> float:
+        return float(mean_squared_error(y, self.predict(X)))
+
+    def new_scores(self) -> RegressionScores:
+        return RegressionScores()
+
+
+@register_probe_kind("mean_difference")
+class MeanDifferenceProbe(ClassifierMixin, Probe):
+    """The difference of the two class means as the direction, threshold at the midpoint.
+
+    Fitted in closed form from streaming per-class sums (order and chunking do not matter);
+    a standard baseline in the probing literature. Binary only; it has no probabilities, so
+    its loss is NaN and it does not stop early (it has nothing left to learn after one pass).
+    """
+
+    def __init__(self, classes: Sequence[Any] | None = None, null_label: Any = None) -> None:
+        self.classes = classes
+        self.null_label = null_label
+
+    def partial_fit(self, X: np.ndarray, y: np.ndarray) -> MeanDifferenceProbe:
+        X, y = np.asarray(X, dtype=np.float64), np.asarray(y)
+        if not hasattr(self, "classes_"):
+            chosen = self.classes if self.classes is not None else y
+            self.classes_ = np.unique(np.asarray(chosen))
+            if len(self.classes_) != 2:
+                raise LmProbeError(
+                    f"mean_difference probes are binary; classes {self.classes_.tolist()} has "
+                    f"{len(self.classes_)}: use kind=sgd_classifier"
+                )
+            self.class_sums_ = np.zeros((2, X.shape[1]))
+            self.class_counts_ = np.zeros(2)
+        if len(y) == 0:
+            return self
+        column = column_of(self.classes_, y)
+        np.add.at(self.class_sums_, column, X)
+        self.class_counts_ += np.bincount(column, minlength=2)
+        means = self.class_sums_ / np.maximum(self.class_counts_, 1)[:, None]
+        self.coef_ = (means[1] - means[0])[None, :]
+        self.intercept_ = np.array([-self.coef_[0] @ (means[0] + means[1]) / 2])
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "coef_")
+        X, _ = self._rows(X)
+        return X.astype(np.float64) @ self.coef_[0] + self.intercept_[0]
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[(self.decision_function(X) > 0).astype(int)]
+
+    def predict_with_proba(self, X: np.ndarray) -> tuple[np.ndarray, None]:
+        return self.predict(X), None
+
+    def new_scores(self) -> ClassificationScores:
+        return ClassificationScores(self.classes_)
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays: dict[str, np.ndarray] = {}
+        values: dict[str, Any] = {}
+        estimator_state(self, "", arrays, values)
+        return arrays, values
+
+    def set_state(self, arrays: dict[str, np.ndarray], values: dict[str, Any]) -> Probe:
+        return restore_estimator(self, "", arrays, values)
+
+
+def make_probe(config: Any, random_state: int | None) -> Probe:
+    """A fresh probe of ``config.kind`` with the parameters the config gives it."""
+    cls = resolve_probe_kind(config.kind)
+    offered = {
+        "classes": list(config.classes) if config.classes is not None else None,
+        "model_kwargs": dict(config.model_kwargs),
+        "random_state": random_state,
+        "null_label": config.null_label,
+    }
+    accepted = cls._get_param_names()
+    return cls(**{k: v for k, v in offered.items() if k in accepted})

@@ -5,6 +5,7 @@ Every file is written to a temporary name and renamed, so a crash never leaves h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Any
 import pandas as pd
 
 from lmprobe.config import ProbeConfig
-from lmprobe.probes import LinearProbe, atomic_write_bytes
+from lmprobe.io import atomic_write_bytes
+from lmprobe.probes import Probe
 
 LAYER = re.compile(r"\.(\d+)(?=\.)")
 
@@ -27,19 +29,23 @@ def write_metrics(table: pd.DataFrame, path: Path, partial: bool = False) -> Pat
 
 
 def safe_filename(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    """A file name for a probe name: readable, short, and distinct for distinct names (a
+    hash of the full name follows the readable part, so ``a/b`` and ``a_b`` never share)."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:100]
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
 def save_probes(
-    probes: dict[str, LinearProbe], directory: Path, label_names: dict[Any, Any] | None
+    probes: dict[str, Probe], directory: Path, label_names: dict[Any, Any] | None
 ) -> Path:
-    """One pickle per fitted probe (``LinearProbe.load``) plus ``labels.json``/``index.json``."""
+    """One safetensors file per fitted probe (``Probe.load``, ``lmprobe.io.load_probe``) plus
+    ``labels.json`` and ``index.json`` (probe name -> file)."""
     directory.mkdir(parents=True, exist_ok=True)
     index = {}
     for name, probe in probes.items():
-        if not hasattr(probe, "n_features_in_"):
+        if not probe.is_fitted:
             continue
-        filename = f"{safe_filename(name)}.pkl"
+        filename = f"{safe_filename(name)}.safetensors"
         probe.save(directory / filename)
         index[name] = filename
     labels = {str(k): v for k, v in (label_names or {}).items()}

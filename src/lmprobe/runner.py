@@ -1,11 +1,12 @@
 """``ProbeRunner``: the original lm_probe API, driving a Lightning ``Trainer``.
 
-The Hydra app (``lmprobe.app``) and this runner share ``fit_and_test``: one training loop.
+Signatures, positional order and defaults are lm_probe's (``README.md``, "Differences from
+lm_probe", lists where results need a different behaviour). The loop is the one in
+``lmprobe.engine``, shared with the Hydra app.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,66 +15,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lmprobe.callbacks import (
-    DEFAULT_CHUNK_ROWS,
-    ProbeEarlyStopping,
-    ProbeMetrics,
-    ProbeUpdater,
-)
+from lmprobe.bank import DEFAULT_CHUNK_ROWS
 from lmprobe.config import ProbeConfig
-from lmprobe.data import ProbeDataModule, ProbeDataset, trim_padding
+from lmprobe.datamodule import ProbeDataModule
+from lmprobe.dataset import ProbeDataset, trim_padding
+from lmprobe.engine import fit_and_test, make_trainer, probe_callbacks, score_test_set
 from lmprobe.errors import LmProbeError
 from lmprobe.features import PendingFeatures, gather
-from lmprobe.models import input_device, load_language_model
+from lmprobe.models import load_language_model
 from lmprobe.module import ProbeModule
-from lmprobe.probes import LinearProbe
-
-log = logging.getLogger("lmprobe")
-
-
-def show_lmprobe_log() -> None:
-    """Print lmprobe's INFO lines (e.g. early stopping) when the application set up no logging."""
-    root = logging.getLogger()
-    if not log.handlers and not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
-
-def probe_callbacks(
-    seed: int | None = None, chunk_rows: int | None = DEFAULT_CHUNK_ROWS
-) -> list[L.Callback]:
-    """The callbacks every probe run needs, in the order they must run after each batch."""
-    return [ProbeUpdater(chunk_rows), ProbeEarlyStopping(seed), ProbeMetrics(chunk_rows)]
-
-
-def accelerator_for(module: ProbeModule) -> str:
-    return "gpu" if input_device(module.lm).type == "cuda" else "cpu"
-
-
-def fit_and_test(
-    trainer: L.Trainer,
-    module: ProbeModule,
-    datamodule: L.LightningDataModule,
-    ckpt_path: str | None = None,
-) -> pd.DataFrame:
-    """Fit the probe bank, then score it on the whole test set; returns the metrics table."""
-    metrics = [cb for cb in trainer.callbacks if isinstance(cb, ProbeMetrics)]
-    if not metrics or not any(isinstance(cb, ProbeUpdater) for cb in trainer.callbacks):
-        raise LmProbeError(
-            "the Trainer lacks lmprobe's callbacks; add lmprobe.runner.probe_callbacks()"
-        )
-    datamodule.setup("fit")
-    if getattr(datamodule, "val_set", None) is None:
-        trainer.limit_val_batches = 0  # no validation split: skip Lightning's validation loop
-    if getattr(datamodule, "test_set", None) is not None:
-        module.validate_dataset(datamodule.test_set, "test")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if getattr(datamodule, "test_set", None) is None:
-        return pd.DataFrame()
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    return metrics[0].tables["test"]
+from lmprobe.probes import Probe
 
 
 class ProbeRunner:
@@ -87,30 +38,42 @@ class ProbeRunner:
     def __init__(
         self,
         model: Any,
-        configs: ProbeConfig | Sequence[ProbeConfig],
+        probe_configs: ProbeConfig | Sequence[ProbeConfig],
+        remote: bool = False,
+        *,
         tokenizer: Any = None,
         seed: int = 0,
-        remote: bool = False,
         on_nonfinite: str = "error",
         **load_kwargs: Any,
     ) -> None:
+        from lmprobe.engine import show_lmprobe_log
+
         show_lmprobe_log()
-        configs = [configs] if isinstance(configs, ProbeConfig) else list(configs)
+        if isinstance(probe_configs, ProbeConfig):
+            probe_configs = [probe_configs]
         self.model = load_language_model(model, tokenizer, **load_kwargs)
         self.seed = seed
         self.module = ProbeModule(
-            self.model, configs, seed=seed, remote=remote, on_nonfinite=on_nonfinite
+            self.model, list(probe_configs), seed=seed, remote=remote, on_nonfinite=on_nonfinite
         )
         self.configs = list(self.module.configs.values())
         self.trainer: L.Trainer | None = None
         self._metrics: pd.DataFrame | None = None
 
+    def __repr__(self) -> str:
+        return f"Probe runner for {len(self.configs)} probe(s)"
+
+    # ----------------------------------------------------------------- training
     def fit_probes(
         self,
         train_set: ProbeDataset,
+        eval_set: ProbeDataset | None = None,
+        num_epoch: int = 10,
+        batch_size: int = 32,
+        limit_eval_batches: bool | None = None,
+        *,
         test_set: ProbeDataset | None = None,
-        batch_size: int = 8,
-        max_epochs: int = 1,
+        max_epochs: int | None = None,
         logger: Any = False,
         enable_progress_bar: bool = True,
         callbacks: Sequence[L.Callback] = (),
@@ -118,93 +81,159 @@ class ProbeRunner:
         chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
         **trainer_kwargs: Any,
     ) -> ProbeRunner:
-        """Fit every probe on ``train_set`` and, if given, score them on all of ``test_set``.
+        """Fit every probe on ``train_set`` and, if given, score them on ``eval_set``.
 
-        Probes are updated with at least ``chunk_rows`` rows at a time (``None``: after every
-        batch); steps, patience and warm-up count training batches either way.
+        Epochs after the first reuse the features kept from the first, so ``num_epoch``
+        costs little LM time. The whole ``eval_set`` is scored unless ``limit_eval_batches``
+        is ``True`` (lm_probe's behaviour: as many batches as training ran).
+        ``test_set``/``max_epochs`` are this project's spellings of ``eval_set``/``num_epoch``.
+        Probes are updated with at least ``chunk_rows`` rows at a time (``None``: after
+        every batch); steps, patience and warm-up count training batches either way.
         """
-        for split, dataset in (("train_set", train_set), ("test_set", test_set)):
+        if test_set is not None:
+            if eval_set is not None:
+                raise LmProbeError("give eval_set or test_set (the same thing), not both")
+            eval_set = test_set
+        if max_epochs is not None:
+            num_epoch = max_epochs
+        for split, dataset in (("train_set", train_set), ("eval_set", eval_set)):
             if dataset is not None and not isinstance(dataset, ProbeDataset):
                 raise LmProbeError(
                     f"{split} is a {type(dataset).__name__}; wrap it: ProbeDataset(input_ids, "
                     f"attention_mask, labels)"
                 )
+        if isinstance(num_epoch, bool) or not isinstance(num_epoch, int) or num_epoch < 1:
+            raise LmProbeError(f"num_epoch={num_epoch!r} must be a positive integer, e.g. 10")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise LmProbeError(f"batch_size={batch_size!r} must be a positive integer, e.g. 32")
+        if eval_set is not None:  # label checks before any model work
+            self.module.bank.check_dataset(eval_set, "test")
         if ckpt_path is None:  # a fresh fit starts from fresh probes
             self.module.reset_probes()
         L.seed_everything(self.seed, workers=True, verbose=False)
-        datamodule = ProbeDataModule(train_set=train_set, test_set=test_set, batch_size=batch_size)
-        self.trainer = L.Trainer(
-            **{
-                "max_epochs": max_epochs,
-                "accelerator": accelerator_for(self.module),
-                "devices": 1,
-                "logger": logger,
-                "enable_checkpointing": False,
-                "enable_model_summary": False,
-                "enable_progress_bar": enable_progress_bar,
-                "num_sanity_val_steps": 0,
-                "callbacks": [*probe_callbacks(self.seed, chunk_rows), *callbacks],
-                **trainer_kwargs,
-            }
+        datamodule = ProbeDataModule(train_set=train_set, test_set=None, batch_size=batch_size)
+        self.trainer = make_trainer(
+            self.module,
+            max_epochs=num_epoch,
+            logger=logger,
+            enable_progress_bar=enable_progress_bar,
+            callbacks=[*probe_callbacks(self.seed, chunk_rows), *callbacks],
+            **trainer_kwargs,
         )
-        self._metrics = fit_and_test(self.trainer, self.module, datamodule, ckpt_path)
+        fit_and_test(self.trainer, self.module, datamodule, ckpt_path)
+        self._metrics = None
+        if eval_set is not None:
+            limit = None
+            if limit_eval_batches:
+                progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
+                limit = max(1, progress.completed)
+            self._metrics = self.compute_metrics(eval_set, batch_size, limit)
         return self
+
+    def compute_metrics(
+        self, dataset: ProbeDataset, batch_size: int = 32, batch_limit: int | None = None
+    ) -> pd.DataFrame:
+        """Metrics of every probe on ``dataset`` (its first ``batch_limit`` batches; ``None``
+        or 0: all), one row per probe: loss, accuracy, precision, recall, f1, matthews, ..."""
+        if not isinstance(dataset, ProbeDataset):
+            raise LmProbeError(f"dataset is a {type(dataset).__name__}; wrap it in ProbeDataset")
+        if self.trainer is None:
+            self.trainer = make_trainer(
+                self.module, callbacks=probe_callbacks(self.seed), enable_progress_bar=False
+            )
+        self.module.bank.check_dataset(dataset, "evaluation")
+        self.trainer.limit_test_batches = batch_limit or 1.0
+        try:
+            datamodule = ProbeDataModule(train_set=dataset, test_set=dataset, batch_size=batch_size)
+            return score_test_set(self.trainer, self.module, datamodule)
+        finally:
+            self.trainer.limit_test_batches = 1.0
 
     @property
     def metrics(self) -> pd.DataFrame:
         """Test-set metrics, one row per probe (loss, accuracy, precision, recall, f1, matthews)."""
         if self._metrics is None:
-            raise LmProbeError("no metrics yet: call fit_probes(train_set, test_set) first")
+            raise LmProbeError("no metrics yet: call fit_probes(train_set, eval_set) first")
         return self._metrics
 
+    # ------------------------------------------------------------------ probes
     @property
-    def probes(self) -> dict[str, LinearProbe]:
-        return self.module.probes
+    def probes(self) -> list[Probe]:
+        """The probes in the order of the configs (lm_probe's list); ``runner[name]`` by name."""
+        return list(self.module.bank.probes.values())
 
-    def __getitem__(self, name: str) -> LinearProbe:
-        if name in self.module.probes:
-            return self.module.probes[name]
+    @property
+    def submodules(self) -> list[str]:
+        return [c.submodule for c in self.configs]
+
+    @property
+    def pool(self) -> bool:
+        """lm_probe's flag: True when every probe pools (none is token-level)."""
+        return not any(c.token_level for c in self.configs)
+
+    def _name(self, name: str) -> str:
+        if name in self.module.configs:
+            return name
         matches = [c.name for c in self.configs if c.submodule == name]
         if len(matches) == 1:
-            return self.module.probes[matches[0]]
+            return matches[0]
         raise KeyError(
-            f"no probe named {name!r}; probes: {', '.join(self.module.probes)}"
+            f"no probe named {name!r}; probes: {', '.join(self.module.configs)}"
             if not matches
             else f"{name!r} has {len(matches)} probes: {', '.join(matches)}; use the name"
         )
 
+    def __getitem__(self, name: str) -> Probe:
+        return self.module.bank.probes[self._name(name)]
+
+    # ----------------------------------------------------------------- features
     def get_probe_features(
-        self, input_ids: Any, attention_mask: Any, batch_size: int = 8
+        self,
+        input_ids: Any,
+        attention_mask: Any,
+        subset: Sequence[str] | None = None,
+        batch_size: int = 8,
     ) -> dict[str, np.ndarray]:
-        """The features each probe sees for these documents (pooled, or one row per real token)."""
+        """The features each probe sees for these documents, keyed by probe name (by default
+        its submodule): (documents, d) for pooled probes, (documents, tokens, d) for
+        token-level ones (every position, padding included, as in lm_probe). ``subset``
+        limits it to some probes (names or submodules)."""
         ids = torch.as_tensor(np.asarray(input_ids)).long()
         mask = torch.as_tensor(np.asarray(attention_mask)).long()
         if ids.dim() == 1:
             ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
-        # Labels are unused here; a sentinel that equals no null_label keeps every real token.
-        sentinel = torch.full_like(ids, torch.iinfo(torch.long).min)
-        configs = self.module.configs.values()
+        names = [self._name(n) for n in subset] if subset else list(self.module.configs)
+        configs = [self.module.configs[n] for n in names]
         groups = {
             "token": [c.name for c in configs if c.token_level],
             "pooled": [c.name for c in configs if not c.token_level],
         }
+        # Labels are unused here; a sentinel that equals no null_label keeps every row.
+        sentinel = torch.full_like(ids, torch.iinfo(torch.long).min)
         parts: dict[Any, list[PendingFeatures]] = {}
         for start in range(0, len(ids), batch_size):
             rows = slice(start, start + batch_size)
             for kind, group in groups.items():
                 if not group:
                     continue
-                labels = sentinel[rows] if kind == "token" else sentinel[rows, 0]
-                batch = trim_padding(
-                    {
-                        "input_ids": ids[rows],
-                        "attention_mask": mask[rows],
-                        "labels": labels,
-                        "index": torch.arange(len(ids))[rows],
-                    }
+                batch = {
+                    "input_ids": ids[rows],
+                    "attention_mask": mask[rows],
+                    "labels": sentinel[rows] if kind == "token" else sentinel[rows, 0],
+                    "index": torch.arange(len(ids))[rows],
+                }
+                token = kind == "token"  # every position, so rows reshape to (docs, tokens)
+                out = self.module.extract(
+                    batch if token else trim_padding(batch),
+                    group,
+                    f"documents {start}-{start + batch_size}",
+                    all_positions=token,
                 )
-                out = self.module.extract(batch, group, f"documents {start}-{start + batch_size}")
                 for key, features in out.items():
                     parts.setdefault(key, []).append(features)
         features = {key: gather(p).X for key, p in parts.items()}
-        return {name: features[self.module.key(name)] for name in self.module.configs}
+        result = {}
+        for name in names:
+            X = features[self.module.bank.key(name)]
+            result[name] = X.reshape(len(ids), ids.shape[1], -1) if name in groups["token"] else X
+        return result

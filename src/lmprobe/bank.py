@@ -1,0 +1,359 @@
+"""``ProbeBank``: the probes of a run and all of their training state, in plain Python.
+
+Like Padim's memory bank in anomalib, the estimator state has one owner: the bank holds the
+probes, which of them still train, their step counts, their early-stopping bests and
+held-out slice, the rows waiting to be trained on or scored, and the score tables. The
+Lightning module hands it features; the callbacks say when to update, stop and score. A
+checkpoint holds ``state_dict()``: tensors and plain values only, loadable with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lmprobe.config import ProbeConfig
+from lmprobe.errors import LmProbeError
+from lmprobe.features import FeatureKey, Features, PendingFeatures, gather
+from lmprobe.io import probe_from_tensors, probe_to_tensors
+from lmprobe.metrics import metric_columns
+from lmprobe.probes import Probe, make_probe, resolve_probe_kind
+
+log = logging.getLogger("lmprobe")
+
+DEFAULT_CHUNK_ROWS = 256
+
+
+class RowBuffer:
+    """Collects feature rows per name until ``chunk_rows`` are there (``None``: every batch).
+
+    scikit-learn's ``partial_fit`` and ``predict_proba`` cost about a millisecond per call
+    whatever the size of the call, and SGD updates per sample anyway: handing probes larger
+    chunks removes call overhead without changing the maths (beyond SGD's in-call shuffle).
+    On a GPU it also means one device-to-host copy, one wait, per chunk instead of per batch.
+    """
+
+    def __init__(self) -> None:
+        self.parts: dict[Any, list[PendingFeatures]] = {}
+        self.rows: dict[Any, int] = {}
+
+    def add(self, name: Any, features: PendingFeatures, chunk_rows: int | None) -> bool:
+        """Buffer ``features``; True when ``name`` has a full chunk."""
+        self.parts.setdefault(name, []).append(features)
+        self.rows[name] = self.rows.get(name, 0) + len(features)
+        return chunk_rows is None or self.rows[name] >= chunk_rows
+
+    def take(self, name: Any, drop_failed: bool = False) -> Features | None:
+        """The buffered rows of ``name`` on the host (``None`` if there are none);
+        ``drop_failed`` leaves out batches with non-finite rows instead of raising."""
+        parts = self.parts.pop(name, None)
+        self.rows.pop(name, None)
+        if not parts:
+            return None
+        rows = gather(parts, drop_failed=drop_failed)
+        return rows if len(rows.y) else None
+
+    def names(self) -> list[Any]:
+        return list(self.parts)
+
+    def clear(self) -> None:
+        self.parts.clear()
+        self.rows.clear()
+
+
+class ProbeBank:
+    """The probes of one run, keyed by probe name (see the module docstring)."""
+
+    def __init__(self, configs: Sequence[ProbeConfig], seed: int = 0) -> None:
+        configs = list(configs)
+        if not configs:
+            raise LmProbeError("no probes configured; pass at least one ProbeConfig")
+        names = [c.name for c in configs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise LmProbeError(
+                f"probe name {duplicates[0]!r} is used twice; give each ProbeConfig a "
+                f"distinct name= (e.g. '{duplicates[0]}/last')"
+            )
+        for config in configs:
+            resolve_probe_kind(config.kind)  # an unknown kind fails before any model work
+        self.configs: dict[str, ProbeConfig] = {c.name: c for c in configs}
+        self.seed = seed
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh, unfitted probes (a new fit starts from here)."""
+        self.probes: dict[str, Probe] = {
+            name: make_probe(c, self.seed) for name, c in self.configs.items()
+        }
+        self.live: set[str] = set(self.configs)
+        self.stopped_early: dict[str, bool] = dict.fromkeys(self.configs, False)
+        # Training batches each probe has consumed (its early-stopping clock).
+        self.steps: dict[str, int] = dict.fromkeys(self.configs, 0)
+        self.best_loss: dict[str, float] = dict.fromkeys(self.configs, math.inf)
+        self.best_step: dict[str, int] = dict.fromkeys(self.configs, 0)
+        # (step, held-out loss) after every update of a probe that stops early.
+        self.history: dict[str, list[tuple[int, float]]] = {n: [] for n in self.configs}
+        # Rows of the training set held out for early stopping: never traced as training data.
+        self.heldout_index = np.empty(0, dtype=np.int64)
+        self.heldout: dict[str, Features] = {}
+        self.prepared = False
+        self.tables: dict[str, pd.DataFrame] = {}
+        self._train_rows = RowBuffer()
+        self._score_rows: dict[str, RowBuffer] = {}
+        self._scores: dict[tuple[str, str], Any] = {}
+
+    # --------------------------------------------------------------- features
+    def key(self, name: str) -> FeatureKey:
+        return FeatureKey.of(self.configs[name])
+
+    def keys_for(self, names: Sequence[str]) -> list[FeatureKey]:
+        return list(dict.fromkeys(self.key(n) for n in names))
+
+    @property
+    def done(self) -> bool:
+        """Every probe has stopped training."""
+        return not self.live
+
+    def check_labels(self, labels: torch.Tensor, names: Sequence[str]) -> None:
+        for name in names:
+            config = self.configs[name]
+            if config.token_level and labels.dim() != 2:
+                raise LmProbeError(
+                    f"probe {name!r} has pooling='none' (one label per token) but the data has "
+                    f"one label per sequence; use pooling='mean' or token-level labels"
+                )
+            if not config.token_level and labels.dim() != 1:
+                raise LmProbeError(
+                    f"probe {name!r} pools to one vector per sequence (pooling="
+                    f"{config.pooling!r}) but the data has one label per token; use pooling='none'"
+                )
+
+    def check_dataset(self, dataset: Any, split: str) -> None:
+        """Label checks over a whole split, before any model work."""
+        self.check_labels(dataset.labels[:1], list(self.configs))
+        for name, config in self.configs.items():
+            kind = resolve_probe_kind(config.kind)
+            present = np.unique(dataset.label_values(config.null_label))
+            if len(present) == 0:
+                raise LmProbeError(f"the {split} split has no labelled rows for probe {name!r}")
+            if not kind.needs_classes:
+                continue
+            if dataset.labels.is_floating_point() and not np.all(present == np.round(present)):
+                raise LmProbeError(
+                    f"{split} labels of probe {name!r} are continuous (e.g. {present[0]!r}) but "
+                    f"its kind {config.kind!r} is a classifier; use kind='sgd_regressor'"
+                )
+            unknown = [v for v in present.tolist() if v not in set(config.classes)]
+            if unknown:
+                raise LmProbeError(
+                    f"{split} label {unknown[0]!r} is not in classes {config.classes} of probe "
+                    f"{name!r}; add it to classes"
+                    + (" or set null_label" if config.token_level else "")
+                )
+            if len(present) < 2:
+                log.warning(
+                    "the %s split has a single class (%s) for probe %r: its metrics are degenerate",
+                    split,
+                    present[0],
+                    name,
+                )
+
+    # ------------------------------------------------------------ early stopping
+    def heldout_plan(self, n_rows: int, seed: int | None = None) -> np.ndarray:
+        """The training rows to hold out: the first ``round(test_size * n)`` rows of one
+        seeded permutation per probe, so probes with equal ``test_size`` share a slice."""
+        seed = self.seed if seed is None else seed
+        sizes = self._heldout_sizes(n_rows)
+        return np.random.default_rng(seed).permutation(n_rows)[: max(sizes.values())]
+
+    def _heldout_sizes(self, n_rows: int) -> dict[str, int]:
+        return {
+            name: int(round(c.test_size * n_rows)) if c.early_stopping else 0
+            for name, c in self.configs.items()
+        }
+
+    def set_heldout(
+        self, union: np.ndarray, n_rows: int, features: dict[FeatureKey, Features]
+    ) -> None:
+        """Take the held-out slices from the traced ``union`` rows (``Features.doc`` are
+        training-set rows); rows held out only for other probes are training data for this one."""
+        for name, size in self._heldout_sizes(n_rows).items():
+            rows = features.get(self.key(name))
+            if rows is None:
+                continue
+            self.heldout[name] = rows.select_docs(union[:size])
+            extra = rows.select_docs(union[size:])
+            if len(extra.y):
+                self.probes[name].partial_fit(extra.X, extra.y)
+        self.heldout_index = np.asarray(union, dtype=np.int64)
+        self.prepared = True
+
+    # ----------------------------------------------------------------- training
+    def update(
+        self, features: dict[FeatureKey, PendingFeatures], chunk_rows: int | None
+    ) -> list[str]:
+        """One training batch: count a step for every live probe with rows, train those
+        whose chunk is full (or that reach ``max_steps``). Returns the probes trained."""
+        trained = []
+        for name in sorted(self.live):
+            rows = features.get(self.key(name))
+            if rows is None or len(rows) == 0:
+                continue
+            self.steps[name] += 1
+            full = self._train_rows.add(name, rows, chunk_rows)
+            max_steps = self.configs[name].max_steps
+            if full or (max_steps is not None and self.steps[name] >= max_steps):
+                if self._train(name):
+                    trained.append(name)
+        return trained
+
+    def flush(self, drop_failed: bool = False) -> list[str]:
+        """Train every live probe on its buffered rows (end of epoch, before validation,
+        on an interruption: ``drop_failed`` then leaves out batches with non-finite rows)."""
+        trained = [
+            name
+            for name in self._train_rows.names()
+            if name in self.live and self._train(name, drop_failed)
+        ]
+        self._train_rows.clear()
+        return trained
+
+    def _train(self, name: str, drop_failed: bool = False) -> bool:
+        rows = self._train_rows.take(name, drop_failed)
+        if rows is None:
+            return False
+        self.probes[name].partial_fit(rows.X, rows.y)
+        self._check_stopping(name)
+        return True
+
+    def _check_stopping(self, name: str) -> None:
+        """Right after an update: score the held-out slice; retire the probe when it is out
+        of patience (training batches without an improvement of ``threshold``, counted after
+        ``warmup_steps``) or at ``max_steps``."""
+        config, steps = self.configs[name], self.steps[name]
+        heldout = self.heldout.get(name)
+        if config.early_stopping and heldout is not None and len(heldout.y):
+            loss = self.probes[name].heldout_loss(heldout.X, heldout.y)
+            if loss is not None:
+                self.history[name].append((steps, loss))
+                if loss < self.best_loss[name] - config.threshold:
+                    self.best_loss[name], self.best_step[name] = loss, steps
+                waited = steps - max(self.best_step[name], config.warmup_steps)
+                if steps > config.warmup_steps and waited >= config.patience:
+                    log.info("Early stopping after %d steps for %s", steps, name)
+                    self.live.discard(name)
+                    self.stopped_early[name] = True
+                    return
+        if config.max_steps is not None and steps >= config.max_steps:
+            log.info("Reached max_steps=%d for %s", config.max_steps, name)
+            self.live.discard(name)
+
+    # ------------------------------------------------------------------ scoring
+    def score(
+        self, stage: str, features: dict[FeatureKey, PendingFeatures], chunk_rows: int | None
+    ) -> None:
+        """Add one batch of a scoring pass (``val``, ``test``) to every probe's metrics."""
+        buffer = self._score_rows.setdefault(stage, RowBuffer())
+        for key, rows in features.items():
+            if len(rows) and buffer.add(key, rows, chunk_rows):
+                self._score(stage, key, buffer.take(key))
+
+    def _score(self, stage: str, key: FeatureKey, rows: Features | None) -> None:
+        if rows is None:
+            return
+        for name, probe in self.probes.items():
+            if self.key(name) != key or not probe.is_fitted:
+                continue
+            scores = self._scores.get((stage, name))
+            if scores is None:
+                scores = self._scores[(stage, name)] = probe.new_scores()
+            scores.add(probe, rows.X, rows.y)
+
+    def finish_scoring(self, stage: str, drop_failed: bool = False) -> pd.DataFrame:
+        """The metrics table of a scoring pass (index: probe name); NaN where a probe scored
+        nothing (an interrupted pass). Resets the pass."""
+        buffer = self._score_rows.pop(stage, None)
+        for key in buffer.names() if buffer else []:
+            self._score(stage, key, buffer.take(key, drop_failed))
+        rows = {}
+        for name, config in self.configs.items():
+            task = resolve_probe_kind(config.kind).task
+            row: dict[str, Any] = dict.fromkeys(metric_columns(task), float("nan"))
+            row["support"] = 0
+            scores = self._scores.pop((stage, name), None)
+            if scores is not None:
+                row.update(scores.compute())
+            row["steps"] = self.steps[name]
+            row["stopped_early"] = bool(self.stopped_early[name])
+            rows[name] = row
+        table = pd.DataFrame.from_dict(rows, orient="index")
+        table.index.name = "probe"
+        return table
+
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only (no pickled objects)."""
+        probes = {}
+        for name, probe in self.probes.items():
+            arrays, header = probe_to_tensors(probe)
+            probes[name] = {
+                "arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+                "header": header,
+            }
+        heldout = {
+            name: {f: torch.from_numpy(np.asarray(getattr(rows, f))) for f in Features._fields}
+            for name, rows in self.heldout.items()
+        }
+        plain = {
+            "live": sorted(self.live),
+            "stopped_early": self.stopped_early,
+            "steps": self.steps,
+            "best_loss": {k: float(v) for k, v in self.best_loss.items()},
+            "best_step": self.best_step,
+            "history": {k: [list(p) for p in v] for k, v in self.history.items()},
+            "prepared": self.prepared,
+        }
+        return {
+            "probes": probes,
+            "heldout": heldout,
+            "heldout_index": torch.from_numpy(self.heldout_index),
+            "plain": json.dumps(plain),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = sorted(set(self.configs) - set(state["probes"]))
+        if missing:
+            raise LmProbeError(
+                f"the checkpoint has no probe {missing[0]!r}; it was written for other probes"
+            )
+        self.probes = {
+            name: probe_from_tensors(
+                {k: v.numpy() for k, v in state["probes"][name]["arrays"].items()},
+                state["probes"][name]["header"],
+                source=f"checkpoint probe {name!r}",
+            )
+            for name in self.configs
+        }
+        self.heldout = {
+            name: Features(*(rows[f].numpy() for f in Features._fields))
+            for name, rows in state["heldout"].items()
+        }
+        self.heldout_index = state["heldout_index"].numpy()
+        plain = json.loads(state["plain"])
+        self.live = set(plain["live"])
+        self.stopped_early = dict(plain["stopped_early"])
+        self.steps = dict(plain["steps"])
+        self.best_loss = dict(plain["best_loss"])
+        self.best_step = dict(plain["best_step"])
+        self.history = {k: [tuple(p) for p in v] for k, v in plain["history"].items()}
+        self.prepared = plain["prepared"]
+        self._train_rows.clear()

@@ -1,0 +1,207 @@
+"""Datasets: ``ProbeDataset`` (tokenized texts and their labels), seeded splits, and batches
+padded to their own longest document."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+
+from lmprobe.errors import LmProbeError
+
+
+def _as_long_tensor(value: Any, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.long()
+    try:
+        return torch.tensor(np.asarray(value)).long()  # a copy: inputs may be read-only
+    except (TypeError, ValueError) as err:
+        raise LmProbeError(
+            f"{what} could not be read as an integer array ({err}); pass equal-length rows, "
+            f"e.g. tokenize with padding=True"
+        ) from None
+
+
+def _as_label_tensor(value: Any) -> torch.Tensor:
+    """Integer labels as int64 (classes); non-integral numbers stay float64 (targets of a
+    regression probe, ``kind="sgd_regressor"``)."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.tensor(np.asarray(value))  # a copy: inputs may be read-only
+        except (TypeError, ValueError) as err:
+            raise LmProbeError(
+                f"labels could not be read as a numeric array ({err}); map string labels to "
+                f"integers first, e.g. with label_map"
+            ) from None
+    if value.is_floating_point() and not torch.equal(value, value.round()):
+        return value.double()
+    return value.long()
+
+
+class ProbeDataset(Dataset):
+    """Tokenized documents and their labels.
+
+    ``labels`` has one value per document (sequence-level probes) or one per token, shaped
+    like ``input_ids`` (token-level probes, ``pooling="none"``). Items are dicts with
+    ``input_ids``, ``attention_mask``, ``labels`` and ``index`` (the row in this dataset).
+    """
+
+    def __init__(
+        self,
+        input_ids: Any,
+        attention_mask: Any,
+        labels: Any,
+        label_names: Mapping[Any, Any] | None = None,
+    ) -> None:
+        self.input_ids = _as_long_tensor(input_ids, "input_ids")
+        self.attention_mask = _as_long_tensor(attention_mask, "attention_mask")
+        self.labels = _as_label_tensor(labels)
+        self.label_names = dict(label_names) if label_names else None
+        if self.input_ids.dim() != 2:
+            raise LmProbeError(
+                f"input_ids has shape {tuple(self.input_ids.shape)}; expected "
+                f"(documents, tokens): tokenize a list of texts with padding=True"
+            )
+        if self.attention_mask.shape != self.input_ids.shape:
+            raise LmProbeError(
+                f"attention_mask has shape {tuple(self.attention_mask.shape)} but input_ids has "
+                f"{tuple(self.input_ids.shape)}; pass both from the same tokenizer call"
+            )
+        n_docs = self.input_ids.shape[0]
+        if n_docs == 0:
+            raise LmProbeError("the dataset is empty (0 documents); pass at least one text")
+        if self.labels.dim() == 1:
+            if self.labels.shape[0] != n_docs:
+                raise LmProbeError(
+                    f"{self.labels.shape[0]} labels for {n_docs} sequences; pass one label per "
+                    f"sequence (or one per token, shaped like input_ids)"
+                )
+        elif self.labels.shape != self.input_ids.shape:
+            raise LmProbeError(
+                f"token-level labels have shape {tuple(self.labels.shape)} but input_ids has "
+                f"{tuple(self.input_ids.shape)}; pad labels exactly like input_ids"
+            )
+        if (self.attention_mask.sum(1) == 0).any():
+            row = int(torch.nonzero(self.attention_mask.sum(1) == 0)[0, 0])
+            raise LmProbeError(
+                f"document {row} has no real token (attention_mask all 0); drop empty texts"
+            )
+
+    @property
+    def token_level(self) -> bool:
+        return self.labels.dim() == 2
+
+    @property
+    def classes(self) -> set[int]:
+        """The distinct label values, over real tokens (``attention_mask == 1``) for
+        token-level labels."""
+        labels = self.labels[self.attention_mask.bool()] if self.token_level else self.labels
+        return {int(value) for value in torch.unique(labels)}
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, idx: Any) -> dict[str, torch.Tensor]:
+        index = torch.arange(len(self))[idx]
+        return {
+            "input_ids": self.input_ids[idx],
+            "attention_mask": self.attention_mask[idx],
+            "labels": self.labels[idx],
+            "index": index,
+        }
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ProbeDataset:
+        indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return ProbeDataset(
+            self.input_ids[indices],
+            self.attention_mask[indices],
+            self.labels[indices],
+            self.label_names,
+        )
+
+    def label_values(self, null_label: int | None = None) -> np.ndarray:
+        """The label of every document, or of every real, non-null token."""
+        if not self.token_level:
+            return self.labels.numpy()
+        keep = self.attention_mask.bool()
+        if null_label is not None:
+            keep &= self.labels != null_label
+        return self.labels[keep].numpy()
+
+    def tt_split(
+        self, test_size: float = 0.1, seed: int = 0, stratify: bool = True
+    ) -> tuple[ProbeDataset, ProbeDataset]:
+        """Seeded train/test split, stratified by label for sequence-level labels."""
+        train_idx, test_idx = split_indices(
+            len(self),
+            test_size,
+            seed,
+            self.labels.numpy() if stratify and not self.token_level else None,
+        )
+        return self.subset(train_idx), self.subset(test_idx)
+
+
+def split_indices(
+    n: int, test_size: float, seed: int, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    if not 0.0 < test_size < 1.0:
+        raise LmProbeError(f"test_size={test_size!r} must be a fraction in (0, 1), e.g. 0.2")
+    n_test = int(round(n * test_size))
+    if n_test == 0 or n_test == n:
+        raise LmProbeError(
+            f"test_size={test_size} of {n} documents leaves an empty split; use more documents "
+            f"or a test_size between {1 / n:.3g} and {1 - 1 / n:.3g}"
+        )
+    stratify = None
+    if labels is not None:
+        _, counts = np.unique(labels, return_counts=True)
+        if counts.min() >= 2 and n_test >= len(counts) and n - n_test >= len(counts):
+            stratify = labels
+    return train_test_split(np.arange(n), test_size=n_test, random_state=seed, stratify=stratify)
+
+
+def pad_to_longest(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack items and drop the columns that are padding in every row of the batch.
+
+    Works for left and right padding alike: the real tokens of a batch occupy one contiguous
+    block of columns, so a batch costs its own longest document, not the dataset's.
+    """
+    return trim_padding({key: torch.stack([item[key] for item in items]) for key in items[0]})
+
+
+def longest_first(dataset: ProbeDataset) -> list[int]:
+    """An order for scoring passes (held-out, validation, test): longest documents first,
+    so each batch holds documents of about one length and pads little. Scores do not depend
+    on order; training keeps the dataset's order, which SGD does depend on. Longest first
+    also makes a batch too large for memory fail at once rather than at the end."""
+    lengths = dataset.attention_mask.sum(1).numpy()
+    return np.argsort(-lengths, kind="stable").tolist()
+
+
+def batches(
+    dataset: ProbeDataset, batch_size: int, by_length: bool = False, num_workers: int = 0
+) -> DataLoader:
+    """Batches padded to their own longest; ``by_length`` for scoring passes (``longest_first``)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=longest_first(dataset) if by_length else None,
+        num_workers=num_workers,
+        collate_fn=pad_to_longest,
+    )
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the columns of a batch that are padding in every row."""
+    batch = dict(batch)
+    used = batch["attention_mask"].any(0).nonzero()
+    start, stop = int(used[0, 0]), int(used[-1, 0]) + 1
+    for key in ("input_ids", "attention_mask"):
+        batch[key] = batch[key][:, start:stop]
+    if batch["labels"].dim() == 2:
+        batch["labels"] = batch["labels"][:, start:stop]
+    return batch

@@ -1,0 +1,93 @@
+"""The one training loop (``fit_and_test``) and the one set of Trainer defaults, shared by
+``ProbeRunner`` (the Python API) and the Hydra app (``train.py``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import pandas as pd
+
+from lmprobe.bank import DEFAULT_CHUNK_ROWS
+from lmprobe.callbacks import ProbeEarlyStopping, ProbeMetrics, ProbeUpdater
+from lmprobe.errors import LmProbeError
+from lmprobe.models import input_device
+from lmprobe.module import ProbeModule
+
+log = logging.getLogger("lmprobe")
+
+# Probing has no optimizer and writes its own outputs: no Lightning checkpoints unless asked
+# for, no model summary (the LM is not a parameter of the module), no sanity validation.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "max_epochs": 10,
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "enable_progress_bar": True,
+    "num_sanity_val_steps": 0,
+}
+
+
+def show_lmprobe_log() -> None:
+    """Print lmprobe's INFO lines (e.g. early stopping) when the application set up no logging."""
+    root = logging.getLogger()
+    if not log.handlers and not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def probe_callbacks(
+    seed: int | None = None, chunk_rows: int | None = DEFAULT_CHUNK_ROWS
+) -> list[L.Callback]:
+    """The callbacks every probe run needs (in any order)."""
+    return [ProbeUpdater(chunk_rows), ProbeEarlyStopping(seed), ProbeMetrics(chunk_rows)]
+
+
+def accelerator_for(module: ProbeModule) -> str:
+    """Lightning's accelerator follows the LM's own device."""
+    return "gpu" if input_device(module.lm).type == "cuda" else "cpu"
+
+
+def make_trainer(module: ProbeModule | None = None, **kwargs: Any) -> L.Trainer:
+    """A ``Trainer`` with ``TRAINER_DEFAULTS`` under ``kwargs``; ``accelerator="auto"`` (or
+    none) follows the LM's device when ``module`` is given."""
+    # None: Lightning's own default (what an unset key in the typed config means)
+    options = {**TRAINER_DEFAULTS, **{k: v for k, v in kwargs.items() if v is not None}}
+    if module is not None and options.get("accelerator", "auto") == "auto":
+        options["accelerator"] = accelerator_for(module)
+    return L.Trainer(**options)
+
+
+def fit_and_test(
+    trainer: L.Trainer,
+    module: ProbeModule,
+    datamodule: L.LightningDataModule,
+    ckpt_path: str | None = None,
+) -> pd.DataFrame:
+    """Fit the probe bank, then score it on the whole test set; returns the metrics table."""
+    kinds = (ProbeUpdater, ProbeMetrics)
+    if not all(any(isinstance(cb, k) for cb in trainer.callbacks) for k in kinds):
+        raise LmProbeError(
+            "the Trainer lacks lmprobe's callbacks; add lmprobe.engine.probe_callbacks()"
+        )
+    datamodule.setup("fit")
+    if getattr(datamodule, "val_set", None) is None:
+        trainer.limit_val_batches = 0  # no validation split: skip Lightning's validation loop
+    if getattr(datamodule, "test_set", None) is not None:
+        module.bank.check_dataset(datamodule.test_set, "test")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return score_test_set(trainer, module, datamodule)
+
+
+def score_test_set(
+    trainer: L.Trainer, module: ProbeModule, datamodule: L.LightningDataModule
+) -> pd.DataFrame:
+    """Score the bank on the data module's test set (empty table without one)."""
+    if getattr(datamodule, "test_set", None) is None:
+        return pd.DataFrame()
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    return module.bank.tables["test"]

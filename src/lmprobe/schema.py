@@ -1,0 +1,184 @@
+"""Typed schemas of the Hydra config (structured configs in Hydra's ConfigStore).
+
+Each group's YAML files start from its schema (``defaults: [schema, _self_]``), so Hydra
+checks every key's type when it composes the config, before any model work:
+``data.batch_size=abc`` fails at once, naming the key and the value. Defaults that Python
+code also uses (Trainer defaults, chunk size) are read from the code, not repeated here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from lmprobe.bank import DEFAULT_CHUNK_ROWS
+from lmprobe.config import POOLINGS
+from lmprobe.engine import TRAINER_DEFAULTS
+from lmprobe.errors import LmProbeError
+
+
+@dataclass
+class ModelSchema:
+    _target_: str = "lmprobe.models.load_language_model"
+    name_or_path: str = MISSING
+    dtype: str | None = None
+    device: str | None = "auto"
+    device_map: Any = None
+    remote: bool = False
+
+
+@dataclass
+class DataSchema:
+    _target_: str = "lmprobe.datamodule.ProbeDataModule"
+    path: str = MISSING
+    encoding: str = "utf-8"
+    file_format: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    label_map: dict[Any, Any] | None = None
+    exclude: dict[str, list[Any]] | None = None
+    include: dict[str, list[Any]] | None = None
+    sample_size: int | None = None
+    balance: bool = False
+    test_size: float = 0.2
+    val_size: float = 0.0
+    max_length: int | None = None
+    batch_size: int = 16
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class ProbesSchema:
+    _target_: str = "lmprobe.config.probe_bank"
+    submodules: Any = "all_layers"  # 'all_layers' or a list of nnsight paths
+    site: str = "output"
+    pooling: Any = "mean"  # one pooling or a list of them
+    kind: str = "sgd_classifier"
+    classes: list[Any] | None = None
+    heldout_size: float = 0.1
+    test_size: float | None = None  # lm_probe's name for heldout_size
+    early_stopping: bool = True
+    patience: int = 5
+    threshold: float = 1e-5
+    warmup_steps: int = 10
+    max_steps: int | None = 1000
+    null_label: Any = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    names: list[str] | None = None
+
+
+@dataclass
+class TrainerSchema:
+    _target_: str = "lmprobe.engine.make_trainer"
+    max_epochs: int = TRAINER_DEFAULTS["max_epochs"]
+    min_epochs: int | None = None
+    accelerator: str = "auto"  # auto: follow the LM's device
+    devices: Any = TRAINER_DEFAULTS["devices"]
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str | None = None
+    enable_checkpointing: bool = TRAINER_DEFAULTS["enable_checkpointing"]
+    enable_model_summary: bool = TRAINER_DEFAULTS["enable_model_summary"]
+    enable_progress_bar: bool = TRAINER_DEFAULTS["enable_progress_bar"]
+    num_sanity_val_steps: int = TRAINER_DEFAULTS["num_sanity_val_steps"]
+    log_every_n_steps: int = 50
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    limit_test_batches: float | None = None
+    val_check_interval: float | None = None
+    check_val_every_n_epoch: int | None = 1
+    deterministic: bool | None = None
+    max_time: str | None = None
+    default_root_dir: str | None = None
+
+
+@dataclass
+class ProbeUpdaterSchema:
+    _target_: str = "lmprobe.callbacks.ProbeUpdater"
+    chunk_rows: int | None = DEFAULT_CHUNK_ROWS
+
+
+@dataclass
+class ProbeEarlyStoppingSchema:
+    _target_: str = "lmprobe.callbacks.ProbeEarlyStopping"
+    seed: int | None = None
+
+
+@dataclass
+class ProbeMetricsSchema:
+    _target_: str = "lmprobe.callbacks.ProbeMetrics"
+    chunk_rows: int | None = DEFAULT_CHUNK_ROWS
+
+
+@dataclass
+class TrainSchema:
+    task_name: str = "probe"
+    seed: int = 0
+    ckpt_path: str | None = None  # resume an interrupted run from the last.ckpt it wrote
+    on_nonfinite: str = "error"  # error: stop at NaN/inf activations; skip: drop those rows
+    optimized_metric: str = "accuracy"  # the best probe's test metric returned to a sweeper
+    output_dir: str | None = None  # where outputs go when Hydra is not running the job
+    model: Any = MISSING
+    data: Any = MISSING
+    probes: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = None
+    callbacks: Any = None
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainSchema)
+    for group, node in (
+        ("model", ModelSchema),
+        ("data", DataSchema),
+        ("probes", ProbesSchema),
+        ("trainer", TrainerSchema),
+    ):
+        store.store(group=group, name="schema", node=node)
+    for name, node in (
+        ("probe_updater_schema", ProbeUpdaterSchema),
+        ("probe_early_stopping_schema", ProbeEarlyStoppingSchema),
+        ("probe_metrics_schema", ProbeMetricsSchema),
+    ):
+        store.store(group="callbacks", name=name, node=node)
+
+
+register_configs()
+
+NONFINITE_POLICIES = ("error", "skip")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """What types cannot say, checked before any model work: mandatory keys, and values
+    from a fixed set. One line each, naming the key and the value."""
+    for top in cfg:
+        if top == "hydra":  # Hydra's own node holds run-time values not set yet
+            continue
+        if OmegaConf.is_missing(cfg, top):
+            raise LmProbeError(f"config key {top} must be set, e.g. {top}=...")
+        node = cfg[top]
+        if OmegaConf.is_config(node):
+            for key in sorted(OmegaConf.missing_keys(node)):
+                raise LmProbeError(f"config key {top}.{key} must be set, e.g. {top}.{key}=...")
+    pooling = OmegaConf.select(cfg, "probes.pooling")
+    for value in [pooling] if isinstance(pooling, str) else list(pooling or []):
+        if value not in POOLINGS:
+            raise LmProbeError(
+                f"config key probes.pooling={value!r} is not a pooling: use one of "
+                f"{', '.join(POOLINGS)}"
+            )
+    kind = OmegaConf.select(cfg, "probes.kind")
+    if kind is not None:
+        from lmprobe.probes import resolve_probe_kind
+
+        resolve_probe_kind(kind)
+    if cfg.get("on_nonfinite", "error") not in NONFINITE_POLICIES:
+        raise LmProbeError(
+            f"config key on_nonfinite={cfg.on_nonfinite!r}: use one of "
+            f"{', '.join(NONFINITE_POLICIES)}"
+        )
