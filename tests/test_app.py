@@ -290,3 +290,39 @@ def test_all_layers_is_not_fooled_by_a_longer_expert_list(tokenizer):
     model.transformer.h[0].experts = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(8))
     lm = TransformersModel(model, tokenizer=tokenizer, task="text-generation")
     assert decoder_block_paths(lm) == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
+
+
+@pytest.mark.parametrize("kind", ["sgd_regressor", "mean_difference"])
+def test_probe_kind_from_the_command_line(tmp_path, tiny_model_dir, kind):
+    """`probes.kind=...` selects the kind for the whole bank; a regressor reads numeric
+    labels as they are and reports r2 (also the figure's metric)."""
+    texts, labels = make_texts(120, seed=5)
+    path = tmp_path / "data.csv"
+    target = [
+        len(t.split()) + 0.5 if kind == "sgd_regressor" else lab
+        for t, lab in zip(texts, labels, strict=True)
+    ]
+    pd.DataFrame({"text": texts, "label": target}).to_csv(path, index=False)
+    cfg = compose_cfg(
+        tmp_path / "run",
+        [
+            "probes=gpt2_layers",
+            f"probes.kind={kind}",
+            f"model.name_or_path={tiny_model_dir}",
+            "model.device=cpu",
+            "data=csv",
+            f"data.path={path}",
+            "data.batch_size=8",
+            "trainer.max_epochs=2",
+            "trainer.enable_progress_bar=false",
+        ],
+    )
+    table = train(cfg)
+    written = pd.read_csv(tmp_path / "run" / "metrics.csv", index_col="probe")
+    assert len(written) == 12 and (written["support"] == 24).all()
+    if kind == "sgd_regressor":
+        assert {"mse", "r2", "pearson", "spearman"} <= set(written.columns)
+        assert table["r2"].max() > 0.3  # the word count is decodable from the activations
+    else:
+        assert written["loss"].isna().all() and table["accuracy"].max() > 0.7
+    assert (tmp_path / "run" / "accuracy_by_layer.png").exists()

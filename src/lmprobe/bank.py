@@ -149,7 +149,7 @@ class ProbeBank:
                 continue
             if dataset.labels.is_floating_point() and not np.all(present == np.round(present)):
                 raise LmProbeError(
-                    f"{split} labels of probe {name!r} are continuous (e.g. {present[0]!r}) but "
+                    f"{split} labels of probe {name!r} are continuous (e.g. {present[0].item()!r}) but "
                     f"its kind {config.kind!r} is a classifier; use kind='sgd_regressor'"
                 )
             unknown = [v for v in present.tolist() if v not in set(config.classes)]
@@ -173,13 +173,19 @@ class ProbeBank:
         seeded permutation per probe, so probes with equal ``test_size`` share a slice."""
         seed = self.seed if seed is None else seed
         sizes = self._heldout_sizes(n_rows)
-        return np.random.default_rng(seed).permutation(n_rows)[: max(sizes.values())]
+        return np.random.default_rng(seed).permutation(n_rows)[: max(sizes.values(), default=0)]
 
     def _heldout_sizes(self, n_rows: int) -> dict[str, int]:
         return {
-            name: int(round(c.test_size * n_rows)) if c.early_stopping else 0
+            name: int(round(c.heldout_size * n_rows)) if self._stops_early(name) else 0
             for name, c in self.configs.items()
         }
+
+    def _stops_early(self, name: str) -> bool:
+        """Early stopping is on and the kind has a held-out criterion (else no rows are held
+        out for it: a mean-difference probe trains on all of them)."""
+        config = self.configs[name]
+        return config.early_stopping and resolve_probe_kind(config.kind).stops_early
 
     def set_heldout(
         self, union: np.ndarray, n_rows: int, features: dict[FeatureKey, Features]
@@ -241,7 +247,7 @@ class ProbeBank:
         ``warmup_steps``) or at ``max_steps``."""
         config, steps = self.configs[name], self.steps[name]
         heldout = self.heldout.get(name)
-        if config.early_stopping and heldout is not None and len(heldout.y):
+        if self._stops_early(name) and heldout is not None and len(heldout.y):
             loss = self.probes[name].heldout_loss(heldout.X, heldout.y)
             if loss is not None:
                 self.history[name].append((steps, loss))

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmprobe.errors import LmProbeError
+from lmprobe.poolings import TOKEN_LEVEL, pooling_names
 
-POOLINGS = ("mean", "last", "first", "max", "none")
 SITE_SUFFIXES = ("output", "input")
 
 
@@ -45,7 +45,7 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.pool is False:
-            self.pooling = "none"
+            self.pooling = TOKEN_LEVEL
         if self.heldout_size is None:
             self.heldout_size = self.test_size
         elif self.test_size not in (self.heldout_size, 0.1):
@@ -71,7 +71,7 @@ class ProbeConfig:
 
     @property
     def token_level(self) -> bool:
-        return self.pooling == "none"
+        return self.pooling == TOKEN_LEVEL
 
     def validate(self) -> None:
         where = f"probe {self.name!r}"
@@ -85,9 +85,10 @@ class ProbeConfig:
                 f"{where}: submodule {self.submodule!r} must end in .output or .input "
                 f"(e.g. '{self.submodule}.output')"
             )
-        if self.pooling not in POOLINGS:
+        if self.pooling not in pooling_names():
             raise LmProbeError(
-                f"{where}: unknown pooling {self.pooling!r}; use one of {', '.join(POOLINGS)}"
+                f"{where}: unknown pooling {self.pooling!r}; use one of "
+                f"{', '.join(pooling_names())}"
             )
         from lmprobe.probes import resolve_probe_kind
 
@@ -102,6 +103,11 @@ class ProbeConfig:
             raise LmProbeError(f"{where}: classes is empty; list the label values, e.g. [0, 1]")
         if kind.needs_classes and len(set(self.classes)) != len(self.classes):
             raise LmProbeError(f"{where}: classes {self.classes} has duplicates; list each once")
+        if kind.max_classes is not None and len(self.classes) > kind.max_classes:
+            raise LmProbeError(
+                f"{where}: kind {self.kind!r} takes at most {kind.max_classes} classes, not "
+                f"{len(self.classes)}; use kind='sgd_classifier'"
+            )
         if kind.needs_classes and len(self.classes) < 2:
             raise LmProbeError(
                 f"{where}: classes {self.classes} has one class; a probe needs at least two"

@@ -133,7 +133,7 @@ class ProbeDataset(Dataset):
         return self.labels[keep].numpy()
 
     def tt_split(
-        self, test_size: float = 0.1, seed: int = 0, stratify: bool = True
+        self, test_size: float = 0.2, seed: int = 0, stratify: bool = True
     ) -> tuple[ProbeDataset, ProbeDataset]:
         """Seeded train/test split, stratified by label for sequence-level labels."""
         train_idx, test_idx = split_indices(

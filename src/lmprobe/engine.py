@@ -79,7 +79,9 @@ def fit_and_test(
         trainer.limit_val_batches = 0  # no validation split: skip Lightning's validation loop
     if getattr(datamodule, "test_set", None) is not None:
         module.bank.check_dataset(datamodule.test_set, "test")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a checkpoint holds tensors and plain values (ProbeBank.state_dict), so
+    # resuming never unpickles objects, which could run code from someone else's file.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return score_test_set(trainer, module, datamodule)
 
 

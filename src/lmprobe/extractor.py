@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from lmprobe.config import ProbeConfig
+from lmprobe.errors import LmProbeError
 from lmprobe.features import FeatureKey, gather, trace_features
 from lmprobe.models import (
     accepts_position_ids,
@@ -52,6 +53,12 @@ class FeatureExtractor:
             ids = ids.unsqueeze(0)
         mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
         mask = mask.long().reshape(ids.shape)
+        empty = (mask.sum(1) == 0).nonzero()
+        if pool and len(empty):
+            raise LmProbeError(
+                f"document {int(empty[0, 0])} has no real token (attention_mask all 0): "
+                f"nothing to mean-pool; drop empty texts"
+            )
         pooling = "mean" if pool else "none"
         keys = [FeatureKey(path, pooling, None) for path in submodules]
         batch = {
@@ -67,6 +74,7 @@ class FeatureExtractor:
             forward_order(self.model, submodules),
             accepts_position_ids=accepts_position_ids(self.model),
             remote=self.remote,
+            batch_label=f"documents 0-{len(ids)}",
             all_positions=True,
         )
         output = {}

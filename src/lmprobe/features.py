@@ -14,6 +14,7 @@ import torch
 from lmprobe.config import ProbeConfig
 from lmprobe.errors import NonFiniteActivationError
 from lmprobe.models import envoy_at, input_device
+from lmprobe.poolings import POOLINGS, TOKEN_LEVEL
 
 log = logging.getLogger("lmprobe")
 
@@ -53,39 +54,25 @@ class Features(NamedTuple):
 def pool(
     hidden: torch.Tensor, real: torch.Tensor, pooling: str, rows: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Pool ``hidden`` (batch, tokens, d) over the positions where ``real`` is true, then keep
-    the output rows ``rows`` (all when ``None``). With ``pooling="none"`` the output rows are
-    the flattened (batch x tokens) positions, so ``rows`` must say which to keep.
+    """Pool ``hidden`` (batch, tokens, d) over the positions where ``real`` is true with a
+    registered pooling (``lmprobe.poolings``), then keep the output rows ``rows`` (all when
+    ``None``). With ``pooling="none"`` the output rows are the flattened (batch x tokens)
+    positions, so ``rows`` must say which to keep.
 
-    Padding positions are excluded with ``where`` rather than multiplied by zero, so a NaN in
-    a padding position (fully masked attention rows can produce one) never leaks in. Sums
-    accumulate in float32 so bf16/fp16 models pool as precisely as fp32 ones. Rows are picked
-    with ``index_select`` on an index made on the host: a boolean mask would make the device
-    report the number of rows back, a wait on every batch.
+    Rows are picked with ``index_select`` on an index made on the host: a boolean mask would
+    make the device report the number of rows back, a wait on every batch.
     """
     # Under a device_map a layer can sit on another GPU than the inputs (no-op otherwise).
     real = real.to(hidden.device, non_blocking=True)
     if rows is not None:
         rows = rows.to(hidden.device, non_blocking=True)
-    if pooling == "none":
+    if pooling == TOKEN_LEVEL:
         if rows is None:
             raise ValueError("pooling='none' needs the flat indices of the tokens to keep")
         return hidden.flatten(0, 1).index_select(0, rows).float()
-    mask = real.unsqueeze(-1)
-    if pooling == "mean":
-        total = torch.where(mask, hidden, 0).sum(1, dtype=torch.float32)
-        pooled = total / real.sum(1, keepdim=True).to(torch.float32)
-    elif pooling == "max":
-        pooled = torch.where(mask, hidden, float("-inf")).amax(1).float()
-    else:
-        positions = torch.arange(real.shape[1], device=real.device)
-        if pooling == "first":
-            index = torch.where(real, positions, real.shape[1]).amin(1)
-        elif pooling == "last":
-            index = torch.where(real, positions, -1).amax(1)
-        else:
-            raise ValueError(f"unknown pooling {pooling!r}")
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}")
+    pooled = POOLINGS[pooling](hidden, real)
     return pooled if rows is None else pooled.index_select(0, rows)
 
 
@@ -234,7 +221,7 @@ def trace_features(
     rows: dict[FeatureKey, torch.Tensor | None] = {}
     targets: dict[FeatureKey, tuple[np.ndarray, np.ndarray]] = {}
     for key in keys:
-        if key.pooling == "none":
+        if key.pooling == TOKEN_LEVEL:
             if all_positions:
                 keep = torch.ones_like(real_host)
             elif key.null_label is None:

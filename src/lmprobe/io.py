@@ -103,6 +103,13 @@ def probe_from_tensors(arrays: dict[str, np.ndarray], header: str, source: str =
 def save_probe(probe: Any, path: str | os.PathLike) -> Path:
     from safetensors.numpy import save
 
+    from lmprobe.probes import PROBE_KINDS
+
+    if PROBE_KINDS.get(probe.kind) is not type(probe):
+        raise LmProbeError(
+            f"{type(probe).__name__} is not registered as a probe kind, so its file could not "
+            f'be loaded; decorate it with @register_probe_kind("name")'
+        )
     arrays, header = probe_to_tensors(probe)
     path = Path(path)
     atomic_write_bytes(path, save(arrays, metadata={"lmprobe": header}))

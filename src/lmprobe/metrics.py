@@ -19,19 +19,65 @@ from sklearn.metrics import log_loss
 from torchmetrics import classification as tc
 from torchmetrics import regression as tr
 
+
+class MatthewsCorrCoef(tc.MulticlassConfusionMatrix):
+    """Matthews correlation as scikit-learn defines it, from the confusion matrix: 0 when
+    either the targets or the predictions are a single class (torchmetrics' own metric
+    returns other values there, e.g. for an early probe that predicts one class)."""
+
+    def compute(self) -> torch.Tensor:
+        confusion = super().compute().double()  # rows: target, columns: prediction
+        true, pred = confusion.sum(1), confusion.sum(0)
+        n, correct = confusion.sum(), confusion.trace()
+        cov_tp = correct * n - true @ pred
+        cov_pp = n**2 - pred @ pred
+        cov_tt = n**2 - true @ true
+        if cov_pp * cov_tt == 0:
+            return torch.zeros((), dtype=torch.float64)
+        return cov_tp / torch.sqrt(cov_tt * cov_pp)
+
+
+class R2Score(torchmetrics.Metric):
+    """1 - SSE / SST over every row, with SST summed about the first batch's mean so targets
+    far from zero (1e9 +- 5) do not cancel to rounding noise; NaN for a constant target.
+    (torchmetrics' ``R2Score`` uses raw sums of squares and calls totals under 1e-4 zero.)"""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("n", "sum_t", "sum_t2", "sse"):
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("shift", torch.full((), torch.nan, dtype=torch.float64))
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        pred, target = pred.double(), target.double()
+        if torch.isnan(self.shift):
+            self.shift = target.mean()
+        shifted = target - self.shift
+        self.n += len(target)
+        self.sum_t += shifted.sum()
+        self.sum_t2 += (shifted**2).sum()
+        self.sse += ((target - pred) ** 2).sum()
+
+    def compute(self) -> torch.Tensor:
+        sst = self.sum_t2 - self.sum_t**2 / self.n
+        return 1 - self.sse / sst if sst > 0 else torch.full((), torch.nan)
+
+
 # factory(number of classes) -> metric over (predicted column, target column)
 CLASSIFICATION_METRICS: dict[str, Callable[[int], torchmetrics.Metric]] = {
     "accuracy": lambda n: tc.MulticlassAccuracy(n, average="micro"),
     "precision": lambda n: tc.MulticlassPrecision(n, average="macro"),
     "recall": lambda n: tc.MulticlassRecall(n, average="macro"),
     "f1": lambda n: tc.MulticlassF1Score(n, average="macro"),
-    "matthews": lambda n: tc.MulticlassMatthewsCorrCoef(n),
+    "matthews": lambda n: MatthewsCorrCoef(n),
 }
 
 # factory() -> metric over (prediction, target), both float
 REGRESSION_METRICS: dict[str, Callable[[], torchmetrics.Metric]] = {
     "mse": tr.MeanSquaredError,
-    "r2": tr.R2Score,
+    "r2": R2Score,
     "pearson": tr.PearsonCorrCoef,
     "spearman": tr.SpearmanCorrCoef,
 }
@@ -45,7 +91,9 @@ def column_of(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
     index = np.searchsorted(classes, y)
     found = (index < len(classes)) & (classes[np.minimum(index, len(classes) - 1)] == y)
     if not found.all():
-        raise ValueError(f"label {y[~found][0]!r} is not one of the classes {classes.tolist()}")
+        raise ValueError(
+            f"label {y[~found][0].item()!r} is not one of the classes {classes.tolist()}"
+        )
     return index
 
 
@@ -96,6 +144,9 @@ class RegressionScores:
         self.metrics = torchmetrics.MetricCollection(
             {name: make() for name, make in REGRESSION_METRICS.items()}
         )
+        # torchmetrics keeps its states in float32 unless told otherwise: sums of squared
+        # errors lose digits and Spearman ranks targets rounded to float32 (ties at 1e9).
+        self.metrics.set_dtype(torch.float64)
         self.count = 0
 
     def add(self, probe: Any, X: np.ndarray, y: np.ndarray) -> None:

@@ -14,6 +14,7 @@ selects it.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,8 @@ from lmprobe.metrics import (
     RegressionScores,
     column_of,
 )
+
+log = logging.getLogger("lmprobe")
 
 PROBE_KINDS: dict[str, type[Probe]] = {}
 
@@ -77,9 +80,18 @@ class Probe(BaseEstimator):
     kind: ClassVar[str] = ""
     task: ClassVar[str] = "classification"  # or "regression"
     needs_classes: ClassVar[bool] = True
+    max_classes: ClassVar[int | None] = None
+    stops_early: ClassVar[bool] = True  # has a held-out criterion (``heldout_loss``)
 
     def partial_fit(self, X: np.ndarray, y: np.ndarray) -> Probe:
         raise NotImplementedError
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> Probe:
+        """One ``partial_fit`` from scratch (scikit-learn's ``fit`` contract; its
+        ``check_is_fitted`` also wants the method to exist)."""
+        for attr in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
+            delattr(self, attr)
+        return self.partial_fit(X, y)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -195,7 +207,26 @@ class _ScaledSGD(Probe):
     puts every probe on the same footing so one SGD learning-rate schedule works for all.
     """
 
-    def _new_estimator(self) -> BaseEstimator:
+    def __init__(
+        self,
+        classes: Sequence[Any] | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        scale: bool = True,
+        random_state: int | None = None,
+        null_label: Any = None,
+    ) -> None:
+        if hasattr(classes, "submodule") and hasattr(classes, "model_kwargs"):
+            # lm_probe's LinearProbe(config): take the probe's settings from its ProbeConfig
+            config = classes
+            classes, model_kwargs = config.classes, dict(config.model_kwargs)
+            null_label = config.null_label
+        self.classes = classes
+        self.model_kwargs = model_kwargs
+        self.scale = scale
+        self.random_state = random_state
+        self.null_label = null_label
+
+    def _new_estimator(self, **kwargs: Any) -> BaseEstimator:
         raise NotImplementedError
 
     def _start(self, y: np.ndarray) -> None:
@@ -267,20 +298,6 @@ class LinearProbe(ClassifierMixin, _ScaledSGD):
     whatever order ``classes`` is given in; ``classes`` keeps the user's order for display.
     """
 
-    def __init__(
-        self,
-        classes: Sequence[Any] | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        scale: bool = True,
-        random_state: int | None = None,
-        null_label: Any = None,
-    ) -> None:
-        self.classes = classes
-        self.model_kwargs = model_kwargs
-        self.scale = scale
-        self.random_state = random_state
-        self.null_label = null_label
-
     def _new_estimator(self, **kwargs: Any) -> SGDClassifier:
         kwargs["loss"] = "log_loss"
         return SGDClassifier(**kwargs)
@@ -301,12 +318,6 @@ class LinearProbe(ClassifierMixin, _ScaledSGD):
             return self
         self._scale_and_fit(X, y, classes=self.classes_)
         return self
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> LinearProbe:
-        """One pass of ``partial_fit`` from scratch (scikit-learn's ``fit`` contract)."""
-        for attr in ("estimator_", "scaler_", "classes_"):
-            self.__dict__.pop(attr, None)
-        return self.partial_fit(X, y)
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         return self.estimator_.decision_function(self._transform(X))
@@ -357,33 +368,23 @@ class RegressionProbe(RegressorMixin, _ScaledSGD):
     task = "regression"
     needs_classes = False
 
-    def __init__(
-        self,
-        classes: Sequence[Any] | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        scale: bool = True,
-        random_state: int | None = None,
-        null_label: Any = None,
-    ) -> None:
-        self.classes = classes
-        self.model_kwargs = model_kwargs
-        self.scale = scale
-        self.random_state = random_state
-        self.null_label = null_label
-
     def _new_estimator(self, **kwargs: Any) -> SGDRegressor:
         return SGDRegressor(**kwargs)
 
     def partial_fit(self, X: np.ndarray, y: np.ndarray) -> RegressionProbe:
         X, y = np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.float64)
-        if not hasattr(self, "estimator_"):
-            self._start(y)
-            self.target_sum_ = np.zeros(1)
-            self.target_sumsq_ = np.zeros(1)
         if len(y) == 0:
             return self
-        self.target_sum_ += y.sum()
-        self.target_sumsq_ += (y**2).sum()
+        if not hasattr(self, "estimator_"):
+            self._start(y)
+            # Sums are taken about the first chunk's mean: raw sums of squares of targets far
+            # from zero (1e9 +- 5) cancel to rounding noise when the variance is taken.
+            self.target_shift_ = np.array([y.mean()])
+            self.target_sum_ = np.zeros(1)
+            self.target_sumsq_ = np.zeros(1)
+        shifted = y - self.target_shift_[0]
+        self.target_sum_ += shifted.sum()
+        self.target_sumsq_ += (shifted**2).sum()
         mean, scale = self._target_scale(len(y))
         self._scale_and_fit(X, (y - mean) / scale)
         return self
@@ -392,11 +393,12 @@ class RegressionProbe(RegressorMixin, _ScaledSGD):
         n = self.n_samples_seen_ + extra
         mean = float(self.target_sum_[0] / n)
         var = max(float(self.target_sumsq_[0] / n) - mean**2, 0.0)
-        return mean, float(np.sqrt(var)) or 1.0
+        return float(self.target_shift_[0]) + mean, float(np.sqrt(var)) or 1.0
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        X = self._transform(X)  # NotFittedError before the target statistics are read
         mean, scale = self._target_scale()
-        return self.estimator_.predict(self._transform(X)) * scale + mean
+        return self.estimator_.predict(X) * scale + mean
 
     def heldout_loss(self, X: np.ndarray, y: np.ndarray) -> float:
         return float(mean_squared_error(y, self.predict(X)))
@@ -411,8 +413,12 @@ class MeanDifferenceProbe(ClassifierMixin, Probe):
 
     Fitted in closed form from streaming per-class sums (order and chunking do not matter);
     a standard baseline in the probing literature. Binary only; it has no probabilities, so
-    its loss is NaN and it does not stop early (it has nothing left to learn after one pass).
+    its loss is NaN and it does not stop early (it has nothing left to learn after one pass),
+    so it holds out no rows either.
     """
+
+    max_classes = 2
+    stops_early = False
 
     def __init__(self, classes: Sequence[Any] | None = None, null_label: Any = None) -> None:
         self.classes = classes
@@ -422,12 +428,19 @@ class MeanDifferenceProbe(ClassifierMixin, Probe):
         X, y = np.asarray(X, dtype=np.float64), np.asarray(y)
         if not hasattr(self, "classes_"):
             chosen = self.classes if self.classes is not None else y
-            self.classes_ = np.unique(np.asarray(chosen))
-            if len(self.classes_) != 2:
+            classes = np.unique(np.asarray(chosen))
+            # checked before any state is set, so a refused probe is left unfitted
+            if self.classes is None and len(classes) < 2:
                 raise LmProbeError(
-                    f"mean_difference probes are binary; classes {self.classes_.tolist()} has "
-                    f"{len(self.classes_)}: use kind=sgd_classifier"
+                    f"mean_difference probe: the first chunk has labels {classes.tolist()} "
+                    f"only; pass classes=[...] with both labels"
                 )
+            if len(classes) != 2:
+                raise LmProbeError(
+                    f"mean_difference probes are binary; classes {classes.tolist()} has "
+                    f"{len(classes)}: use kind=sgd_classifier"
+                )
+            self.classes_ = classes
             self.class_sums_ = np.zeros((2, X.shape[1]))
             self.class_counts_ = np.zeros(2)
         if len(y) == 0:
@@ -475,4 +488,13 @@ def make_probe(config: Any, random_state: int | None) -> Probe:
         "null_label": config.null_label,
     }
     accepted = cls._get_param_names()
+    if offered["model_kwargs"] and "model_kwargs" not in accepted:
+        # a warning, not an error: a config's default model_kwargs (e.g. the SGD alpha of
+        # conf/probes) should not stop `probes.kind=mean_difference` from working
+        log.warning(
+            "probe %r: kind %r takes no model_kwargs; ignoring %s",
+            config.name,
+            config.kind,
+            offered["model_kwargs"],
+        )
     return cls(**{k: v for k, v in offered.items() if k in accepted})

@@ -7,6 +7,7 @@ lm_probe", lists where results need a different behaviour). The loop is the one 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,7 +110,7 @@ class ProbeRunner:
         if eval_set is not None:  # label checks before any model work
             self.module.bank.check_dataset(eval_set, "test")
         if ckpt_path is None:  # a fresh fit starts from fresh probes
-            self.module.reset_probes()
+            self._reset_probes()
         L.seed_everything(self.seed, workers=True, verbose=False)
         datamodule = ProbeDataModule(train_set=train_set, test_set=None, batch_size=batch_size)
         self.trainer = make_trainer(
@@ -142,7 +143,17 @@ class ProbeRunner:
                 self.module, callbacks=probe_callbacks(self.seed), enable_progress_bar=False
             )
         self.module.bank.check_dataset(dataset, "evaluation")
-        self.trainer.limit_test_batches = batch_limit or 1.0
+        if batch_limit is not None and (
+            isinstance(batch_limit, bool)
+            or not isinstance(batch_limit, numbers.Integral)
+            or batch_limit < 0
+        ):
+            raise LmProbeError(f"batch_limit={batch_limit!r} must be None or an integer >= 0")
+        if batch_limit:
+            # lm_probe scores the first batch_limit batches in the dataset's own order; the
+            # test loader goes longest first, so limiting its batches would pick other rows.
+            dataset = dataset.subset(np.arange(min(len(dataset), batch_limit * batch_size)))
+        self.trainer.limit_test_batches = 1.0
         try:
             datamodule = ProbeDataModule(train_set=dataset, test_set=dataset, batch_size=batch_size)
             return score_test_set(self.trainer, self.module, datamodule)
@@ -157,6 +168,20 @@ class ProbeRunner:
         return self._metrics
 
     # ------------------------------------------------------------------ probes
+    def _reset_probes(self) -> None:
+        """Fresh probes for a new fit, kept in the same objects: lm_probe trains the probes
+        of ``runner.probes`` in place, so a probe taken with ``runner[name]`` before
+        ``fit_probes`` must be the trained one afterwards."""
+        before = dict(self.module.bank.probes)
+        self.module.reset_probes()
+        probes = self.module.bank.probes
+        for name, old in before.items():
+            new = probes.get(name)
+            if new is not None and type(new) is type(old):
+                old.__dict__.clear()
+                old.__dict__.update(new.__dict__)
+                probes[name] = old
+
     @property
     def probes(self) -> list[Probe]:
         """The probes in the order of the configs (lm_probe's list); ``runner[name]`` by name."""

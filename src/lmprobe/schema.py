@@ -15,9 +15,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
-from lmprobe.config import POOLINGS
 from lmprobe.engine import TRAINER_DEFAULTS
 from lmprobe.errors import LmProbeError
+from lmprobe.poolings import pooling_names
 
 
 @dataclass
@@ -167,10 +167,10 @@ def check_config(cfg: DictConfig) -> None:
                 raise LmProbeError(f"config key {top}.{key} must be set, e.g. {top}.{key}=...")
     pooling = OmegaConf.select(cfg, "probes.pooling")
     for value in [pooling] if isinstance(pooling, str) else list(pooling or []):
-        if value not in POOLINGS:
+        if value not in pooling_names():
             raise LmProbeError(
                 f"config key probes.pooling={value!r} is not a pooling: use one of "
-                f"{', '.join(POOLINGS)}"
+                f"{', '.join(pooling_names())}"
             )
     kind = OmegaConf.select(cfg, "probes.kind")
     if kind is not None:
