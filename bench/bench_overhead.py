@@ -30,7 +30,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner  # noqa: E402
-from lmprobe.dataset import pad_to_longest  # noqa: E402
+from lmprobe.dataset import longest_first, pad_to_longest  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -73,15 +73,21 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def floor(model, datasets, batch_size: int, device) -> float:
-    """A bare forward of the LM body (no lm_head) over every document once."""
+def floor(model, datasets, batch_size: int, device, by_length: bool = True) -> float:
+    """A bare forward of the LM body (no lm_head) over every document once; ``by_length``:
+    in batches of documents sorted by length (the least padding a forward can have), else in
+    the dataset's order."""
     from torch.utils.data import DataLoader
 
     sync(device)
     start = time.perf_counter()
     with torch.no_grad():
         for dataset in datasets:
-            for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=pad_to_longest):
+            order = longest_first(dataset) if by_length else None
+            loader = DataLoader(
+                dataset, batch_size=batch_size, sampler=order, collate_fn=pad_to_longest
+            )
+            for batch in loader:
                 mask = batch["attention_mask"].to(device, non_blocking=True)
                 ids = batch["input_ids"].to(device, non_blocking=True)
                 model.transformer(input_ids=ids, attention_mask=mask)
@@ -200,6 +206,9 @@ def run_config(name: str, args) -> Iterator[dict]:
             runner = ProbeRunner(lm, layer_probes(shape["n_layer"]))
             cases = {
                 "floor": partial(floor, model, (train, test), batch_size, device),
+                "floor unsorted": partial(
+                    floor, model, (train, test), batch_size, device, by_length=False
+                ),
                 "lmprobe": partial(probe_run, runner, train, test, batch_size, device),
             }
             base = "floor"
@@ -254,7 +263,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}; torch {torch.__version__}")
     print(
-        f"{'config':7} {'case':11} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} "
+        f"{'config':7} {'case':14} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} "
         f"{'peak MiB':>9} {'peak x':>6} {'syncs/batch':>11}",
         flush=True,
     )
@@ -268,7 +277,7 @@ def main() -> None:
             peak = f"{row['peak_mib']:9.0f} {row['peak_ratio']:6.2f}" if row["peak_mib"] else "-"
             syncs = row["syncs_per_batch"]
             print(
-                f"{row['config']:7} {row['case']:11} {row['batch_size']:5d} {row['dtype']:9} "
+                f"{row['config']:7} {row['case']:14} {row['batch_size']:5d} {row['dtype']:9} "
                 f"{row['median_s']:9.3f} {row['ratio']:6.2f} {peak:>16} "
                 f"{'-' if syncs is None else f'{syncs:.2f}':>11}",
                 flush=True,

@@ -56,7 +56,7 @@ def test_runner_metrics_follow_predict_whatever_the_class_order(gpt2, docs, orde
     train_set, test_set = ds.tt_split(test_size=0.4, seed=0)
     config = ProbeConfig("transformer.h.2.output", classes, early_stopping=False)
     runner = ProbeRunner(gpt2, [config], seed=0)
-    runner.fit_probes(train_set, test_set, batch_size=8, max_epochs=3)
+    runner.fit_probes(train_set, test_set, batch_size=8)
     probe = runner[config.name]
     assert list(probe.classes_) == sorted(classes)  # one canonical order inside the probe
     assert list(probe.classes) == list(classes)  # the user's order, kept for display
@@ -64,7 +64,8 @@ def test_runner_metrics_follow_predict_whatever_the_class_order(gpt2, docs, orde
     X = runner.get_probe_features(docs_["input_ids"], docs_["attention_mask"])[config.name]
     expected = reference_metrics(probe, X, docs_["labels"].numpy())
     row = runner.metrics.loc[config.name]
-    assert expected["accuracy"] > 0.6  # the probe learned something, so inversion would show
+    # the probe learned something (majority: 0.4), so an inversion of classes would show
+    assert expected["accuracy"] > 0.5
     for metric in METRICS:
         assert row[metric] == pytest.approx(expected[metric], abs=1e-5), metric
 

@@ -56,17 +56,21 @@ def test_metrics_equal_sklearn_on_whole_test_set(gpt2, three_class):
 
 
 def test_probe_equals_sklearn_sgd_on_same_features(gpt2, dataset):
-    """The bank's training equals StandardScaler + SGDClassifier fed the same batches."""
-    config = ProbeConfig("transformer.h.4.output", [0, 1], early_stopping=False)
+    """The bank's training equals StandardScaler + SGDClassifier fed the same batches, in
+    the seeded random order of training documents."""
+    config = ProbeConfig(
+        "transformer.h.4.output", [0, 1], early_stopping=False, model_kwargs={"alpha": 0.01}
+    )
     runner = ProbeRunner(gpt2, [config], seed=7)
     runner.fit_probes(dataset, None, num_epoch=1, batch_size=16, chunk_rows=None)
     docs = dataset[:]
     X = runner.get_probe_features(docs["input_ids"], docs["attention_mask"])[config.name]
     y = docs["labels"].numpy()
     scaler = StandardScaler()
-    sgd = SGDClassifier(loss="log_loss", random_state=7)
+    sgd = SGDClassifier(loss="log_loss", alpha=0.01, random_state=7)
+    order = np.random.default_rng(7).permutation(len(y))  # the seeded training order
     for start in range(0, len(y), 16):
-        rows = slice(start, start + 16)
+        rows = order[start : start + 16]
         scaler.partial_fit(X[rows])
         sgd.partial_fit(scaler.transform(X[rows]), y[rows], classes=[0, 1])
     probe = runner[config.name]
@@ -211,27 +215,6 @@ def test_model_as_hf_model_or_local_path(tokenizer, tiny_model_dir, dataset):
     a = from_hf.get_probe_features(docs["input_ids"], docs["attention_mask"])
     b = from_dir.get_probe_features(docs["input_ids"], docs["attention_mask"])
     np.testing.assert_allclose(a[config.name], b[config.name], atol=1e-6)
-
-
-def test_chunked_updates_match_per_batch_updates(gpt2, docs):
-    """The optimised path (chunked partial_fit) learns what per-batch updates learn."""
-    texts, enc, labels = docs
-    ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
-    train_set, test_set = ds.tt_split(test_size=0.3, seed=0)
-    configs = [
-        ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False) for i in (0, 5, 11)
-    ]
-    tables = {}
-    for chunk in (None, 32):
-        runner = ProbeRunner(gpt2, configs, seed=0)
-        runner.fit_probes(train_set, test_set, batch_size=8, max_epochs=3, chunk_rows=chunk)
-        tables[chunk] = runner.metrics
-        assert runner.module.bank.steps == {c.name: 3 * -(-len(train_set) // 8) for c in configs}
-    per_batch, chunked = tables[None], tables[32]
-    assert (per_batch["support"] == chunked["support"]).all()
-    # SGD shuffles inside each call, so the two differ by order effects only
-    assert (abs(per_batch["accuracy"] - chunked["accuracy"]) <= 0.1).all()
-    assert abs(per_batch["accuracy"].mean() - chunked["accuracy"].mean()) <= 0.05
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 32])

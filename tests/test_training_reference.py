@@ -12,12 +12,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 from sklearn.linear_model import SGDClassifier
 from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 
-from lmprobe import LinearProbe, ProbeConfig, ProbeDataset, ProbeRunner
+from lmprobe import LinearProbe, ProbeConfig, ProbeDataModule, ProbeDataset, ProbeRunner
 
 SITE = "transformer.h.3.output"
 
@@ -36,22 +37,27 @@ def replay(
     heldout: np.ndarray,
     config: ProbeConfig,
     *,
+    lengths: np.ndarray,
     batch_size: int,
     chunk_rows: int | None,
     max_epochs: int,
     seed: int,
 ) -> dict:
-    """What one probe should do, batch by batch, from the rules in the docs."""
+    """What one probe should do, from the rules in the docs: the training documents in one
+    seeded random order, cut into groups of ``chunk_rows`` documents (whole batches; one
+    batch when None). The model traces each group longest first in batches (a step is a
+    batch with a row the probe trains on); the probe trains on the group's rows in the random
+    order once the group is traced, then scores its held-out slice."""
     keep = ~np.isin(np.arange(len(y)), heldout)
+    order = np.random.default_rng(seed).permutation(len(y))
+    size = batch_size * (1 if chunk_rows is None else math.ceil(chunk_rows / batch_size))
+    groups = [order[start : start + size] for start in range(0, len(y), size)]
     scaler = StandardScaler()
     sgd = SGDClassifier(loss="log_loss", random_state=seed, **config.model_kwargs)
     classes = np.unique(config.classes)
     best, best_step, steps, losses, batches_seen = math.inf, 0, 0, [], 0
-    buffer: list[np.ndarray] = []
 
-    def update() -> None:
-        rows = np.concatenate(buffer)
-        buffer.clear()
+    def update(rows: np.ndarray) -> None:
         scaler.partial_fit(X[rows])
         sgd.partial_fit(scaler.transform(X[rows]), y[rows], classes=classes)
 
@@ -65,23 +71,17 @@ def replay(
         return steps > config.warmup_steps and waited >= config.patience
 
     for _epoch in range(max_epochs):
-        for start in range(0, len(y), batch_size):
-            batches_seen += 1
-            docs = np.arange(start, min(start + batch_size, len(y)))
-            docs = docs[keep[docs]]
-            if not len(docs):
-                continue
-            steps += 1
-            buffer.append(docs)
-            if chunk_rows is None or sum(map(len, buffer)) >= chunk_rows:
-                update()
+        for group in groups:
+            traced = group[np.argsort(-lengths[group], kind="stable")]
+            for start in range(0, len(traced), batch_size):
+                batches_seen += 1
+                steps += bool(keep[traced[start : start + batch_size]].any())
+            rows = group[keep[group]]  # the random order, not the traced one
+            if len(rows):
+                update(rows)
                 if stop_now():
                     return dict(steps=steps, losses=losses, coef=sgd.coef_, batches=batches_seen)
-        if buffer:
-            update()
-            if stop_now():
-                return dict(steps=steps, losses=losses, coef=sgd.coef_, batches=batches_seen)
-    return dict(steps=steps, losses=losses, coef=None, batches=batches_seen, sgd=sgd)
+    return dict(steps=steps, losses=losses, coef=None, batches=batches_seen, sgd=sgd, order=order)
 
 
 @pytest.fixture()
@@ -89,14 +89,14 @@ def train_features(gpt2, dataset):
     runner = ProbeRunner(gpt2, [ProbeConfig(SITE, [0, 1])])
     docs = dataset[:]
     X = runner.get_probe_features(docs["input_ids"], docs["attention_mask"])[SITE]
-    return X, docs["labels"].numpy()
+    return X, docs["labels"].numpy(), docs["attention_mask"].sum(1).numpy()
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 32, "default"])
 def test_early_stopping_matches_a_replay_of_the_rules(gpt2, dataset, train_features, chunk_rows):
     """Patience resets after each improvement; each probe stops at the replayed step with the
     replayed coefficients; the run ends at the batch where its last probe stops."""
-    X, y = train_features
+    X, y, lengths = train_features
     seed, batch_size, max_epochs = 5, 6, 40
     common = dict(test_size=0.25, threshold=1e-3, model_kwargs={"alpha": 0.1})
     configs = [
@@ -117,6 +117,7 @@ def test_early_stopping_matches_a_replay_of_the_rules(gpt2, dataset, train_featu
             y,
             heldout,
             c,
+            lengths=lengths,
             batch_size=batch_size,
             chunk_rows=chunk,
             max_epochs=max_epochs,
@@ -139,12 +140,14 @@ def test_early_stopping_matches_a_replay_of_the_rules(gpt2, dataset, train_featu
     assert counter.batches < max_epochs * math.ceil(len(y) / batch_size)
 
 
-def test_chunked_updates_feed_the_same_rows_and_learn_the_reference(
+def test_grouped_tracing_feeds_the_random_order_and_learns_the_reference(
     gpt2, dataset, train_features, monkeypatch
 ):
-    """Per-batch and chunked updates feed each probe the same rows in the same order; the
-    chunked probe's coefficients equal sklearn fed the same chunks."""
-    X, y = train_features
+    """Training batches are traced grouped by length, yet each probe is fed the documents
+    in one seeded random order: per-batch updates and group updates feed the same rows in
+    the same order, and the grouped probe's coefficients equal sklearn fed the random order
+    in the same chunks (a straightforward implementation, no length grouping)."""
+    X, y, lengths = train_features
     fed: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     partial_fit = LinearProbe.partial_fit
 
@@ -163,21 +166,71 @@ def test_chunked_updates_feed_the_same_rows_and_learn_the_reference(
         runs[chunk] = (runner, calls)
     per_batch, chunked = runs[None][1], runs[32][1]
     assert [len(c[1]) for c in per_batch] == [8] * 15 * 2
-    np.testing.assert_array_equal(
-        np.concatenate([c[0] for c in per_batch]), np.concatenate([c[0] for c in chunked])
+    # (features of a document traced in batches of other lengths differ by float noise)
+    np.testing.assert_allclose(
+        np.concatenate([c[0] for c in per_batch]),
+        np.concatenate([c[0] for c in chunked]),
+        atol=1e-6,
     )
     np.testing.assert_array_equal(
         np.concatenate([c[1] for c in per_batch]), np.concatenate([c[1] for c in chunked])
     )
-    # chunks of at least 32 rows, the remainder at each epoch's end
+    # groups of 32 documents, each epoch
     assert [len(c[1]) for c in chunked] == [32, 32, 32, 24] * 2
-    # the rows are the training set's features, in the dataset's order, each epoch
-    np.testing.assert_allclose(np.concatenate([c[0] for c in chunked[:4]]), X, atol=1e-5)
+    # the rows are the training set's features in one seeded random order, each epoch
+    order = np.random.default_rng(2).permutation(len(y))
+    np.testing.assert_allclose(np.concatenate([c[0] for c in chunked[:4]]), X[order], atol=1e-5)
     scaler, sgd = StandardScaler(), SGDClassifier(loss="log_loss", random_state=2)
-    for X_, y_ in chunked:
-        scaler.partial_fit(X_)
-        sgd.partial_fit(scaler.transform(X_), y_, classes=[0, 1])
-    np.testing.assert_allclose(runs[32][0][config.name].classifier_.coef_, sgd.coef_, atol=1e-6)
+    for _epoch in range(2):
+        for start in range(0, len(y), 32):
+            rows = order[start : start + 32]
+            scaler.partial_fit(X[rows])
+            sgd.partial_fit(scaler.transform(X[rows]), y[rows], classes=[0, 1])
+    # (relative 2e-4: the features of the reference were traced in other batches; a wrong
+    # order or chunking moves the coefficients by tens of percent)
+    np.testing.assert_allclose(runs[32][0][config.name].classifier_.coef_, sgd.coef_, rtol=2e-4)
+    # while the model saw batches sorted by length inside each group
+    traced = [
+        b["index"].tolist()
+        for b in ProbeDataModule(
+            train_set=dataset, batch_size=8, seed=2, group_size=32
+        ).train_dataloader()
+    ]
+    assert sorted(traced[0] + traced[1] + traced[2] + traced[3]) == sorted(order[:32].tolist())
+    assert (np.diff(lengths[np.concatenate(traced[:4])]) <= 0).all()
+
+
+def test_grouping_by_length_cuts_padding_on_a_long_tailed_set(gpt2, hf_gpt2, base_tokenizer):
+    """Most documents short, a few long (as real data is): tracing groups of similar length
+    pads far less than batches of the random order, with the same probes learned."""
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(np.round(rng.pareto(1.2, 400) * 3 + 2), 120).astype(int)
+    ids = torch.full((400, 120), base_tokenizer.pad_token_id)
+    mask = torch.zeros((400, 120), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.as_tensor(rng.integers(3, 300, n))
+        mask[i, :n] = 1
+    ds = ProbeDataset(ids, mask, torch.as_tensor(rng.integers(0, 2, 400)))
+    traced: dict = {}
+    handle = hf_gpt2.transformer.h[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: traced.__setitem__("n", traced["n"] + args[0].shape[:2].numel()),
+        with_kwargs=True,
+    )
+    coef = {}
+    try:
+        for group in (None, 256):
+            traced["n"] = 0
+            config = ProbeConfig(SITE, [0, 1], early_stopping=False, name=f"g{group}")
+            runner = ProbeRunner(gpt2, [config], seed=1)
+            runner.fit_probes(ds, None, num_epoch=1, batch_size=8, chunk_rows=group)
+            coef[group] = (traced["n"], runner[config.name].n_samples_seen_)
+    finally:
+        handle.remove()
+    real = int(lengths.sum())
+    (plain, seen_plain), (grouped, seen_grouped) = coef[None], coef[256]
+    assert seen_plain == seen_grouped == 400
+    assert grouped < 0.5 * plain  # padded tokens traced (real tokens: `real`)
+    assert grouped < 1.3 * real < plain
 
 
 def test_validation_split_is_scored_like_sklearn_and_traced_once(gpt2, hf_gpt2, docs):

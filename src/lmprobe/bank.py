@@ -108,6 +108,8 @@ class ProbeBank:
         self.prepared = False
         self.tables: dict[str, pd.DataFrame] = {}
         self._train_rows = RowBuffer()
+        # Rank of each training document in the order probes must see rows (None: as fed).
+        self.row_rank: np.ndarray | None = None
         self._score_rows: dict[str, RowBuffer] = {}
         self._scores: dict[tuple[str, str], Any] = {}
 
@@ -233,10 +235,21 @@ class ProbeBank:
         self._train_rows.clear()
         return trained
 
+    def set_row_order(self, order: np.ndarray | None) -> None:
+        """Train every chunk in this order of training documents (``order[i]`` is the i-th
+        document), whatever order the batches were traced in (length-grouped batches)."""
+        self.row_rank = None
+        if order is not None:
+            self.row_rank = np.empty(len(order), dtype=np.int64)
+            self.row_rank[order] = np.arange(len(order))
+
     def _train(self, name: str, drop_failed: bool = False) -> bool:
         rows = self._train_rows.take(name, drop_failed)
         if rows is None:
             return False
+        if self.row_rank is not None:  # stable: a document's tokens keep their order
+            order = np.argsort(self.row_rank[rows.doc], kind="stable")
+            rows = Features(rows.X[order], rows.y[order], rows.doc[order])
         self.probes[name].partial_fit(rows.X, rows.y)
         self._check_stopping(name)
         return True

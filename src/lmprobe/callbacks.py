@@ -6,6 +6,7 @@ callback only decides *when*, so their order in ``Trainer(callbacks=...)`` does 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -14,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
+from lmprobe.dataset import LengthGroupedBatches
 from lmprobe.module import ProbeModule
 
 
@@ -22,19 +24,29 @@ def _features(outputs: Any) -> dict | None:
 
 
 class ProbeUpdater(Callback):
-    """Train the live probes on the training batches' features, ``chunk_rows`` rows at a
-    time per probe (``None``: after every batch), and stop the run once every probe has
-    stopped. A probe's *steps* count the training batches it consumed, chunked or not."""
+    """Train the live probes on the training batches' features and stop the run once every
+    probe has stopped. With length-grouped batches (``LengthGroupedBatches``, what
+    ``ProbeDataModule`` gives) a probe trains on each whole group, in the group's random
+    order; otherwise on ``chunk_rows`` rows at a time (``None``: after every batch). A probe's
+    *steps* count the training batches it consumed either way."""
 
     def __init__(self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> None:
         self.chunk_rows = chunk_rows
+        self._groups: LengthGroupedBatches | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        self._groups = sampler if isinstance(sampler, LengthGroupedBatches) else None
+        pl_module.bank.set_row_order(self._groups.order if self._groups else None)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: ProbeModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         features = _features(outputs)
-        if features:
-            pl_module.bank.update(features, self.chunk_rows)
+        if features:  # grouped: buffer until the group ends
+            pl_module.bank.update(features, math.inf if self._groups else self.chunk_rows)
+        if self._groups and batch_idx in self._groups.group_ends:
+            pl_module.bank.flush()
         self._stop_when_done(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
@@ -86,19 +98,18 @@ class ProbeEarlyStopping(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: ProbeModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._log_losses(trainer, pl_module, on_step=True)
+        self._log_losses(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
-        self._log_losses(trainer, pl_module, on_step=False)
+        self._log_losses(trainer, pl_module)
 
-    def _log_losses(self, trainer: L.Trainer, pl_module: ProbeModule, on_step: bool) -> None:
-        if not trainer.loggers:
-            return
+    def _log_losses(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        """Each new held-out loss, at the probe's own step: a curve per probe. (Straight to
+        the loggers: Lightning's ``self.log`` steps with optimizer steps, and there are none.)"""
         for name, history in pl_module.bank.history.items():
-            for _, loss in history[self._logged.get(name, 0) :]:
-                pl_module.log(
-                    f"train/{name}/heldout_loss", loss, on_step=on_step, on_epoch=not on_step
-                )
+            for step, loss in history[self._logged.get(name, 0) :]:
+                for logger in trainer.loggers:
+                    logger.log_metrics({f"train/{name}/heldout_loss": loss}, step=step)
             self._logged[name] = len(history)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lmprobe.bank import DEFAULT_CHUNK_ROWS
 from lmprobe.dataset import ProbeDataset, batches, split_indices
 from lmprobe.errors import LmProbeError
 from lmprobe.readers import prepare_frame, read_table, resolve_data_path
@@ -85,6 +86,7 @@ class ProbeDataModule(L.LightningDataModule):
         tokenizer: Any = None,
         model_max_length: int | None = None,
         continuous: bool = False,
+        group_size: int | None = DEFAULT_CHUNK_ROWS,
     ) -> None:
         super().__init__()
         if train_set is None and path is None:
@@ -109,6 +111,10 @@ class ProbeDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.model_max_length = model_max_length
         self.continuous = continuous  # numeric targets for regression probes
+        # Training batches come in a seeded random order, in groups of this many documents
+        # sorted by length (little padding); probes train on whole groups, in the random
+        # order (lmprobe.dataset.LengthGroupedBatches). None: no length grouping.
+        self.group_size = group_size
         self.label_names: dict[int, Any] | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -174,7 +180,13 @@ class ProbeDataModule(L.LightningDataModule):
         return batches(dataset, self.batch_size, by_length, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set)
+        return batches(
+            self.train_set,
+            self.batch_size,
+            num_workers=self.num_workers,
+            group_size=self.group_size,
+            seed=self.seed,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set, by_length=True)

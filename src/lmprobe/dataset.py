@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmprobe.errors import LmProbeError
 
@@ -176,16 +176,65 @@ def pad_to_longest(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
 def longest_first(dataset: ProbeDataset) -> list[int]:
     """An order for scoring passes (held-out, validation, test): longest documents first,
     so each batch holds documents of about one length and pads little. Scores do not depend
-    on order; training keeps the dataset's order, which SGD does depend on. Longest first
+    on order (training, whose SGD does, uses ``LengthGroupedBatches``). Longest first
     also makes a batch too large for memory fail at once rather than at the end."""
     lengths = dataset.attention_mask.sum(1).numpy()
     return np.argsort(-lengths, kind="stable").tolist()
 
 
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Training batches of similar length whose probes still see a seeded random order.
+
+    The documents are put in one seeded random order (``order``) and cut into groups of
+    ``group_size`` documents (rounded to whole batches); each group is sorted longest first
+    and cut into batches, so a batch pads to about its own length (as Hugging Face's
+    ``group_by_length``). The probe bank trains on whole groups (``group_ends``) and puts a
+    group's rows back in ``order`` first, so a probe learns exactly what it would learn from
+    the documents in that random order, chunk by chunk; only the model sees the sorted
+    batches. ``group_size=None``: groups of one batch, i.e. plain random-order batches.
+    The same batches come every epoch (later epochs replay the kept features).
+    """
+
+    def __init__(
+        self, lengths: np.ndarray, batch_size: int, group_size: int | None, seed: int
+    ) -> None:
+        lengths = np.asarray(lengths)
+        self.order = np.random.default_rng(seed).permutation(len(lengths))
+        # documents per group, in whole batches
+        size = batch_size * (1 if group_size is None else max(1, -(-group_size // batch_size)))
+        self.batches: list[list[int]] = []
+        self.group_ends: set[int] = set()
+        for start in range(0, len(lengths), size):
+            group = self.order[start : start + size]
+            group = group[np.argsort(-lengths[group], kind="stable")]
+            for first in range(0, len(group), batch_size):
+                self.batches.append(group[first : first + batch_size].tolist())
+            self.group_ends.add(len(self.batches) - 1)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def batches(
-    dataset: ProbeDataset, batch_size: int, by_length: bool = False, num_workers: int = 0
+    dataset: ProbeDataset,
+    batch_size: int,
+    by_length: bool = False,
+    num_workers: int = 0,
+    group_size: int | None = None,
+    seed: int | None = None,
 ) -> DataLoader:
-    """Batches padded to their own longest; ``by_length`` for scoring passes (``longest_first``)."""
+    """Batches padded to their own longest: ``by_length`` for scoring passes
+    (``longest_first``); with a ``seed``, training batches grouped by length in a seeded
+    random order (``LengthGroupedBatches``); else the dataset's order."""
+    if seed is not None:
+        lengths = dataset.attention_mask.sum(1).numpy()
+        sampler = LengthGroupedBatches(lengths, batch_size, group_size, seed)
+        return DataLoader(
+            dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=pad_to_longest
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,

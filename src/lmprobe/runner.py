@@ -112,7 +112,9 @@ class ProbeRunner:
         if ckpt_path is None:  # a fresh fit starts from fresh probes
             self._reset_probes()
         L.seed_everything(self.seed, workers=True, verbose=False)
-        datamodule = ProbeDataModule(train_set=train_set, test_set=None, batch_size=batch_size)
+        datamodule = ProbeDataModule(
+            train_set=train_set, batch_size=batch_size, seed=self.seed, group_size=chunk_rows
+        )
         self.trainer = make_trainer(
             self.module,
             max_epochs=num_epoch,

@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
+from lmprobe.config import ProbeConfig
 from lmprobe.engine import TRAINER_DEFAULTS
 from lmprobe.errors import LmProbeError
 from lmprobe.poolings import pooling_names
@@ -49,6 +50,12 @@ class DataSchema:
     batch_size: int = 16
     num_workers: int = 0
     seed: int = 0
+    group_size: int | None = DEFAULT_CHUNK_ROWS  # documents per length group (training)
+
+
+def _probe_default(name: str) -> Any:
+    """ProbeConfig's default: the Python API and the app share one set."""
+    return ProbeConfig.__dataclass_fields__[name].default
 
 
 @dataclass
@@ -56,16 +63,16 @@ class ProbesSchema:
     _target_: str = "lmprobe.config.probe_bank"
     submodules: Any = "all_layers"  # 'all_layers' or a list of nnsight paths
     site: str = "output"
-    pooling: Any = "mean"  # one pooling or a list of them
-    kind: str = "sgd_classifier"
+    pooling: Any = _probe_default("pooling")  # one pooling or a list of them
+    kind: str = _probe_default("kind")
     classes: list[Any] | None = None
-    heldout_size: float = 0.1
+    heldout_size: float = _probe_default("test_size")
     test_size: float | None = None  # lm_probe's name for heldout_size
-    early_stopping: bool = True
-    patience: int = 5
-    threshold: float = 1e-5
-    warmup_steps: int = 10
-    max_steps: int | None = 1000
+    early_stopping: bool = _probe_default("early_stopping")
+    patience: int = _probe_default("patience")
+    threshold: float = _probe_default("threshold")
+    warmup_steps: int = _probe_default("warmup_steps")
+    max_steps: int | None = _probe_default("max_steps")
     null_label: Any = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     names: list[str] | None = None
