@@ -147,7 +147,13 @@ class ProbeMetrics(Callback):
         if trainer.sanity_checking:
             return
         pl_module.bank.tables[stage] = table
-        for name, row in table.iterrows():
-            for metric, value in row.items():
-                if metric not in ("steps", "stopped_early", "support") and pd.notna(value):
-                    pl_module.log(f"{stage}/{name}/{metric}", float(value), on_epoch=True)
+        if not trainer.loggers:
+            return
+        scalars = {
+            f"{stage}/{name}/{metric}": float(value)
+            for name, row in table.iterrows()
+            for metric, value in row.items()
+            if metric not in ("steps", "stopped_early", "support") and pd.notna(value)
+        }
+        for logger in trainer.loggers:  # one call per logger (self.log costs ~1 ms a value)
+            logger.log_metrics(scalars, step=trainer.current_epoch)

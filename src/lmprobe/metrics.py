@@ -1,8 +1,9 @@
 """Test metrics of a probe, accumulated over chunks of rows.
 
-``CLASSIFICATION_METRICS`` and ``REGRESSION_METRICS`` are the registries: a name and a
-torchmetrics factory. Adding a metric is one entry here; it then appears in ``metrics.csv``,
-the loggers and ``ProbeRunner.metrics``.
+``CLASSIFICATION_METRICS`` (a name and a function of the confusion matrix) and
+``REGRESSION_METRICS`` (a name and a torchmetrics factory) are the registries. Adding a
+metric is one entry here; it then appears in ``metrics.csv``, the loggers and
+``ProbeRunner.metrics``.
 """
 
 from __future__ import annotations
@@ -20,21 +21,38 @@ from torchmetrics import classification as tc
 from torchmetrics import regression as tr
 
 
-class MatthewsCorrCoef(tc.MulticlassConfusionMatrix):
-    """Matthews correlation as scikit-learn defines it, from the confusion matrix: 0 when
-    either the targets or the predictions are a single class (torchmetrics' own metric
-    returns other values there, e.g. for an early probe that predicts one class)."""
+def _per_class(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F1 of each class, and which classes count in a macro average
+    (those in the targets or the predictions, as scikit-learn's default labels); 0 where a
+    ratio is 0/0 (scikit-learn's ``zero_division=0``)."""
+    tp = np.diag(confusion)
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        denominator = support + predicted
+        f1 = np.where(denominator > 0, 2 * tp / denominator, 0.0)
+    return precision, recall, f1, (support + predicted) > 0
 
-    def compute(self) -> torch.Tensor:
-        confusion = super().compute().double()  # rows: target, columns: prediction
-        true, pred = confusion.sum(1), confusion.sum(0)
-        n, correct = confusion.sum(), confusion.trace()
-        cov_tp = correct * n - true @ pred
-        cov_pp = n**2 - pred @ pred
-        cov_tt = n**2 - true @ true
-        if cov_pp * cov_tt == 0:
-            return torch.zeros((), dtype=torch.float64)
-        return cov_tp / torch.sqrt(cov_tt * cov_pp)
+
+def matthews(confusion: np.ndarray) -> float:
+    """Matthews correlation as scikit-learn defines it: 0 when either the targets or the
+    predictions are a single class (torchmetrics' own metric returns other values there,
+    e.g. for an early probe that predicts one class)."""
+    true, pred = confusion.sum(1), confusion.sum(0)
+    n, correct = confusion.sum(), np.trace(confusion)
+    cov_tp = correct * n - true @ pred
+    cov_pp = n**2 - pred @ pred
+    cov_tt = n**2 - true @ true
+    return 0.0 if cov_pp * cov_tt == 0 else float(cov_tp / np.sqrt(cov_tt * cov_pp))
+
+
+def _macro(index: int) -> Callable[[np.ndarray], float]:
+    def average(confusion: np.ndarray) -> float:
+        *values, present = _per_class(confusion)
+        return float(values[index][present].mean())
+
+    return average
 
 
 class R2Score(torchmetrics.Metric):
@@ -65,13 +83,14 @@ class R2Score(torchmetrics.Metric):
         return 1 - self.sse / sst if sst > 0 else torch.full((), torch.nan)
 
 
-# factory(number of classes) -> metric over (predicted column, target column)
-CLASSIFICATION_METRICS: dict[str, Callable[[int], torchmetrics.Metric]] = {
-    "accuracy": lambda n: tc.MulticlassAccuracy(n, average="micro"),
-    "precision": lambda n: tc.MulticlassPrecision(n, average="macro"),
-    "recall": lambda n: tc.MulticlassRecall(n, average="macro"),
-    "f1": lambda n: tc.MulticlassF1Score(n, average="macro"),
-    "matthews": lambda n: MatthewsCorrCoef(n),
+# name -> function of the confusion matrix (rows: target, columns: prediction, float64).
+# Every classification metric derives from the one matrix torchmetrics accumulates.
+CLASSIFICATION_METRICS: dict[str, Callable[[np.ndarray], float]] = {
+    "accuracy": lambda confusion: float(np.trace(confusion) / confusion.sum()),
+    "precision": _macro(0),
+    "recall": _macro(1),
+    "f1": _macro(2),
+    "matthews": matthews,
 }
 
 # factory() -> metric over (prediction, target), both float
@@ -110,9 +129,7 @@ class ClassificationScores:
         self.classes = np.asarray(classes)
         if (np.sort(self.classes) != self.classes).any():
             raise ValueError(f"classes must be sorted as in predict_proba: {classes}")
-        self.metrics = torchmetrics.MetricCollection(
-            {name: make(len(self.classes)) for name, make in CLASSIFICATION_METRICS.items()}
-        )
+        self.confusion = tc.MulticlassConfusionMatrix(len(self.classes))
         self.loss_sum = 0.0
         self.count = 0
 
@@ -123,7 +140,7 @@ class ClassificationScores:
         """``pred``: predicted labels (``predict``); ``proba``: ``predict_proba`` or None."""
         target = column_of(self.classes, y)
         predicted = column_of(self.classes, pred)
-        self.metrics.update(torch.from_numpy(predicted), torch.from_numpy(target))
+        self.confusion.update(torch.from_numpy(predicted), torch.from_numpy(target))
         if proba is None:
             self.loss_sum = math.nan
         else:
@@ -131,10 +148,17 @@ class ClassificationScores:
         self.count += len(target)
 
     def compute(self) -> dict[str, float]:
+        confusion = self.confusion.compute().double().numpy()
         row = {"loss": self.loss_sum / self.count}
-        row.update({name: float(value) for name, value in self.metrics.compute().items()})
+        row.update({name: metric(confusion) for name, metric in CLASSIFICATION_METRICS.items()})
         row["support"] = self.count
         return row
+
+    def per_class(self) -> dict[str, np.ndarray]:
+        """Precision, recall, F1 and support of every class (in ``classes`` order)."""
+        confusion = self.confusion.compute().double().numpy()
+        precision, recall, f1, _ = _per_class(confusion)
+        return {"precision": precision, "recall": recall, "f1": f1, "support": confusion.sum(1)}
 
 
 class RegressionScores:
