@@ -155,10 +155,28 @@ def headline_metric(table: pd.DataFrame, wanted: str = "accuracy") -> str:
 def show_best(table: pd.DataFrame, cfg: DictConfig, n: int = 10) -> None:
     metric = headline_metric(table, cfg.get("optimized_metric", "accuracy"))
     best = table.sort_values([metric, "loss"], ascending=[False, True]).head(n)
-    shown = ("accuracy", "f1", "matthews", "r2", "pearson", "loss", "steps")
+    shown = (
+        "accuracy",
+        "accuracy_low",
+        "accuracy_high",
+        "f1",
+        "matthews",
+        "r2",
+        "pearson",
+        "loss",
+        "p_vs_best",
+        "majority_accuracy",
+        "steps",
+    )
     columns = [c for c in shown if c in table.columns]
     print(f"\nBest probes by test {metric} (all {len(table)} in metrics.csv):")
     print(best[columns].to_string(float_format=lambda v: f"{v:.4f}"))
+    if "p_vs_best" in table.columns:
+        tied = table.index[table["p_vs_best"] >= 0.05].tolist()
+        print(
+            f"{len(tied)} probe(s) cannot be told apart from the best (paired bootstrap, "
+            f"p >= 0.05): {', '.join(map(str, tied))}"
+        )
 
 
 def optimized_metric(table: pd.DataFrame | None, cfg: DictConfig) -> float | None:

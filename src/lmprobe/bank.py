@@ -19,13 +19,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import log_loss
 
 from lmprobe.config import ProbeConfig
 from lmprobe.errors import LmProbeError
 from lmprobe.features import FeatureKey, Features, PendingFeatures, gather
 from lmprobe.io import probe_from_tensors, probe_to_tensors
-from lmprobe.metrics import metric_columns
+from lmprobe.metrics import column_of, metric_columns
 from lmprobe.probes import Probe, make_probe, resolve_probe_kind
+from lmprobe.uncertainty import bootstrap, paired_p_values
 
 log = logging.getLogger("lmprobe")
 
@@ -107,6 +109,11 @@ class ProbeBank:
         self.heldout: dict[str, Features] = {}
         self.prepared = False
         self.tables: dict[str, pd.DataFrame] = {}
+        # The first epoch is the online pass: its blocks add to each probe's code length.
+        self.online_pass = True
+        self.code_bits: dict[str, float] = dict.fromkeys(self.configs, 0.0)
+        self.uniform_bits: dict[str, float] = dict.fromkeys(self.configs, 0.0)
+        self.class_counts: dict[str, np.ndarray] = {n: np.zeros(0) for n in self.configs}
         self._train_rows = RowBuffer()
         # Rank of each training document in the order probes must see rows (None: as fed).
         self.row_rank: np.ndarray | None = None
@@ -201,7 +208,7 @@ class ProbeBank:
             self.heldout[name] = rows.select_docs(union[:size])
             extra = rows.select_docs(union[size:])
             if len(extra.y):
-                self.probes[name].partial_fit(extra.X, extra.y)
+                self._fit(name, extra.X, extra.y)
         self.heldout_index = np.asarray(union, dtype=np.int64)
         self.prepared = True
 
@@ -250,9 +257,33 @@ class ProbeBank:
         if self.row_rank is not None:  # stable: a document's tokens keep their order
             order = np.argsort(self.row_rank[rows.doc], kind="stable")
             rows = Features(rows.X[order], rows.y[order], rows.doc[order])
-        self.probes[name].partial_fit(rows.X, rows.y)
+        self._fit(name, rows.X, rows.y)
         self._check_stopping(name)
         return True
+
+    def _fit(self, name: str, X: np.ndarray, y: np.ndarray) -> None:
+        """``partial_fit`` one block of rows; in the online pass (the first epoch) first add
+        the block's code length under the probe as it is: the online (prequential) code of
+        MDL probing, Voita & Titov 2020 (a uniform code for the first block)."""
+        probe = self.probes[name]
+        classes = getattr(probe, "classes_", None)
+        if classes is None and probe.task == "classification":
+            classes = np.unique(np.asarray(self.configs[name].classes))
+        if self.online_pass and classes is not None:
+            uniform = len(y) * math.log2(len(classes))
+            if not probe.is_fitted:
+                bits = uniform
+            elif hasattr(probe, "predict_proba"):
+                proba = probe.predict_proba(X)
+                bits = float(log_loss(y, proba, labels=classes, normalize=False)) / math.log(2)
+            else:  # a kind without probabilities has no code length
+                bits = math.nan
+            self.code_bits[name] += bits
+            self.uniform_bits[name] += uniform
+            counts = np.bincount(column_of(np.asarray(classes), y), minlength=len(classes))
+            before = self.class_counts[name]
+            self.class_counts[name] = before + counts if len(before) else counts
+        probe.partial_fit(X, y)
 
     def _check_stopping(self, name: str) -> None:
         """Right after an update: score the held-out slice; retire the probe when it is out
@@ -295,15 +326,19 @@ class ProbeBank:
             scores = self._scores.get((stage, name))
             if scores is None:
                 scores = self._scores[(stage, name)] = probe.new_scores()
-            scores.add(probe, rows.X, rows.y)
+            scores.add(probe, rows.X, rows.y, rows.doc)
 
-    def finish_scoring(self, stage: str, drop_failed: bool = False) -> pd.DataFrame:
+    def finish_scoring(
+        self, stage: str, drop_failed: bool = False, n_resamples: int = 0
+    ) -> pd.DataFrame:
         """The metrics table of a scoring pass (index: probe name); NaN where a probe scored
-        nothing (an interrupted pass). Resets the pass."""
+        nothing (an interrupted pass). With ``n_resamples``, classifier probes also get 95%
+        bootstrap intervals (``<metric>_low``/``_high``) and ``p_vs_best`` (see
+        ``lmprobe.uncertainty``). Resets the pass."""
         buffer = self._score_rows.pop(stage, None)
         for key in buffer.names() if buffer else []:
             self._score(stage, key, buffer.take(key, drop_failed))
-        rows = {}
+        rows, scored, n_classes = {}, {}, {}
         for name, config in self.configs.items():
             task = resolve_probe_kind(config.kind).task
             row: dict[str, Any] = dict.fromkeys(metric_columns(task), float("nan"))
@@ -313,10 +348,31 @@ class ProbeBank:
                 row.update(scores.compute())
             row["steps"] = self.steps[name]
             row["stopped_early"] = bool(self.stopped_early[name])
+            if task == "classification":
+                row["majority_accuracy"] = float("nan")
+                if scores is not None:
+                    scored[name], n_classes[name] = scores.rows(), len(scores.classes)
+                    row["majority_accuracy"] = self._majority_accuracy(name, scored[name])
+                bits, uniform = self.code_bits[name], self.uniform_bits[name]
+                row["codelength_bits"] = bits if uniform else float("nan")
+                row["compression"] = uniform / bits if uniform and bits else float("nan")
             rows[name] = row
+        if n_resamples and scored:
+            intervals, resampled = bootstrap(scored, n_classes, n_resamples, self.seed)
+            point = {name: rows[name]["accuracy"] for name in scored}
+            for name, p_value in paired_p_values(scored, point, resampled).items():
+                rows[name]["p_vs_best"] = p_value
+                rows[name].update(intervals.get(name, {}))
         table = pd.DataFrame.from_dict(rows, orient="index")
         table.index.name = "probe"
         return table
+
+    def _majority_accuracy(self, name: str, scored: dict[str, Any]) -> float:
+        """Accuracy of always predicting the most frequent training class (a baseline)."""
+        counts = self.class_counts[name]
+        if not len(scored["target"]) or not counts.any():
+            return float("nan")
+        return float((scored["target"] == int(np.argmax(counts))).mean())
 
     # -------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -340,6 +396,10 @@ class ProbeBank:
             "best_step": self.best_step,
             "history": {k: [list(p) for p in v] for k, v in self.history.items()},
             "prepared": self.prepared,
+            "online_pass": self.online_pass,
+            "code_bits": self.code_bits,
+            "uniform_bits": self.uniform_bits,
+            "class_counts": {k: v.tolist() for k, v in self.class_counts.items()},
         }
         return {
             "probes": probes,
@@ -375,4 +435,7 @@ class ProbeBank:
         self.best_step = dict(plain["best_step"])
         self.history = {k: [tuple(p) for p in v] for k, v in plain["history"].items()}
         self.prepared = plain["prepared"]
+        self.online_pass = plain["online_pass"]
+        self.code_bits, self.uniform_bits = plain["code_bits"], plain["uniform_bits"]
+        self.class_counts = {k: np.asarray(v) for k, v in plain["class_counts"].items()}
         self._train_rows.clear()

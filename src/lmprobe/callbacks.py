@@ -16,7 +16,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
 from lmprobe.dataset import LengthGroupedBatches
+from lmprobe.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from lmprobe.module import ProbeModule
+from lmprobe.uncertainty import DEFAULT_RESAMPLES
+
+# the metrics sent to loggers (intervals and bookkeeping columns stay in metrics.csv)
+LOGGED = {"loss", "auroc", *CLASSIFICATION_METRICS, *REGRESSION_METRICS}
 
 
 def _features(outputs: Any) -> dict | None:
@@ -33,6 +38,10 @@ class ProbeUpdater(Callback):
     def __init__(self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> None:
         self.chunk_rows = chunk_rows
         self._groups: LengthGroupedBatches | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        # MDL's online code is the first pass over the training data
+        pl_module.bank.online_pass = trainer.current_epoch == 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
@@ -116,10 +125,14 @@ class ProbeEarlyStopping(Callback):
 class ProbeMetrics(Callback):
     """Scores every probe on whole validation/test sets, ``chunk_rows`` rows per feature key
     at a time, and logs ``<stage>/<probe>/<metric>`` to every attached Lightning logger. The
-    tables (index = probe name) are kept in ``ProbeModule.bank.tables``."""
+    tables (index = probe name) are kept in ``ProbeModule.bank.tables``. The test table
+    gets 95% bootstrap intervals and ``p_vs_best`` from ``bootstrap`` resamples (0: none)."""
 
-    def __init__(self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> None:
+    def __init__(
+        self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS, bootstrap: int = DEFAULT_RESAMPLES
+    ) -> None:
         self.chunk_rows = chunk_rows
+        self.bootstrap = bootstrap
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
@@ -143,7 +156,8 @@ class ProbeMetrics(Callback):
             pl_module.bank.score(stage, features, self.chunk_rows)
 
     def _finish(self, stage: str, trainer: L.Trainer, pl_module: ProbeModule) -> None:
-        table = pl_module.bank.finish_scoring(stage)
+        resamples = self.bootstrap if stage == "test" else 0
+        table = pl_module.bank.finish_scoring(stage, n_resamples=resamples)
         if trainer.sanity_checking:
             return
         pl_module.bank.tables[stage] = table
@@ -153,7 +167,7 @@ class ProbeMetrics(Callback):
             f"{stage}/{name}/{metric}": float(value)
             for name, row in table.iterrows()
             for metric, value in row.items()
-            if metric not in ("steps", "stopped_early", "support") and pd.notna(value)
+            if metric in LOGGED and pd.notna(value)
         }
         for logger in trainer.loggers:  # one call per logger (self.log costs ~1 ms a value)
             logger.log_metrics(scalars, step=trainer.current_epoch)

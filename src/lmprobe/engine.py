@@ -14,6 +14,7 @@ from lmprobe.callbacks import ProbeEarlyStopping, ProbeMetrics, ProbeUpdater
 from lmprobe.errors import LmProbeError
 from lmprobe.models import input_device
 from lmprobe.module import ProbeModule
+from lmprobe.uncertainty import DEFAULT_RESAMPLES
 
 log = logging.getLogger("lmprobe")
 
@@ -41,10 +42,16 @@ def show_lmprobe_log() -> None:
 
 
 def probe_callbacks(
-    seed: int | None = None, chunk_rows: int | None = DEFAULT_CHUNK_ROWS
+    seed: int | None = None,
+    chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
+    bootstrap: int = DEFAULT_RESAMPLES,
 ) -> list[L.Callback]:
     """The callbacks every probe run needs (in any order)."""
-    return [ProbeUpdater(chunk_rows), ProbeEarlyStopping(seed), ProbeMetrics(chunk_rows)]
+    return [
+        ProbeUpdater(chunk_rows),
+        ProbeEarlyStopping(seed),
+        ProbeMetrics(chunk_rows, bootstrap),
+    ]
 
 
 def accelerator_for(module: ProbeModule) -> str:

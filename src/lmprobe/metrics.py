@@ -19,38 +19,46 @@ import torchmetrics
 from sklearn.metrics import log_loss
 from torchmetrics import classification as tc
 from torchmetrics import regression as tr
+from torchmetrics.functional import classification as tmf
 
 
 def _per_class(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Precision, recall and F1 of each class, and which classes count in a macro average
     (those in the targets or the predictions, as scikit-learn's default labels); 0 where a
-    ratio is 0/0 (scikit-learn's ``zero_division=0``)."""
-    tp = np.diag(confusion)
-    support, predicted = confusion.sum(1), confusion.sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        denominator = support + predicted
-        f1 = np.where(denominator > 0, 2 * tp / denominator, 0.0)
-    return precision, recall, f1, (support + predicted) > 0
+    ratio is 0/0 (scikit-learn's ``zero_division=0``). ``confusion`` is (..., k, k): rows
+    are targets, columns predictions; leading axes are independent matrices (resamples)."""
+    tp = np.diagonal(confusion, axis1=-2, axis2=-1)
+    support, predicted = confusion.sum(-1), confusion.sum(-2)
+    denominator = support + predicted
+    zeros = np.zeros_like(tp, dtype=float)
+    precision = np.divide(tp, predicted, out=zeros.copy(), where=predicted > 0)
+    recall = np.divide(tp, support, out=zeros.copy(), where=support > 0)
+    f1 = np.divide(2 * tp, denominator, out=zeros.copy(), where=denominator > 0)
+    return precision, recall, f1, denominator > 0
 
 
-def matthews(confusion: np.ndarray) -> float:
+def accuracy(confusion: np.ndarray) -> np.ndarray:
+    return np.trace(confusion, axis1=-2, axis2=-1) / confusion.sum((-2, -1))
+
+
+def matthews(confusion: np.ndarray) -> np.ndarray:
     """Matthews correlation as scikit-learn defines it: 0 when either the targets or the
     predictions are a single class (torchmetrics' own metric returns other values there,
     e.g. for an early probe that predicts one class)."""
-    true, pred = confusion.sum(1), confusion.sum(0)
-    n, correct = confusion.sum(), np.trace(confusion)
-    cov_tp = correct * n - true @ pred
-    cov_pp = n**2 - pred @ pred
-    cov_tt = n**2 - true @ true
-    return 0.0 if cov_pp * cov_tt == 0 else float(cov_tp / np.sqrt(cov_tt * cov_pp))
+    true, pred = confusion.sum(-1), confusion.sum(-2)
+    n, correct = confusion.sum((-2, -1)), np.trace(confusion, axis1=-2, axis2=-1)
+    cov_tp = correct * n - (true * pred).sum(-1)
+    cov_pp = n**2 - (pred * pred).sum(-1)
+    cov_tt = n**2 - (true * true).sum(-1)
+    denominator = cov_tt * cov_pp
+    root = np.sqrt(np.maximum(denominator, 0))
+    return np.divide(cov_tp, root, out=np.zeros_like(root), where=denominator > 0)
 
 
-def _macro(index: int) -> Callable[[np.ndarray], float]:
-    def average(confusion: np.ndarray) -> float:
+def _macro(index: int) -> Callable[[np.ndarray], np.ndarray]:
+    def average(confusion: np.ndarray) -> np.ndarray:
         *values, present = _per_class(confusion)
-        return float(values[index][present].mean())
+        return (values[index] * present).sum(-1) / present.sum(-1)
 
     return average
 
@@ -83,10 +91,11 @@ class R2Score(torchmetrics.Metric):
         return 1 - self.sse / sst if sst > 0 else torch.full((), torch.nan)
 
 
-# name -> function of the confusion matrix (rows: target, columns: prediction, float64).
-# Every classification metric derives from the one matrix torchmetrics accumulates.
-CLASSIFICATION_METRICS: dict[str, Callable[[np.ndarray], float]] = {
-    "accuracy": lambda confusion: float(np.trace(confusion) / confusion.sum()),
+# name -> function of confusion matrices (..., k, k) (rows: target, columns: prediction),
+# vectorised over leading axes (the bootstrap's resamples). Every classification metric
+# derives from the one matrix torchmetrics accumulates.
+CLASSIFICATION_METRICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "accuracy": accuracy,
     "precision": _macro(0),
     "recall": _macro(1),
     "f1": _macro(2),
@@ -122,7 +131,8 @@ class ClassificationScores:
     Predictions are what ``predict`` returns (the argmax of the decision function: the
     argmax of ``predict_proba`` can differ where probabilities saturate and tie); the loss is
     the mean log loss over all rows (summed per chunk, divided once at the end), NaN for a
-    kind without probabilities.
+    kind without probabilities. The rows themselves (document, target and predicted column,
+    log loss, probabilities) are kept for AUROC and the bootstrap (``lmprobe.uncertainty``).
     """
 
     def __init__(self, classes: np.ndarray) -> None:
@@ -132,27 +142,70 @@ class ClassificationScores:
         self.confusion = tc.MulticlassConfusionMatrix(len(self.classes))
         self.loss_sum = 0.0
         self.count = 0
+        self.parts: list[tuple[np.ndarray, ...]] = []
 
-    def add(self, probe: Any, X: np.ndarray, y: np.ndarray) -> None:
-        self.update(y, *probe.predict_with_proba(X))
+    def add(self, probe: Any, X: np.ndarray, y: np.ndarray, doc: np.ndarray | None = None) -> None:
+        self.update(y, *probe.predict_with_proba(X), doc=doc)
 
-    def update(self, y: np.ndarray, pred: np.ndarray, proba: np.ndarray | None) -> None:
-        """``pred``: predicted labels (``predict``); ``proba``: ``predict_proba`` or None."""
+    def update(
+        self,
+        y: np.ndarray,
+        pred: np.ndarray,
+        proba: np.ndarray | None,
+        doc: np.ndarray | None = None,
+    ) -> None:
+        """``pred``: predicted labels (``predict``); ``proba``: ``predict_proba`` or None;
+        ``doc``: the dataset row of each row (for pairing probes in the bootstrap)."""
         target = column_of(self.classes, y)
         predicted = column_of(self.classes, pred)
         self.confusion.update(torch.from_numpy(predicted), torch.from_numpy(target))
         if proba is None:
             self.loss_sum = math.nan
+            row_loss = np.full(len(target), np.nan)
         else:
             self.loss_sum += float(log_loss(y, proba, labels=self.classes, normalize=False))
+            eps = np.finfo(proba.dtype).eps  # as scikit-learn's log_loss clips
+            row_loss = -np.log(np.clip(proba[np.arange(len(target)), target], eps, 1 - eps))
+        doc = np.arange(self.count, self.count + len(target)) if doc is None else np.asarray(doc)
+        self.parts.append((doc, target, predicted, row_loss, proba))
         self.count += len(target)
+
+    def rows(self) -> dict[str, np.ndarray | None]:
+        """Every scored row, ordered by document (stable: a document's tokens keep their
+        order), so the order does not depend on how the pass was batched."""
+        doc, target, pred, loss, proba = ([part[i] for part in self.parts] for i in range(5))
+        doc = np.concatenate(doc)
+        order = np.argsort(doc, kind="stable")
+        has_proba = all(p is not None for p in proba)
+        return {
+            "doc": doc[order],
+            "target": np.concatenate(target)[order],
+            "pred": np.concatenate(pred)[order],
+            "loss": np.concatenate(loss)[order],
+            "proba": np.concatenate(proba)[order] if has_proba else None,
+        }
 
     def compute(self) -> dict[str, float]:
         confusion = self.confusion.compute().double().numpy()
         row = {"loss": self.loss_sum / self.count}
-        row.update({name: metric(confusion) for name, metric in CLASSIFICATION_METRICS.items()})
+        row.update(
+            {name: float(metric(confusion)) for name, metric in CLASSIFICATION_METRICS.items()}
+        )
+        row["auroc"] = self.auroc()
         row["support"] = self.count
         return row
+
+    def auroc(self) -> float:
+        """Area under the ROC curve from the probabilities (binary; macro one-vs-rest for
+        more classes); NaN without probabilities or with one class in the targets."""
+        rows = self.rows()
+        if rows["proba"] is None or len(np.unique(rows["target"])) < 2:
+            return math.nan
+        proba = torch.from_numpy(rows["proba"])  # no rounding: saturated values would tie
+        target = torch.from_numpy(rows["target"])
+        if len(self.classes) == 2:
+            return float(tmf.binary_auroc(proba[:, 1], target))
+        return float(tmf.multiclass_auroc(proba, target, len(self.classes), average="macro"))
 
     def per_class(self) -> dict[str, np.ndarray]:
         """Precision, recall, F1 and support of every class (in ``classes`` order)."""
@@ -173,7 +226,7 @@ class RegressionScores:
         self.metrics.set_dtype(torch.float64)
         self.count = 0
 
-    def add(self, probe: Any, X: np.ndarray, y: np.ndarray) -> None:
+    def add(self, probe: Any, X: np.ndarray, y: np.ndarray, doc: np.ndarray | None = None) -> None:
         self.update(y, probe.predict(X))
 
     def update(self, y: np.ndarray, pred: np.ndarray) -> None:
@@ -190,8 +243,9 @@ class RegressionScores:
 
 
 def metric_columns(task: str = "classification") -> tuple[str, ...]:
-    registry = CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
-    return ("loss", *registry)
+    if task == "classification":
+        return ("loss", *CLASSIFICATION_METRICS, "auroc")
+    return ("loss", *REGRESSION_METRICS)
 
 
 @dataclass

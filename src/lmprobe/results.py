@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -64,24 +65,39 @@ def layer_index(submodule: str) -> int | None:
 def accuracy_by_layer(
     table: pd.DataFrame, configs: dict[str, ProbeConfig], metric: str = "accuracy"
 ):
-    """A matplotlib figure: ``metric`` against layer, one line per submodule kind and pooling."""
+    """A matplotlib figure: ``metric`` against layer, one line per submodule kind and pooling,
+    with its 95% bootstrap interval as a band and the majority-class baseline dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[str, list[tuple[int, float]]] = {}
+    # label -> (layer, value, low, high, majority) points
+    lines: dict[str, list[tuple[int, float, float, float, float]]] = {}
+    nan = float("nan")
     for name, row in table.iterrows():
         config = configs[name]
         layer = layer_index(config.submodule)
         if layer is None:
             continue
         kind = LAYER.sub(".N", config.submodule, count=1)
-        lines.setdefault(f"{kind} ({config.pooling})", []).append((layer, row[metric]))
+        lines.setdefault(f"{kind} ({config.pooling})", []).append(
+            (
+                layer,
+                row[metric],
+                row.get(f"{metric}_low", nan),
+                row.get(f"{metric}_high", nan),
+                row.get("majority_accuracy", nan) if metric == "accuracy" else nan,
+            )
+        )
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, points in sorted(lines.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        layers, values, low, high, majority = (list(v) for v in zip(*sorted(points), strict=True))
+        (line,) = ax.plot(layers, values, marker="o", label=label)
+        if not all(math.isnan(v) for v in low):  # the 95% bootstrap interval as a band
+            ax.fill_between(layers, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        if not all(math.isnan(v) for v in majority):
+            ax.plot(layers, majority, linestyle=":", color="grey", label=f"majority class, {label}")
     ax.set_xlabel("layer")
     ax.set_ylabel(f"test {metric}")
     ax.grid(alpha=0.3)

@@ -19,6 +19,7 @@ from lmprobe.config import ProbeConfig
 from lmprobe.engine import TRAINER_DEFAULTS
 from lmprobe.errors import LmProbeError
 from lmprobe.poolings import pooling_names
+from lmprobe.uncertainty import DEFAULT_RESAMPLES
 
 
 @dataclass
@@ -119,6 +120,7 @@ class ProbeEarlyStoppingSchema:
 class ProbeMetricsSchema:
     _target_: str = "lmprobe.callbacks.ProbeMetrics"
     chunk_rows: int | None = DEFAULT_CHUNK_ROWS
+    bootstrap: int = DEFAULT_RESAMPLES  # resamples for the test metrics' 95% intervals
 
 
 @dataclass

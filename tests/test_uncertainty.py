@@ -1,0 +1,135 @@
+"""Intervals, paired comparisons, AUROC, the majority baseline and MDL code lengths, each
+against a computation by hand on the same features (issue 9, parts 2, 4 and 5)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+from sklearn.linear_model import SGDClassifier
+from sklearn.preprocessing import StandardScaler
+
+from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
+from lmprobe.datamodule import ProbeDataModule
+from lmprobe.engine import fit_and_test, make_trainer, probe_callbacks
+
+SITES = ["transformer.h.2.output", "transformer.h.9.output"]
+RESAMPLES = 200
+
+
+@pytest.fixture(scope="module")
+def fitted(gpt2, docs):
+    _, enc, labels = docs
+    ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
+    train_set, test_set = ds.tt_split(test_size=0.4, seed=3)
+    configs = [ProbeConfig(s, [0, 1], early_stopping=False) for s in SITES]
+    runner = ProbeRunner(gpt2, configs, seed=4)
+    trainer = make_trainer(
+        runner.module,
+        max_epochs=1,
+        callbacks=probe_callbacks(4, chunk_rows=16, bootstrap=RESAMPLES),
+        enable_progress_bar=False,
+    )
+    datamodule = ProbeDataModule(
+        train_set=train_set, test_set=test_set, batch_size=8, seed=4, group_size=16
+    )
+    table = fit_and_test(trainer, runner.module, datamodule)
+    docs_ = test_set[:]
+    X = runner.get_probe_features(docs_["input_ids"], docs_["attention_mask"])
+    return runner, table, X, docs_["labels"].numpy(), train_set
+
+
+def by_hand(probe, X, y):
+    """The bootstrap as lmprobe.uncertainty documents it, with scikit-learn's metrics."""
+    pred, proba = probe.predict(X), probe.predict_proba(X)
+    eps = np.finfo(proba.dtype).eps
+    loss = -np.log(np.clip(proba[np.arange(len(y)), y], eps, 1 - eps))
+    samples = {"accuracy": [], "f1": [], "matthews": [], "loss": []}
+    for b in range(RESAMPLES):
+        i = np.random.default_rng((4, b)).integers(0, len(y), len(y))
+        samples["accuracy"].append(skm.accuracy_score(y[i], pred[i]))
+        samples["f1"].append(skm.f1_score(y[i], pred[i], average="macro", zero_division=0))
+        samples["matthews"].append(skm.matthews_corrcoef(y[i], pred[i]))
+        samples["loss"].append(loss[i].mean())
+    return samples
+
+
+def test_bootstrap_intervals_equal_a_bootstrap_by_hand(fitted):
+    runner, table, X, y, _ = fitted
+    for site in SITES:
+        samples = by_hand(runner[site], X[site], y)
+        row = table.loc[site]
+        for metric, values in samples.items():
+            low, high = np.percentile(values, [2.5, 97.5])
+            # (the loss moves with float noise: the reference's features come from other batches)
+            assert row[f"{metric}_low"] == pytest.approx(low, rel=1e-6, abs=1e-9), metric
+            assert row[f"{metric}_high"] == pytest.approx(high, rel=1e-6, abs=1e-9), metric
+            assert row[f"{metric}_low"] <= row[metric] <= row[f"{metric}_high"] or metric == "loss"
+
+
+def test_p_vs_best_is_the_paired_bootstrap_by_hand(fitted):
+    runner, table, X, y, _ = fitted
+    accuracy = {s: skm.accuracy_score(y, runner[s].predict(X[s])) for s in SITES}
+    best = max(SITES, key=lambda s: (accuracy[s], s))
+    other = next(s for s in SITES if s != best)
+    difference = np.asarray(by_hand(runner[best], X[best], y)["accuracy"]) - np.asarray(
+        by_hand(runner[other], X[other], y)["accuracy"]
+    )
+    expected = min(1.0, 2 * min((difference <= 0).mean(), (difference >= 0).mean()))
+    assert table.loc[best, "p_vs_best"] == 1.0
+    assert table.loc[other, "p_vs_best"] == pytest.approx(expected)
+
+
+def test_auroc_and_majority_baseline_equal_sklearn(fitted):
+    runner, table, X, y, train_set = fitted
+    for site in SITES:
+        proba = runner[site].predict_proba(X[site])
+        assert table.loc[site, "auroc"] == pytest.approx(skm.roc_auc_score(y, proba[:, 1]), 1e-6)
+    # majority class of the rows each probe trained on (no held-out slice here: all of them)
+    majority = np.bincount(train_set.labels.numpy()).argmax()
+    assert table["majority_accuracy"].tolist() == pytest.approx([(y == majority).mean()] * 2)
+
+
+def test_multiclass_auroc_is_macro_one_vs_rest(gpt2, docs):
+    _, enc, labels = docs
+    y = (torch.arange(len(labels)) % 3 + labels) % 3
+    ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], y)
+    train_set, test_set = ds.tt_split(test_size=0.4, seed=0)
+    config = ProbeConfig(SITES[0], [0, 1, 2], early_stopping=False)
+    runner = ProbeRunner(gpt2, [config]).fit_probes(train_set, test_set, num_epoch=2)
+    docs_ = test_set[:]
+    X = runner.get_probe_features(docs_["input_ids"], docs_["attention_mask"])[config.name]
+    expected = skm.roc_auc_score(
+        docs_["labels"].numpy(), runner[config.name].predict_proba(X), multi_class="ovr"
+    )
+    assert runner.metrics.loc[config.name, "auroc"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_online_code_length_equals_a_sum_by_hand(gpt2, dataset):
+    """MDL (Voita & Titov): each block of the first pass is coded under the probe as it was
+    before training on it (a uniform code for the first block), summed in bits."""
+    # (alpha 0.05: a less overconfident probe, whose code length float noise barely moves)
+    config = ProbeConfig(SITES[1], [0, 1], early_stopping=False, model_kwargs={"alpha": 0.05})
+    runner = ProbeRunner(gpt2, [config], seed=6)
+    runner.fit_probes(dataset, dataset, num_epoch=3, batch_size=8, chunk_rows=24)
+    docs_ = dataset[:]
+    X = runner.get_probe_features(docs_["input_ids"], docs_["attention_mask"])[config.name]
+    y = docs_["labels"].numpy()
+    order = np.random.default_rng(6).permutation(len(y))
+    scaler, sgd = StandardScaler(), SGDClassifier(loss="log_loss", alpha=0.05, random_state=6)
+    bits = 0.0
+    for start in range(0, len(y), 24):  # one epoch: later epochs are not part of the code
+        rows = order[start : start + 24]
+        if start == 0:
+            bits += len(rows) * math.log2(2)
+        else:
+            proba = sgd.predict_proba(scaler.transform(X[rows]))
+            bits += skm.log_loss(y[rows], proba, labels=[0, 1], normalize=False) / math.log(2)
+        scaler.partial_fit(X[rows])
+        sgd.partial_fit(scaler.transform(X[rows]), y[rows], classes=[0, 1])
+    row = runner.metrics.loc[config.name]
+    assert row["codelength_bits"] == pytest.approx(bits, rel=1e-5)
+    assert row["compression"] == pytest.approx(len(y) / bits, rel=1e-5)
