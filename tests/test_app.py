@@ -161,12 +161,15 @@ def test_all_layers_finds_llama_blocks(tokenizer):
     )
     lm = TransformersModel(LlamaForCausalLM(config), tokenizer=tokenizer, task="text-generation")
     bank = probe_bank(lm, [0, 1], pooling=["mean", "last"])
-    assert [c.name for c in bank][:3] == [
+    assert [c.name for c in bank][:4] == [
+        "embeddings/mean",  # the first block's input, layer -1
+        "embeddings/last",
         "model.layers.0.output/mean",
         "model.layers.0.output/last",
-        "model.layers.1.output/mean",
     ]
-    assert len(bank) == 10
+    assert bank[0].submodule == "model.layers.0.input"
+    assert len(bank) == 12
+    assert len(probe_bank(lm, [0, 1], embeddings=False)) == 5
 
 
 def test_cli_sweep_leaves_one_directory_per_job(tmp_path, tiny_model_dir, csv_file):

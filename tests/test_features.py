@@ -143,3 +143,22 @@ def test_bf16_model_gives_float32_features(tokenizer):
     got = runner.get_probe_features(enc["input_ids"], enc["attention_mask"])
     assert got["transformer.h.1.output"].dtype == np.float32
     assert np.isfinite(got["transformer.h.1.output"]).all()
+
+
+def test_embeddings_probe_reads_the_first_blocks_input(gpt2, hf_gpt2, tokenizer):
+    """probes=all_layers adds layer -1: the embeddings, as the HF forward's hidden_states[0]."""
+    from lmprobe.config import probe_bank
+    from lmprobe.results import layer_index
+
+    bank = probe_bank(gpt2, [0, 1])
+    assert bank[0].name == "embeddings" and layer_index(bank[0].submodule) == -1
+    runner = ProbeRunner(gpt2, bank[:1])
+    enc = tokenizer(TEXTS, padding="max_length", max_length=16, return_tensors="pt")
+    got = runner.get_probe_features(enc["input_ids"], enc["attention_mask"])["embeddings"]
+    expected = []
+    for text in TEXTS:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = hf_gpt2(input_ids=ids, output_hidden_states=True).hidden_states[0]
+        expected.append(hidden[0].mean(0))
+    np.testing.assert_allclose(got, torch.stack(expected).numpy(), atol=1e-5)

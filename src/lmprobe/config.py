@@ -12,6 +12,10 @@ from lmprobe.poolings import TOKEN_LEVEL, pooling_names
 SITE_SUFFIXES = ("output", "input")
 
 
+# The name of the probe on the embeddings (the first block's input) in a probe bank.
+EMBEDDINGS = "embeddings"
+
+
 @dataclass
 class ProbeConfig:
     """One probe: an nnsight path such as ``transformer.h.5.mlp.output`` and its label set.
@@ -145,12 +149,15 @@ def probe_bank(
     site: str = "output",
     pooling: str | Sequence[str] = "mean",
     names: Sequence[str] | None = None,
+    embeddings: bool = True,
     **options: Any,
 ) -> list[ProbeConfig]:
     """The probes of a Hydra ``probes`` config: one per submodule (and per pooling).
 
     ``submodules="all_layers"`` means one probe on every decoder block of whatever model is
-    loaded (found from the model); otherwise it is a list of nnsight paths. Every other
+    loaded (found from the model), and with ``embeddings`` (and ``site="output"``) one on
+    the input of the first block, the embeddings: layer -1, named ``embeddings``, a baseline
+    for what the blocks add. Otherwise ``submodules`` is a list of nnsight paths. Every other
     option (pooling, heldout_size, patience, kind, model_kwargs, ...) applies to the whole bank.
     """
     from lmprobe.models import decoder_block_paths
@@ -169,14 +176,16 @@ def probe_bank(
             raise LmProbeError(
                 "could not find the decoder blocks of this model; list probes.submodules"
             )
-        paths = [f"{block}.{site}" for block in blocks]
+        paths = {f"{block}.{site}": f"{block}.{site}" for block in blocks}
+        if embeddings and site == "output":
+            paths = {f"{blocks[0]}.input": EMBEDDINGS, **paths}
     else:
-        paths = list(submodules)
+        paths = {path: path for path in submodules}
     poolings = [pooling] if isinstance(pooling, str) else list(pooling)
     configs = []
-    for path in paths:
+    for path, label in paths.items():
         for pool in poolings:
-            name = path if len(poolings) == 1 else f"{path}/{pool}"
+            name = label if len(poolings) == 1 else f"{label}/{pool}"
             configs.append(ProbeConfig(path, classes, pooling=pool, name=name, **options))
     if names is not None:
         if len(names) != len(configs):

@@ -58,8 +58,12 @@ def save_probes(
 
 
 def layer_index(submodule: str) -> int | None:
+    """The block number in a path (``transformer.h.5.output`` -> 5); the input of block 0,
+    the embeddings, is layer -1."""
     match = LAYER.search(submodule)
-    return int(match.group(1)) if match else None
+    if match is None:
+        return None
+    return -1 if submodule.endswith(".input") and int(match.group(1)) == 0 else int(match.group(1))
 
 
 def accuracy_by_layer(
@@ -80,7 +84,8 @@ def accuracy_by_layer(
         layer = layer_index(config.submodule)
         if layer is None:
             continue
-        kind = LAYER.sub(".N", config.submodule, count=1)
+        # the embeddings (layer -1) continue the curve of the block outputs
+        kind = LAYER.sub(".N", config.submodule, count=1).replace(".N.input", ".N.output")
         lines.setdefault(f"{kind} ({config.pooling})", []).append(
             (
                 layer,

@@ -64,6 +64,7 @@ class ProbesSchema:
     _target_: str = "lmprobe.config.probe_bank"
     submodules: Any = "all_layers"  # 'all_layers' or a list of nnsight paths
     site: str = "output"
+    embeddings: bool = True  # all_layers: also the first block's input (layer -1)
     pooling: Any = _probe_default("pooling")  # one pooling or a list of them
     kind: str = _probe_default("kind")
     classes: list[Any] | None = None
