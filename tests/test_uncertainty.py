@@ -133,3 +133,43 @@ def test_online_code_length_equals_a_sum_by_hand(gpt2, dataset):
     row = runner.metrics.loc[config.name]
     assert row["codelength_bits"] == pytest.approx(bits, rel=1e-5)
     assert row["compression"] == pytest.approx(len(y) / bits, rel=1e-5)
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_control_twins_learn_the_control_task_by_hand(gpt2, docs, level):
+    """A control twin is trained, from the same features, on the control labels computed
+    here by hand; its accuracy and the selectivity land in the probe's row."""
+    _, enc, labels = docs
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    token = level == "token"
+    y = (ids % 2) if token else labels
+    ds = ProbeDataset(ids, mask, y)
+    train_set, test_set = ds.tt_split(test_size=0.4, seed=0)
+    pooling = "none" if token else "mean"
+    config = ProbeConfig(SITES[0], [0, 1], pooling=pooling, early_stopping=False, control=True)
+    runner = ProbeRunner(gpt2, [config], seed=9)
+    runner.fit_probes(train_set, test_set, num_epoch=2, batch_size=8, chunk_rows=None)
+    assert [c.name for c in runner.configs] == [config.name]  # the twin stays inside
+    if token:  # each token type -> a seeded label drawn from the training labels
+        real = train_set.attention_mask.bool()
+        _, counts = np.unique(train_set.labels[real].numpy(), return_counts=True)
+        size = int(max(train_set.input_ids.max(), test_set.input_ids.max())) + 1
+        table = np.random.default_rng(9).choice(2, size=size, p=counts / counts.sum())
+        control_test = table[test_set.input_ids.numpy()][test_set.attention_mask.bool().numpy()]
+    else:  # a seeded permutation of the split's labels
+        order = np.random.default_rng((9, 2)).permutation(len(test_set))
+        control_test = test_set.labels.numpy()[order]
+    twin = runner.module.bank.probes[f"{config.name}/control"]
+    docs_ = test_set[:]
+    X = runner.get_probe_features(docs_["input_ids"], docs_["attention_mask"])[config.name]
+    if token:
+        X = X[docs_["attention_mask"].bool().numpy()]
+    expected = skm.accuracy_score(control_test, twin.predict(X))
+    row = runner.metrics.loc[config.name]
+    assert row["control_accuracy"] == pytest.approx(expected)
+    assert row["selectivity"] == pytest.approx(row["accuracy"] - expected)
+    assert f"{config.name}/control" not in runner.metrics.index
+    # the twin learned from other labels than the probe: other weights
+    assert not np.allclose(twin.classifier_.coef_, runner[config.name].classifier_.coef_)
+    if token:  # token types are memorisable: far above chance on the training tokens
+        assert row["accuracy"] > 0.9

@@ -166,6 +166,7 @@ def show_best(table: pd.DataFrame, cfg: DictConfig, n: int = 10) -> None:
         "loss",
         "p_vs_best",
         "majority_accuracy",
+        "selectivity",
         "steps",
     )
     columns = [c for c in shown if c in table.columns]

@@ -10,6 +10,7 @@ checkpoint holds ``state_dict()``: tensors and plain values only, loadable with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -87,8 +88,23 @@ class ProbeBank:
             )
         for config in configs:
             resolve_probe_kind(config.kind)  # an unknown kind fails before any model work
-        self.configs: dict[str, ProbeConfig] = {c.name: c for c in configs}
+        self.configs: dict[str, ProbeConfig] = {}
+        # Control twins (Hewitt & Liang, 2019): trained like their probe, on the same
+        # features, with the control task's labels; their numbers go to the probe's row.
+        self.control_of: dict[str, str] = {}
+        for config in configs:
+            self.configs[config.name] = config
+            if config.control:
+                if resolve_probe_kind(config.kind).task != "classification":
+                    raise LmProbeError(
+                        f"probe {config.name!r}: control tasks are for classifier probes; "
+                        f"set control=false for kind {config.kind!r}"
+                    )
+                twin = dataclasses.replace(config, name=f"{config.name}/control", control=False)
+                self.configs[twin.name] = twin
+                self.control_of[twin.name] = config.name
         self.seed = seed
+        self._control_table: np.ndarray | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -122,7 +138,45 @@ class ProbeBank:
 
     # --------------------------------------------------------------- features
     def key(self, name: str) -> FeatureKey:
-        return FeatureKey.of(self.configs[name])
+        return FeatureKey.of(self.configs[name], control=name in self.control_of)
+
+    @property
+    def probe_names(self) -> list[str]:
+        """The user's probes (control twins left out)."""
+        return [name for name in self.configs if name not in self.control_of]
+
+    # ------------------------------------------------------------ control tasks
+    CONTROL_SPLITS = ("train", "val", "test")
+
+    def attach_control_labels(self, dataset: Any, split: str) -> None:
+        """Give ``dataset`` the control task's labels (only when probes have control twins;
+        the training split first). Sequence-level: a seeded permutation of the split's own
+        labels. Token-level: each token type (input id) gets a seeded random label drawn
+        from the training labels' distribution, the same in every split."""
+        if not self.control_of or dataset is None:
+            return
+        labels = dataset.labels
+        if labels.dim() == 1:
+            tag = self.CONTROL_SPLITS.index(split)
+            order = np.random.default_rng((self.seed, tag)).permutation(len(labels))
+            dataset.control_labels = labels[torch.from_numpy(order)]
+            return
+        if split == "train" or self._control_table is None:
+            config = self.configs[next(iter(self.control_of.values()))]
+            values = torch.as_tensor(dataset.label_values(config.null_label))
+            self._control_classes, counts = np.unique(values.numpy(), return_counts=True)
+            self._control_p = counts / counts.sum()
+            self._control_table = np.empty(0, dtype=np.int64)
+        size = int(dataset.input_ids.max()) + 1
+        if size > len(self._control_table):  # a prefix of the same seeded draw
+            draw = np.random.default_rng(self.seed).choice(
+                len(self._control_classes), size=size, p=self._control_p
+            )
+            self._control_table = self._control_classes[draw]
+        table = torch.from_numpy(self._control_table)
+        dataset.control_labels = torch.where(
+            dataset.attention_mask.bool(), table[dataset.input_ids], dataset.labels
+        )
 
     def keys_for(self, names: Sequence[str]) -> list[FeatureKey]:
         return list(dict.fromkeys(self.key(n) for n in names))
@@ -350,7 +404,7 @@ class ProbeBank:
             row["stopped_early"] = bool(self.stopped_early[name])
             if task == "classification":
                 row["majority_accuracy"] = float("nan")
-                if scores is not None:
+                if scores is not None and name not in self.control_of:
                     scored[name], n_classes[name] = scores.rows(), len(scores.classes)
                     row["majority_accuracy"] = self._majority_accuracy(name, scored[name])
                 bits, uniform = self.code_bits[name], self.uniform_bits[name]
@@ -363,6 +417,12 @@ class ProbeBank:
             for name, p_value in paired_p_values(scored, point, resampled).items():
                 rows[name]["p_vs_best"] = p_value
                 rows[name].update(intervals.get(name, {}))
+        for twin, parent in self.control_of.items():
+            control = rows.pop(twin)
+            rows[parent]["control_accuracy"] = control["accuracy"]
+            rows[parent]["selectivity"] = rows[parent]["accuracy"] - control["accuracy"]
+            rows[parent]["control_codelength_bits"] = control["codelength_bits"]
+            rows[parent]["control_compression"] = control["compression"]
         table = pd.DataFrame.from_dict(rows, orient="index")
         table.index.name = "probe"
         return table

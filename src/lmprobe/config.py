@@ -28,7 +28,8 @@ class ProbeConfig:
     ``pooling="none"`` trains a token-level probe (one label per token; padding and
     ``null_label`` positions are ignored); ``pool=False`` is lm_probe's spelling of that.
     ``model_kwargs`` go to the kind's scikit-learn estimator. ``kind`` names a registered
-    probe kind (``lmprobe.probes.PROBE_KINDS``) or a class path.
+    probe kind (``lmprobe.probes.PROBE_KINDS``) or a class path. ``control`` adds a twin
+    trained on control-task labels from the same features (Hewitt & Liang, 2019).
     """
 
     submodule: str
@@ -46,6 +47,7 @@ class ProbeConfig:
     name: str | None = None
     kind: str = "sgd_classifier"
     heldout_size: float | None = None
+    control: bool = False
 
     def __post_init__(self) -> None:
         if self.pool is False:

@@ -61,6 +61,9 @@ class ProbeDataset(Dataset):
         self.attention_mask = _as_long_tensor(attention_mask, "attention_mask")
         self.labels = _as_label_tensor(labels)
         self.label_names = dict(label_names) if label_names else None
+        # Labels of the control task (set by the probe bank when probes have control twins):
+        # shaped like ``labels``, handed out as ``"control"`` with every item.
+        self.control_labels: torch.Tensor | None = None
         if self.input_ids.dim() != 2:
             raise LmProbeError(
                 f"input_ids has shape {tuple(self.input_ids.shape)}; expected "
@@ -107,21 +110,27 @@ class ProbeDataset(Dataset):
 
     def __getitem__(self, idx: Any) -> dict[str, torch.Tensor]:
         index = torch.arange(len(self))[idx]
-        return {
+        item = {
             "input_ids": self.input_ids[idx],
             "attention_mask": self.attention_mask[idx],
             "labels": self.labels[idx],
             "index": index,
         }
+        if self.control_labels is not None:
+            item["control"] = self.control_labels[idx]
+        return item
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ProbeDataset:
         indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return ProbeDataset(
+        subset = ProbeDataset(
             self.input_ids[indices],
             self.attention_mask[indices],
             self.labels[indices],
             self.label_names,
         )
+        if self.control_labels is not None:
+            subset.control_labels = self.control_labels[indices]
+        return subset
 
     def label_values(self, null_label: int | None = None) -> np.ndarray:
         """The label of every document, or of every real, non-null token."""
@@ -251,6 +260,7 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     start, stop = int(used[0, 0]), int(used[-1, 0]) + 1
     for key in ("input_ids", "attention_mask"):
         batch[key] = batch[key][:, start:stop]
-    if batch["labels"].dim() == 2:
-        batch["labels"] = batch["labels"][:, start:stop]
+    for key in ("labels", "control"):
+        if key in batch and batch[key].dim() == 2:
+            batch[key] = batch[key][:, start:stop]
     return batch

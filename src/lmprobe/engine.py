@@ -82,6 +82,8 @@ def fit_and_test(
             "the Trainer lacks lmprobe's callbacks; add lmprobe.engine.probe_callbacks()"
         )
     datamodule.setup("fit")
+    for split in module.bank.CONTROL_SPLITS:  # no-op without control twins
+        module.bank.attach_control_labels(getattr(datamodule, f"{split}_set", None), split)
     if getattr(datamodule, "val_set", None) is None:
         trainer.limit_val_batches = 0  # no validation split: skip Lightning's validation loop
     if getattr(datamodule, "test_set", None) is not None:
@@ -98,5 +100,7 @@ def score_test_set(
     """Score the bank on the data module's test set (empty table without one)."""
     if getattr(datamodule, "test_set", None) is None:
         return pd.DataFrame()
+    if datamodule.test_set.control_labels is None:
+        module.bank.attach_control_labels(datamodule.test_set, "test")
     trainer.test(module, datamodule=datamodule, verbose=False)
     return module.bank.tables["test"]

@@ -25,10 +25,11 @@ class FeatureKey(NamedTuple):
     submodule: str
     pooling: str
     null_label: int | None
+    control: bool = False  # rows labelled with the control task's labels (same features)
 
     @classmethod
-    def of(cls, config: ProbeConfig) -> FeatureKey:
-        return cls(config.submodule, config.pooling, config.null_label)
+    def of(cls, config: ProbeConfig, control: bool = False) -> FeatureKey:
+        return cls(config.submodule, config.pooling, config.null_label, control)
 
 
 class Features(NamedTuple):
@@ -210,6 +211,9 @@ def trace_features(
     keys = list(dict.fromkeys(keys))
     device = input_device(lm)
     labels = batch["labels"].cpu()
+    control = batch["control"].cpu() if "control" in batch else None
+    if control is None and any(key.control for key in keys):
+        raise ValueError("control probes need the data's control labels (batch['control'])")
     doc_index = batch["index"].cpu()
     real_host = batch["attention_mask"].cpu().bool()
     attention_mask = batch["attention_mask"].to(device, non_blocking=True)
@@ -221,6 +225,9 @@ def trace_features(
     rows: dict[FeatureKey, torch.Tensor | None] = {}
     targets: dict[FeatureKey, tuple[np.ndarray, np.ndarray]] = {}
     for key in keys:
+        # which rows a key keeps follows the real labels; a control key then reads the
+        # control task's labels of the same rows
+        given = control if key.control else labels
         if key.pooling == TOKEN_LEVEL:
             if all_positions:
                 keep = torch.ones_like(real_host)
@@ -230,14 +237,14 @@ def trace_features(
                 keep = real_host & (labels != key.null_label)
             index = keep.flatten().nonzero().squeeze(1)
             docs = doc_index.unsqueeze(1).expand_as(keep)
-            targets[key] = (labels[keep].numpy(), docs[keep].numpy())
+            targets[key] = (given[keep].numpy(), docs[keep].numpy())
         elif key.null_label is not None:
             keep = labels != key.null_label
             index = keep.nonzero().squeeze(1)
-            targets[key] = (labels[keep].numpy(), doc_index[keep].numpy())
+            targets[key] = (given[keep].numpy(), doc_index[keep].numpy())
         else:
             index = None
-            targets[key] = (labels.numpy(), doc_index.numpy())
+            targets[key] = (given.numpy(), doc_index.numpy())
         rows[key] = None if index is None else index.to(device, non_blocking=True)
     by_site: dict[str, list[FeatureKey]] = {}
     for key in keys:
@@ -253,7 +260,11 @@ def trace_features(
             if isinstance(value, (tuple, list)):  # e.g. attention returns (hidden, weights)
                 value = value[0]
             for key in by_site[site]:
-                saved[key] = nnsight.save(pool(value, real, key.pooling, rows[key]))
+                twin = key._replace(control=not key.control)
+                if twin in saved:  # a control twin reads the very same features
+                    saved[key] = saved[twin]
+                else:
+                    saved[key] = nnsight.save(pool(value, real, key.pooling, rows[key]))
         tracer.stop()  # nothing after the deepest site is needed: skip the rest, lm_head too
     return {
         key: PendingFeatures(saved[key], *targets[key], key.submodule, batch_label, on_nonfinite)

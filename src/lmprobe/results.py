@@ -76,8 +76,8 @@ def accuracy_by_layer(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # label -> (layer, value, low, high, majority) points
-    lines: dict[str, list[tuple[int, float, float, float, float]]] = {}
+    # label -> (layer, value, low, high, majority, control) points
+    lines: dict[str, list[tuple[int, float, float, float, float, float]]] = {}
     nan = float("nan")
     for name, row in table.iterrows():
         config = configs[name]
@@ -93,14 +93,21 @@ def accuracy_by_layer(
                 row.get(f"{metric}_low", nan),
                 row.get(f"{metric}_high", nan),
                 row.get("majority_accuracy", nan) if metric == "accuracy" else nan,
+                row.get("control_accuracy", nan) if metric == "accuracy" else nan,
             )
         )
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, points in sorted(lines.items()):
-        layers, values, low, high, majority = (list(v) for v in zip(*sorted(points), strict=True))
+        layers, values, low, high, majority, control = (
+            list(v) for v in zip(*sorted(points), strict=True)
+        )
         (line,) = ax.plot(layers, values, marker="o", label=label)
         if not all(math.isnan(v) for v in low):  # the 95% bootstrap interval as a band
             ax.fill_between(layers, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        if not all(math.isnan(v) for v in control):  # the control task's accuracy, dashed
+            ax.plot(
+                layers, control, linestyle="--", color=line.get_color(), label=f"control, {label}"
+            )
         if not all(math.isnan(v) for v in majority):
             ax.plot(layers, majority, linestyle=":", color="grey", label=f"majority class, {label}")
     ax.set_xlabel("layer")

@@ -57,7 +57,7 @@ class ProbeRunner:
         self.module = ProbeModule(
             self.model, list(probe_configs), seed=seed, remote=remote, on_nonfinite=on_nonfinite
         )
-        self.configs = list(self.module.configs.values())
+        self.configs = [self.module.configs[name] for name in self.module.bank.probe_names]
         self.trainer: L.Trainer | None = None
         self._metrics: pd.DataFrame | None = None
 
@@ -187,7 +187,7 @@ class ProbeRunner:
     @property
     def probes(self) -> list[Probe]:
         """The probes in the order of the configs (lm_probe's list); ``runner[name]`` by name."""
-        return list(self.module.bank.probes.values())
+        return [self.module.bank.probes[name] for name in self.module.bank.probe_names]
 
     @property
     def submodules(self) -> list[str]:
@@ -229,7 +229,7 @@ class ProbeRunner:
         mask = torch.as_tensor(np.asarray(attention_mask)).long()
         if ids.dim() == 1:
             ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
-        names = [self._name(n) for n in subset] if subset else list(self.module.configs)
+        names = [self._name(n) for n in subset] if subset else self.module.bank.probe_names
         configs = [self.module.configs[n] for n in names]
         groups = {
             "token": [c.name for c in configs if c.token_level],

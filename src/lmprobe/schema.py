@@ -65,6 +65,7 @@ class ProbesSchema:
     submodules: Any = "all_layers"  # 'all_layers' or a list of nnsight paths
     site: str = "output"
     embeddings: bool = True  # all_layers: also the first block's input (layer -1)
+    control: bool = False  # a control-task twin per probe (selectivity)
     pooling: Any = _probe_default("pooling")  # one pooling or a list of them
     kind: str = _probe_default("kind")
     classes: list[Any] | None = None
@@ -131,6 +132,7 @@ class TrainSchema:
     ckpt_path: str | None = None  # resume an interrupted run from the last.ckpt it wrote
     on_nonfinite: str = "error"  # error: stop at NaN/inf activations; skip: drop those rows
     optimized_metric: str = "accuracy"  # the best probe's test metric returned to a sweeper
+    control: bool = False  # control-task twins for every probe (probes.control follows it)
     output_dir: str | None = None  # where outputs go when Hydra is not running the job
     model: Any = MISSING
     data: Any = MISSING
