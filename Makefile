@@ -48,7 +48,7 @@ format: setup
 	$(PY) -m ruff check --fix src tests bench train.py
 
 bench: setup
-	OMP_NUM_THREADS=1 $(PY) bench/bench_overhead.py --config cpu bank
+	OMP_NUM_THREADS=1 $(PY) bench/bench_overhead.py --config cpu bank control
 
 clean:
 	rm -rf $(VENV) outputs multirun lightning_logs

@@ -4,6 +4,7 @@ Configurations (see bench/README.md):
   cpu   tiny random GPT-2 (12 layers, width 256), ~1,000 short documents, 12 probes, batch 8
   gpu   GPT-2-small architecture, random weights, 2,048 x 512 tokens, batch 8 and 32, fp32/bf16
   bank  100 probes (12 layers x {block, mlp, attn} x {mean, last} + SGD-alpha variants) vs 1
+  control  the cpu bank of 12 probes with control-task twins vs without
 
 Floor and lmprobe run in one process, interleaved, ``--repeats`` times after a warm-up;
 the table shows medians and the JSON keeps every sample. Run with OMP_NUM_THREADS=1 on
@@ -103,9 +104,9 @@ def probe_run(runner: ProbeRunner, train, test, batch_size: int, device) -> floa
     return time.perf_counter() - start
 
 
-def layer_probes(n_layer: int) -> list[ProbeConfig]:
+def layer_probes(n_layer: int, control: bool = False) -> list[ProbeConfig]:
     return [
-        ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False)
+        ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False, control=control)
         for i in range(n_layer)
     ]
 
@@ -177,7 +178,7 @@ def run_config(name: str, args) -> Iterator[dict]:
     """The rows of one configuration, one setting (batch size, dtype) at a time."""
     from nnsight import TransformersModel
 
-    if name in ("cpu", "bank"):
+    if name in ("cpu", "bank", "control"):
         device, settings = "cpu", [(8, torch.float32)]
         shape = dict(n_layer=12, n_embd=256, n_head=4, n_positions=128, vocab=1000)
         train = random_docs(args.docs, 4, 48, shape["vocab"], seed=0)
@@ -194,7 +195,15 @@ def run_config(name: str, args) -> Iterator[dict]:
         lm = TransformersModel(
             model, tokenizer=word_tokenizer(shape["vocab"]), task="text-generation"
         )
-        if name == "bank":
+        if name == "control":
+            plain = ProbeRunner(lm, layer_probes(shape["n_layer"]))
+            twins = ProbeRunner(lm, layer_probes(shape["n_layer"], control=True))
+            cases = {
+                "12 probes": partial(probe_run, plain, train, test, batch_size, device),
+                "+ controls": partial(probe_run, twins, train, test, batch_size, device),
+            }
+            base = "12 probes"
+        elif name == "bank":
             many = ProbeRunner(lm, bank_probes(shape["n_layer"]))
             one = ProbeRunner(lm, [layer_probes(shape["n_layer"])[-1]])
             cases = {
@@ -249,7 +258,10 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--config", choices=["cpu", "gpu", "bank"], nargs="+", default=["cpu", "bank"]
+        "--config",
+        choices=["cpu", "gpu", "bank", "control"],
+        nargs="+",
+        default=["cpu", "bank", "control"],
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--docs", type=int, default=None, help="training+test documents")
