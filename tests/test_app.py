@@ -329,3 +329,19 @@ def test_probe_kind_from_the_command_line(tmp_path, tiny_model_dir, kind):
     else:
         assert written["loss"].isna().all() and table["accuracy"].max() > 0.7
     assert (tmp_path / "run" / "accuracy_by_layer.png").exists()
+
+
+def test_random_init_baseline_from_the_command_line(tiny_cfg, tmp_path):
+    from lmprobe import LmProbeError
+
+    with open_dict(tiny_cfg):
+        tiny_cfg.baseline = "random_init"
+        tiny_cfg.trainer.max_epochs = 1
+    table = train(tiny_cfg)
+    written = pd.read_csv(tmp_path / "run" / "metrics.csv", index_col="probe")
+    assert written["random_init_accuracy"].notna().all()
+    assert (table["accuracy"] != table["random_init_accuracy"]).any()
+    with open_dict(tiny_cfg):
+        tiny_cfg.baseline = "untrained"
+    with pytest.raises(LmProbeError, match="baseline='untrained' is not a baseline"):
+        train(tiny_cfg)

@@ -173,3 +173,39 @@ def test_control_twins_learn_the_control_task_by_hand(gpt2, docs, level):
     assert not np.allclose(twin.classifier_.coef_, runner[config.name].classifier_.coef_)
     if token:  # token types are memorisable: far above chance on the training tokens
         assert row["accuracy"] > 0.9
+
+
+def test_random_init_copy_reinitialises_every_weight_seeded(gpt2):
+    from lmprobe.baselines import random_init_copy
+
+    a, b, c = (random_init_copy(gpt2, seed) for seed in (3, 3, 4))
+    for name, original in gpt2._module.named_parameters():
+        pa = dict(a._module.named_parameters())[name]
+        assert torch.equal(pa, dict(b._module.named_parameters())[name]), name  # seeded
+        if original.dim() == 2:  # weight matrices: redrawn, at the config's init scale
+            assert not torch.equal(pa, original), name
+            assert not torch.equal(pa, dict(c._module.named_parameters())[name]), name
+            # GPT-2 draws at initializer_range, residual projections at it / sqrt(2 n_layer)
+            scale = gpt2._module.config.initializer_range
+            expected = scale / math.sqrt(2 * 12) if "c_proj" in name else scale
+            assert pa.std().item() == pytest.approx(expected, rel=0.15), name
+
+
+def test_random_init_baseline_stands_beside_each_probe(gpt2, docs):
+    """baseline="random_init": the same probes fitted the same way on the re-initialised
+    model; their accuracy is the one a plain run on that model gets."""
+    from lmprobe.baselines import random_init_copy
+
+    _, enc, labels = docs
+    ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
+    train_set, test_set = ds.tt_split(test_size=0.4, seed=1)
+    configs = [ProbeConfig(s, [0, 1], early_stopping=False) for s in SITES]
+    runner = ProbeRunner(gpt2, configs, seed=2)
+    runner.fit_probes(train_set, test_set, num_epoch=2, batch_size=8, baseline="random_init")
+    plain = ProbeRunner(random_init_copy(gpt2, 2), configs, seed=2)
+    plain.fit_probes(train_set, test_set, num_epoch=2, batch_size=8)
+    for site in SITES:
+        row = runner.metrics.loc[site]
+        assert row["random_init_accuracy"] == pytest.approx(plain.metrics.loc[site, "accuracy"])
+        low, high = row["random_init_accuracy_low"], row["random_init_accuracy_high"]
+        assert low <= row["random_init_accuracy"] <= high

@@ -23,7 +23,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lmprobe.engine import fit_and_test, show_lmprobe_log
+from lmprobe.baselines import merge_baseline
+from lmprobe.engine import baseline_table, fit_and_test, show_lmprobe_log
 from lmprobe.errors import LmProbeError, RunInterrupted
 from lmprobe.models import context_length
 from lmprobe.module import ProbeModule
@@ -135,6 +136,14 @@ def train(cfg: DictConfig) -> pd.DataFrame:
             f"run interrupted; partial results in {out}; resume with ckpt_path={out / 'last.ckpt'}"
         ) from err
 
+    if cfg.get("baseline"):
+
+        def trainer_for(other: ProbeModule) -> L.Trainer:
+            fresh = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+            return build(cfg.trainer, module=other, callbacks=fresh, logger=False, _convert_="all")
+
+        other = baseline_table(cfg.baseline, module, datamodule, trainer_for)
+        table = merge_baseline(table, other, cfg.baseline)
     write_metrics(table, out / "metrics.csv")
     save_probes(module.bank.probes, out / "probes", datamodule.label_names)
     figure = accuracy_by_layer(table, module.configs, headline_metric(table))

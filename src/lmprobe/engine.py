@@ -94,6 +94,30 @@ def fit_and_test(
     return score_test_set(trainer, module, datamodule)
 
 
+def baseline_table(
+    baseline: str,
+    module: ProbeModule,
+    datamodule: L.LightningDataModule,
+    trainer_for: Any,
+) -> pd.DataFrame:
+    """The same probes, fitted and scored the same way on the baseline model (``random_init``:
+    ``module``'s LM with its weights re-initialised with the seed). ``trainer_for(module)``
+    builds a fresh Trainer (fresh callbacks) for it."""
+    from lmprobe.baselines import check_baseline, random_init_copy
+
+    check_baseline(baseline)
+    configs = [module.configs[name] for name in module.bank.probe_names]
+    other = ProbeModule(
+        random_init_copy(module.lm, module.seed),
+        configs,
+        seed=module.seed,
+        remote=module.remote,
+        on_nonfinite=module.on_nonfinite,
+    )
+    log.info("fitting the same probes on the %s baseline", baseline)
+    return fit_and_test(trainer_for(other), other, datamodule)
+
+
 def score_test_set(
     trainer: L.Trainer, module: ProbeModule, datamodule: L.LightningDataModule
 ) -> pd.DataFrame:

@@ -76,8 +76,8 @@ def accuracy_by_layer(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # label -> (layer, value, low, high, majority, control) points
-    lines: dict[str, list[tuple[int, float, float, float, float, float]]] = {}
+    # label -> (layer, value, low, high, majority, control, random-init) points
+    lines: dict[str, list[tuple[int, float, float, float, float, float, float]]] = {}
     nan = float("nan")
     for name, row in table.iterrows():
         config = configs[name]
@@ -94,11 +94,12 @@ def accuracy_by_layer(
                 row.get(f"{metric}_high", nan),
                 row.get("majority_accuracy", nan) if metric == "accuracy" else nan,
                 row.get("control_accuracy", nan) if metric == "accuracy" else nan,
+                row.get(f"random_init_{metric}", nan),
             )
         )
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, points in sorted(lines.items()):
-        layers, values, low, high, majority, control = (
+        layers, values, low, high, majority, control, random_init = (
             list(v) for v in zip(*sorted(points), strict=True)
         )
         (line,) = ax.plot(layers, values, marker="o", label=label)
@@ -107,6 +108,15 @@ def accuracy_by_layer(
         if not all(math.isnan(v) for v in control):  # the control task's accuracy, dashed
             ax.plot(
                 layers, control, linestyle="--", color=line.get_color(), label=f"control, {label}"
+            )
+        if not all(math.isnan(v) for v in random_init):  # the same probes, untrained model
+            ax.plot(
+                layers,
+                random_init,
+                linestyle="-.",
+                color=line.get_color(),
+                alpha=0.7,
+                label=f"random init, {label}",
             )
         if not all(math.isnan(v) for v in majority):
             ax.plot(layers, majority, linestyle=":", color="grey", label=f"majority class, {label}")

@@ -17,10 +17,17 @@ import pandas as pd
 import torch
 
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
+from lmprobe.baselines import check_baseline, merge_baseline
 from lmprobe.config import ProbeConfig
 from lmprobe.datamodule import ProbeDataModule
 from lmprobe.dataset import ProbeDataset, trim_padding
-from lmprobe.engine import fit_and_test, make_trainer, probe_callbacks, score_test_set
+from lmprobe.engine import (
+    baseline_table,
+    fit_and_test,
+    make_trainer,
+    probe_callbacks,
+    score_test_set,
+)
 from lmprobe.errors import LmProbeError
 from lmprobe.features import PendingFeatures, gather
 from lmprobe.models import load_language_model
@@ -80,6 +87,7 @@ class ProbeRunner:
         callbacks: Sequence[L.Callback] = (),
         ckpt_path: str | None = None,
         chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
+        baseline: str | None = None,
         **trainer_kwargs: Any,
     ) -> ProbeRunner:
         """Fit every probe on ``train_set`` and, if given, score them on ``eval_set``.
@@ -90,7 +98,10 @@ class ProbeRunner:
         ``test_set``/``max_epochs`` are this project's spellings of ``eval_set``/``num_epoch``.
         Probes are updated with at least ``chunk_rows`` rows at a time (``None``: after
         every batch); steps, patience and warm-up count training batches either way.
+        ``baseline="random_init"`` also fits the same probes on the model with re-initialised
+        weights and puts their accuracy beside each probe's (``random_init_accuracy``).
         """
+        check_baseline(baseline)
         if test_set is not None:
             if eval_set is not None:
                 raise LmProbeError("give eval_set or test_set (the same thing), not both")
@@ -131,6 +142,26 @@ class ProbeRunner:
                 progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
                 limit = max(1, progress.completed)
             self._metrics = self.compute_metrics(eval_set, batch_size, limit)
+        if baseline is not None and eval_set is not None:
+            datamodule = ProbeDataModule(
+                train_set=train_set,
+                test_set=eval_set,
+                batch_size=batch_size,
+                seed=self.seed,
+                group_size=chunk_rows,
+            )
+
+            def trainer_for(module: ProbeModule) -> L.Trainer:
+                return make_trainer(
+                    module,
+                    max_epochs=num_epoch,
+                    enable_progress_bar=enable_progress_bar,
+                    callbacks=probe_callbacks(self.seed, chunk_rows),
+                    **trainer_kwargs,
+                )
+
+            other = baseline_table(baseline, self.module, datamodule, trainer_for)
+            self._metrics = merge_baseline(self._metrics, other, baseline)
         return self
 
     def compute_metrics(

@@ -133,6 +133,7 @@ class TrainSchema:
     on_nonfinite: str = "error"  # error: stop at NaN/inf activations; skip: drop those rows
     optimized_metric: str = "accuracy"  # the best probe's test metric returned to a sweeper
     control: bool = False  # control-task twins for every probe (probes.control follows it)
+    baseline: str | None = None  # random_init: the same probes on re-initialised weights
     output_dir: str | None = None  # where outputs go when Hydra is not running the job
     model: Any = MISSING
     data: Any = MISSING
@@ -189,6 +190,9 @@ def check_config(cfg: DictConfig) -> None:
         from lmprobe.probes import resolve_probe_kind
 
         resolve_probe_kind(kind)
+    from lmprobe.baselines import check_baseline
+
+    check_baseline(cfg.get("baseline"))
     if cfg.get("on_nonfinite", "error") not in NONFINITE_POLICIES:
         raise LmProbeError(
             f"config key on_nonfinite={cfg.on_nonfinite!r}: use one of "
