@@ -207,12 +207,6 @@ class ClassificationScores:
             return float(tmf.binary_auroc(proba[:, 1], target))
         return float(tmf.multiclass_auroc(proba, target, len(self.classes), average="macro"))
 
-    def per_class(self) -> dict[str, np.ndarray]:
-        """Precision, recall, F1 and support of every class (in ``classes`` order)."""
-        confusion = self.confusion.compute().double().numpy()
-        precision, recall, f1, _ = _per_class(confusion)
-        return {"precision": precision, "recall": recall, "f1": f1, "support": confusion.sum(1)}
-
 
 class RegressionScores:
     """Metrics of one regression probe over every row it is shown, chunk by chunk."""

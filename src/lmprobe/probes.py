@@ -333,11 +333,6 @@ class LinearProbe(ClassifierMixin, _ScaledSGD):
         X = self._transform(X)
         return self.estimator_.predict(X), self.estimator_.predict_proba(X)
 
-    def class_index(self, y: np.ndarray) -> np.ndarray:
-        """Column of each label in ``predict_proba`` (labels must be in ``classes_``)."""
-        check_is_fitted(self, "classes_")
-        return column_of(self.classes_, y)
-
     def heldout_loss(self, X: np.ndarray, y: np.ndarray) -> float:
         return float(log_loss(y, self.predict_proba(X), labels=self.classes_))
 
