@@ -169,3 +169,53 @@ def test_empty_after_filtering_and_empty_split(tmp_path, tokenizer):
     with pytest.raises(LmProbeError) as excinfo:
         ProbeDataModule(path=str(path), tokenizer=tokenizer, test_size=0.1).setup()
     check(excinfo, "test_size=0.1", "3 documents", "empty split")
+
+
+def test_runs_that_would_train_nothing_stop_before_model_work(small_lm, docs):
+    """max_epochs=0 and a held-out slice of every training row are errors, not NaN tables."""
+    from lmprobe import ProbeDataset
+
+    _, enc, labels = docs
+    ds = ProbeDataset(enc["input_ids"][:10], enc["attention_mask"][:10], labels[:10])
+    runner = ProbeRunner(small_lm, [ProbeConfig("transformer.h.0.output", [0, 1])])
+    with pytest.raises(LmProbeError) as excinfo:
+        runner.fit_probes(ds, ds, max_epochs=0)
+    check(excinfo, "num_epoch=0")
+    from lmprobe.datamodule import ProbeDataModule
+    from lmprobe.engine import fit_and_test, make_trainer, probe_callbacks
+
+    trainer = make_trainer(runner.module, max_epochs=0, callbacks=probe_callbacks())
+    with pytest.raises(LmProbeError) as excinfo:  # the app's trainer.max_epochs=0
+        fit_and_test(trainer, runner.module, ProbeDataModule(train_set=ds, test_set=ds))
+    check(excinfo, "max_epochs=0")
+    greedy = ProbeConfig("transformer.h.0.output", [0, 1], heldout_size=0.96)
+    with pytest.raises(LmProbeError) as excinfo:
+        ProbeRunner(small_lm, [greedy]).fit_probes(ds, ds, batch_size=4)
+    check(excinfo, "heldout_size=0.96")
+
+
+def test_result_files_get_the_users_umask(tmp_path):
+    import os
+    import stat
+
+    from lmprobe.io import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "metrics.csv", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "metrics.csv").stat().st_mode) == 0o644
+
+
+def test_default_run_directories_are_unique_to_the_microsecond(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from test_app import ROOT
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+    import re
+
+    assert re.search(r"runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}$", cfg.hydra.run.dir)

@@ -236,6 +236,13 @@ class ProbeBank:
         seeded permutation per probe, so probes with equal ``test_size`` share a slice."""
         seed = self.seed if seed is None else seed
         sizes = self._heldout_sizes(n_rows)
+        for name, size in sizes.items():  # checked before the slice is traced
+            if size and size >= n_rows:
+                raise LmProbeError(
+                    f"probe {name!r}: heldout_size={self.configs[name].heldout_size} holds out "
+                    f"all {n_rows} training rows, leaving none to train on; lower heldout_size "
+                    f"or use more training data"
+                )
         return np.random.default_rng(seed).permutation(n_rows)[: max(sizes.values(), default=0)]
 
     def _heldout_sizes(self, n_rows: int) -> dict[str, int]:

@@ -90,7 +90,14 @@ def fit_and_test(
         module.bank.check_dataset(datamodule.test_set, "test")
     # weights_only: a checkpoint holds tensors and plain values (ProbeBank.state_dict), so
     # resuming never unpickles objects, which could run code from someone else's file.
+    if trainer.max_epochs == 0:
+        raise LmProbeError("trainer max_epochs=0 trains no probe; use max_epochs >= 1")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if not any(probe.is_fitted for probe in module.bank.probes.values()):
+        raise LmProbeError(
+            "no probe was trained: no training batch had rows for any probe (check the "
+            "training labels against each probe's null_label and classes)"
+        )
     return score_test_set(trainer, module, datamodule)
 
 
