@@ -143,6 +143,7 @@ class ClassificationScores:
         self.loss_sum = 0.0
         self.count = 0
         self.parts: list[tuple[np.ndarray, ...]] = []
+        self._merged = False  # parts hold one merged, document-ordered part
 
     def add(self, probe: Any, X: np.ndarray, y: np.ndarray, doc: np.ndarray | None = None) -> None:
         self.update(y, *probe.predict_with_proba(X), doc=doc)
@@ -168,22 +169,27 @@ class ClassificationScores:
             row_loss = -np.log(np.clip(proba[np.arange(len(target)), target], eps, 1 - eps))
         doc = np.arange(self.count, self.count + len(target)) if doc is None else np.asarray(doc)
         self.parts.append((doc, target, predicted, row_loss, proba))
+        self._merged = False
         self.count += len(target)
 
     def rows(self) -> dict[str, np.ndarray | None]:
         """Every scored row, ordered by document (stable: a document's tokens keep their
-        order), so the order does not depend on how the pass was batched."""
-        doc, target, pred, loss, proba = ([part[i] for part in self.parts] for i in range(5))
-        doc = np.concatenate(doc)
-        order = np.argsort(doc, kind="stable")
-        has_proba = all(p is not None for p in proba)
-        return {
-            "doc": doc[order],
-            "target": np.concatenate(target)[order],
-            "pred": np.concatenate(pred)[order],
-            "loss": np.concatenate(loss)[order],
-            "proba": np.concatenate(proba)[order] if has_proba else None,
-        }
+        order), so the order does not depend on how the pass was batched. The parts are
+        merged once (AUROC and the bootstrap both read them) and kept as one part."""
+        if len(self.parts) != 1 or not self._merged:
+            doc, target, pred, loss, proba = ([part[i] for part in self.parts] for i in range(5))
+            doc = np.concatenate(doc)
+            order = np.argsort(doc, kind="stable")
+            has_proba = all(p is not None for p in proba)
+            merged = (
+                doc[order],
+                np.concatenate(target)[order],
+                np.concatenate(pred)[order],
+                np.concatenate(loss)[order],
+                np.concatenate(proba)[order] if has_proba else None,
+            )
+            self.parts, self._merged = [merged], True
+        return dict(zip(("doc", "target", "pred", "loss", "proba"), self.parts[0], strict=True))
 
     def compute(self) -> dict[str, float]:
         confusion = self.confusion.compute().double().numpy()
