@@ -81,6 +81,8 @@ def fit_and_test(
         raise LmProbeError(
             "the Trainer lacks lmprobe's callbacks; add lmprobe.engine.probe_callbacks()"
         )
+    if trainer.max_epochs == 0:
+        raise LmProbeError("trainer max_epochs=0 trains no probe; use max_epochs >= 1")
     datamodule.setup("fit")
     for split in module.bank.CONTROL_SPLITS:  # no-op without control twins
         module.bank.attach_control_labels(getattr(datamodule, f"{split}_set", None), split)
@@ -90,8 +92,6 @@ def fit_and_test(
         module.bank.check_dataset(datamodule.test_set, "test")
     # weights_only: a checkpoint holds tensors and plain values (ProbeBank.state_dict), so
     # resuming never unpickles objects, which could run code from someone else's file.
-    if trainer.max_epochs == 0:
-        raise LmProbeError("trainer max_epochs=0 trains no probe; use max_epochs >= 1")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if not any(probe.is_fitted for probe in module.bank.probes.values()):
         raise LmProbeError(
