@@ -123,18 +123,30 @@ class ProbeRunner:
         if ckpt_path is None:  # a fresh fit starts from fresh probes
             self._reset_probes()
         L.seed_everything(self.seed, workers=True, verbose=False)
-        datamodule = ProbeDataModule(
-            train_set=train_set, batch_size=batch_size, seed=self.seed, group_size=chunk_rows
-        )
-        self.trainer = make_trainer(
-            self.module,
-            max_epochs=num_epoch,
-            logger=logger,
-            enable_progress_bar=enable_progress_bar,
-            callbacks=[*probe_callbacks(self.seed, chunk_rows), *callbacks],
-            **trainer_kwargs,
-        )
-        fit_and_test(self.trainer, self.module, datamodule, ckpt_path)
+
+        def datamodule_for(test: ProbeDataset | None) -> ProbeDataModule:
+            return ProbeDataModule(
+                train_set=train_set,
+                test_set=test,
+                batch_size=batch_size,
+                seed=self.seed,
+                group_size=chunk_rows,
+            )
+
+        def trainer_for(
+            module: ProbeModule, extra: Sequence[L.Callback] = (), log_to: Any = False
+        ) -> L.Trainer:
+            return make_trainer(
+                module,
+                max_epochs=num_epoch,
+                logger=log_to,
+                enable_progress_bar=enable_progress_bar,
+                callbacks=[*probe_callbacks(self.seed, chunk_rows), *extra],
+                **trainer_kwargs,
+            )
+
+        self.trainer = trainer_for(self.module, callbacks, logger)
+        fit_and_test(self.trainer, self.module, datamodule_for(None), ckpt_path)
         self._metrics = None
         if eval_set is not None:
             limit = None
@@ -143,24 +155,7 @@ class ProbeRunner:
                 limit = max(1, progress.completed)
             self._metrics = self.compute_metrics(eval_set, batch_size, limit)
         if baseline is not None and eval_set is not None:
-            datamodule = ProbeDataModule(
-                train_set=train_set,
-                test_set=eval_set,
-                batch_size=batch_size,
-                seed=self.seed,
-                group_size=chunk_rows,
-            )
-
-            def trainer_for(module: ProbeModule) -> L.Trainer:
-                return make_trainer(
-                    module,
-                    max_epochs=num_epoch,
-                    enable_progress_bar=enable_progress_bar,
-                    callbacks=probe_callbacks(self.seed, chunk_rows),
-                    **trainer_kwargs,
-                )
-
-            other = baseline_table(baseline, self.module, datamodule, trainer_for)
+            other = baseline_table(baseline, self.module, datamodule_for(eval_set), trainer_for)
             self._metrics = merge_baseline(self._metrics, other, baseline)
         return self
 
@@ -186,12 +181,9 @@ class ProbeRunner:
             # lm_probe scores the first batch_limit batches in the dataset's own order; the
             # test loader goes longest first, so limiting its batches would pick other rows.
             dataset = dataset.subset(np.arange(min(len(dataset), batch_limit * batch_size)))
-        self.trainer.limit_test_batches = 1.0
-        try:
-            datamodule = ProbeDataModule(train_set=dataset, test_set=dataset, batch_size=batch_size)
-            return score_test_set(self.trainer, self.module, datamodule)
-        finally:
-            self.trainer.limit_test_batches = 1.0
+        self.trainer.limit_test_batches = 1.0  # the rows to score were chosen just above
+        datamodule = ProbeDataModule(train_set=dataset, test_set=dataset, batch_size=batch_size)
+        return score_test_set(self.trainer, self.module, datamodule)
 
     @property
     def metrics(self) -> pd.DataFrame:
