@@ -62,6 +62,11 @@ def load_model(model_cfg: DictConfig) -> Any:
     return _loaded_models[key]
 
 
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """Fresh callbacks of the config (each run of probes needs its own)."""
+    return [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
 def output_dir(cfg: DictConfig) -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
@@ -121,7 +126,7 @@ def train(cfg: DictConfig) -> pd.DataFrame:
         on_nonfinite=cfg.get("on_nonfinite", "error"),
     )
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = build_callbacks(cfg)
     callbacks.append(RunOutputs(out, datamodule.label_names))
     trainer = build(
         cfg.trainer, module=module, callbacks=callbacks, logger=loggers or False, _convert_="all"
@@ -139,8 +144,13 @@ def train(cfg: DictConfig) -> pd.DataFrame:
     if cfg.get("baseline"):
 
         def trainer_for(other: ProbeModule) -> L.Trainer:
-            fresh = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-            return build(cfg.trainer, module=other, callbacks=fresh, logger=False, _convert_="all")
+            return build(
+                cfg.trainer,
+                module=other,
+                callbacks=build_callbacks(cfg),
+                logger=False,
+                _convert_="all",
+            )
 
         other = baseline_table(cfg.baseline, module, datamodule, trainer_for)
         table = merge_baseline(table, other, cfg.baseline)
