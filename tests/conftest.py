@@ -136,17 +136,25 @@ def tiny_model_dir(tmp_path_factory, base_tokenizer):
 class InterruptAt:
     """A Lightning callback that interrupts training at one batch, like Ctrl-C or SIGTERM."""
 
-    def __new__(cls, batch: int, how: str = "ctrl-c"):
+    def __new__(cls, batch: int, how: str = "ctrl-c", epoch: int | None = None, stage="train"):
         import signal
 
         from lightning.pytorch.callbacks import Callback
 
+        def interrupt() -> None:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise KeyboardInterrupt
+
         class _Interrupt(Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx):
-                if batch_idx == batch:
-                    if how == "sigterm":
-                        os.kill(os.getpid(), signal.SIGTERM)
-                    else:
-                        raise KeyboardInterrupt
+                if stage == "train" and batch_idx == batch:
+                    if epoch is None or trainer.current_epoch == epoch:
+                        interrupt()
+
+            def on_test_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx, *_):
+                if stage == "test" and batch_idx == batch:
+                    interrupt()
 
         return _Interrupt()

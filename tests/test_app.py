@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from lmprobe import LinearProbe, ProbeRunner
+from lmprobe import LinearProbe, LmProbeError, ProbeRunner
 from lmprobe.app import build, load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,3 +346,83 @@ def test_random_init_baseline_from_the_command_line(tiny_cfg, tmp_path):
         tiny_cfg.baseline = "untrained"
     with pytest.raises(LmProbeError, match="baseline='untrained' is not a baseline"):
         train(tiny_cfg)
+
+
+def _final_probes(run: Path) -> dict[str, LinearProbe]:
+    index = json.loads((run / "probes" / "index.json").read_text())
+    return {name: LinearProbe.load(run / "probes" / file) for name, file in index.items()}
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"batch": 3, "epoch": 0},  # mid-group in the first epoch (features being kept)
+        {"batch": 15, "epoch": 0},  # the last batch of the first epoch
+        {"batch": 5, "epoch": 1},  # mid-group in a later epoch (kept features replayed)
+        {"batch": 1, "stage": "test"},  # after training, during the test pass
+    ],
+    ids=["epoch0-mid", "epoch0-last", "epoch1-mid", "test"],
+)
+def test_a_resumed_run_learns_exactly_what_an_uninterrupted_run_learns(
+    tiny_model_dir, csv_file, tmp_path, where
+):
+    """Interrupted (SIGTERM) and resumed from its last.ckpt, a run ends with the probes of
+    an uninterrupted run with the same seed: every coefficient equal, the same metrics."""
+    from lmprobe.errors import RunInterrupted
+
+    overrides = [
+        "probes=gpt2_layers",
+        f"model.name_or_path={tiny_model_dir}",
+        "model.device=cpu",
+        "data=csv",
+        f"data.path={csv_file}",
+        "data.batch_size=8",
+        "data.group_size=32",
+        "trainer.max_epochs=3",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+    ]
+    train(compose_cfg(tmp_path / "whole", overrides))
+    cfg = compose_cfg(tmp_path / "resumed", overrides)
+    with open_dict(cfg):
+        cfg.callbacks.interrupt = {"_target_": "conftest.InterruptAt", "how": "sigterm", **where}
+    with pytest.raises(RunInterrupted):
+        train(cfg)
+    cfg = compose_cfg(tmp_path / "resumed", overrides)
+    with open_dict(cfg):
+        cfg.ckpt_path = str(tmp_path / "resumed" / "last.ckpt")
+    train(cfg)
+    whole, resumed = _final_probes(tmp_path / "whole"), _final_probes(tmp_path / "resumed")
+    assert whole.keys() == resumed.keys()
+    for name, probe in whole.items():
+        other = resumed[name]
+        assert other.alpha_ == probe.alpha_ and other.n_samples_seen_ == probe.n_samples_seen_
+        np.testing.assert_array_equal(other.classifier_.coef_, probe.classifier_.coef_, name)
+    columns = ["accuracy", "loss", "steps", "alpha", "refit"]
+    a = pd.read_csv(tmp_path / "whole" / "metrics.csv", index_col="probe")[columns]
+    b = pd.read_csv(tmp_path / "resumed" / "metrics.csv", index_col="probe")[columns]
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_a_checkpoint_of_another_run_is_refused_before_any_work(tiny_cfg, tmp_path, csv_file):
+    from lmprobe.errors import RunInterrupted
+
+    with open_dict(tiny_cfg):
+        tiny_cfg.callbacks.interrupt = {"_target_": "conftest.InterruptAt", "batch": 2}
+    with pytest.raises(RunInterrupted):
+        train(tiny_cfg)
+    ckpt = str(tmp_path / "run" / "last.ckpt")
+    other_data = tmp_path / "other.csv"
+    other_data.write_text(csv_file.read_text().replace("movie", "film"))
+    for change, what in [
+        (("data.path", str(other_data)), "data"),
+        (("probes.patience", 7), "probes"),
+    ]:
+        cfg = tiny_cfg.copy()
+        with open_dict(cfg):
+            del cfg.callbacks["interrupt"]
+            OmegaConf.update(cfg, change[0], change[1])
+            cfg.ckpt_path = ckpt
+        with pytest.raises(LmProbeError, match=rf"another run \({what} differ") as info:
+            train(cfg)
+        assert "\n" not in str(info.value)

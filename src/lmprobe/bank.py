@@ -134,6 +134,15 @@ class ProbeBank:
         # chosen alpha and the length of training (see ``refit``).
         self.refitted: dict[str, bool] = dict.fromkeys(self.configs, False)
         self._train_rows = RowBuffer()
+        # Training batches consumed in the current epoch (a resumed run skips them).
+        self.epoch_batches = 0
+        # What the run's results depend on (data, probes, labels): a checkpoint of another
+        # run is refused before any work (``check_resume``).
+        self.fingerprint: dict[str, str] = {}
+        # The state to checkpoint when a run is interrupted: taken before the buffered rows
+        # are trained on for the partial results, so a resumed run trains them as an
+        # uninterrupted run would (``snapshot_for_resume``).
+        self._resume_state: dict[str, Any] | None = None
         # Rank of each training document in the order probes must see rows (None: as fed).
         self.row_rank: np.ndarray | None = None
         self._score_rows: dict[str, RowBuffer] = {}
@@ -393,6 +402,7 @@ class ProbeBank:
         seen = getattr(probe, "n_samples_seen_", None)
         if (
             not self.configs[name].refit
+            or self.refitted[name]  # once (a run resumed after its refit ends again)
             or heldout is None
             or not len(heldout.y)
             or not probe.is_fitted
@@ -500,8 +510,48 @@ class ProbeBank:
         return float((scored["target"] == int(np.argmax(counts))).mean())
 
     # -------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain values only (no pickled objects)."""
+    def snapshot_for_resume(self) -> None:
+        """Keep the state as it is now, buffered training rows included, for the checkpoint
+        of an interrupted run (see ``_resume_state``)."""
+        self._resume_state = self.state_dict(buffered=True)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return self._resume_state if self._resume_state is not None else self.state_dict()
+
+    def fingerprint_of(self, dataset: Any) -> dict[str, str]:
+        """Hashes of the training data (tokens, labels), the probe configs and the label set."""
+        import hashlib
+
+        def digest(*parts: Any) -> str:
+            h = hashlib.sha256()
+            for part in parts:
+                if isinstance(part, torch.Tensor):
+                    part = part.contiguous().numpy().tobytes()
+                h.update(part if isinstance(part, bytes) else str(part).encode())
+            return h.hexdigest()[:16]
+
+        configs = {n: dataclasses.asdict(c) for n, c in self.configs.items()}
+        classes = sorted({str(c.classes) for c in self.configs.values()})
+        return {
+            "data": digest(dataset.input_ids, dataset.attention_mask, dataset.labels),
+            "probes": digest(json.dumps(configs, sort_keys=True, default=str), self.seed),
+            "labels": digest(*classes),
+        }
+
+    def check_resume(self, state: dict[str, Any], source: str) -> None:
+        """Refuse a checkpoint written for other data, probes or labels, naming what differs."""
+        theirs = json.loads(state["plain"]).get("fingerprint", {}) if "plain" in state else {}
+        differ = [k for k, v in self.fingerprint.items() if theirs.get(k, v) != v]
+        if not theirs or differ:
+            what = ", ".join(differ) if theirs else "no fingerprint"
+            raise LmProbeError(
+                f"{source} was written by another run ({what} differ); resume with the same "
+                f"data, probes and labels, or start afresh without ckpt_path"
+            )
+
+    def state_dict(self, buffered: bool = False) -> dict[str, Any]:
+        """Tensors and plain values only (no pickled objects). ``buffered``: also the
+        training rows waiting in the buffer (an interrupted run's checkpoint)."""
         probes = {}
         for name, probe in self.probes.items():
             arrays, header = probe_to_tensors(probe)
@@ -526,8 +576,18 @@ class ProbeBank:
             "uniform_bits": self.uniform_bits,
             "class_counts": {k: v.tolist() for k, v in self.class_counts.items()},
             "refitted": self.refitted,
+            "epoch_batches": self.epoch_batches,
+            "fingerprint": self.fingerprint,
         }
+        waiting = {}
+        if buffered:
+            for name in self._train_rows.names():
+                rows = gather(self._train_rows.parts[name], drop_failed=True)
+                waiting[name] = {
+                    f: torch.from_numpy(np.asarray(getattr(rows, f))) for f in Features._fields
+                }
         return {
+            "buffered": waiting,
             "probes": probes,
             "heldout": heldout,
             "heldout_index": torch.from_numpy(self.heldout_index),
@@ -565,4 +625,8 @@ class ProbeBank:
         self.code_bits, self.uniform_bits = plain["code_bits"], plain["uniform_bits"]
         self.class_counts = {k: np.asarray(v) for k, v in plain["class_counts"].items()}
         self.refitted = dict(plain.get("refitted", dict.fromkeys(self.configs, False)))
+        self.epoch_batches = int(plain.get("epoch_batches", 0))
         self._train_rows.clear()
+        for name, rows in state.get("buffered", {}).items():
+            X, y, doc = (rows[f].numpy() for f in Features._fields)
+            self._train_rows.add(name, PendingFeatures(torch.from_numpy(X), y, doc), None)

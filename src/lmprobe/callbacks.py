@@ -6,6 +6,7 @@ callback only decides *when*, so their order in ``Trainer(callbacks=...)`` does 
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -19,6 +20,8 @@ from lmprobe.dataset import LengthGroupedBatches
 from lmprobe.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from lmprobe.module import ProbeModule
 from lmprobe.uncertainty import DEFAULT_RESAMPLES
+
+log = logging.getLogger("lmprobe")
 
 # the metrics sent to loggers (intervals and bookkeeping columns stay in metrics.csv)
 LOGGED = {"loss", "auroc", *CLASSIFICATION_METRICS, *REGRESSION_METRICS}
@@ -40,21 +43,35 @@ class ProbeUpdater(Callback):
         self._groups: LengthGroupedBatches | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        # (not called for the epoch a run resumes in the middle of: see on_train_start)
         # MDL's online code is the first pass over the training data
         pl_module.bank.online_pass = trainer.current_epoch == 0
+        pl_module.bank.epoch_batches = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         self._groups = sampler if isinstance(sampler, LengthGroupedBatches) else None
-        pl_module.bank.set_row_order(self._groups.order if self._groups else None)
+        bank = pl_module.bank
+        bank.set_row_order(self._groups.order if self._groups else None)
+        # Resumed mid-epoch: Lightning restarts the epoch's batches from the first one (and
+        # calls no epoch-start hook), so skip those the bank already trained on; a count of
+        # a whole epoch means that epoch had ended.
+        if self._groups is not None and 0 < bank.epoch_batches < len(self._groups):
+            self._groups.skip = bank.epoch_batches
+        else:
+            if self._groups is None and bank.epoch_batches:
+                log.warning("resumed mid-epoch without lmprobe's batch sampler: not exact")
+            bank.epoch_batches = 0
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: ProbeModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         features = _features(outputs)
+        position = pl_module.bank.epoch_batches  # this batch's place in the epoch
+        pl_module.bank.epoch_batches += 1
         if features:  # grouped: buffer until the group ends
             pl_module.bank.update(features, math.inf if self._groups else self.chunk_rows)
-        if self._groups and batch_idx in self._groups.group_ends:
+        if self._groups and position in self._groups.group_ends:
             pl_module.bank.flush()
         self._stop_when_done(trainer, pl_module)
 
@@ -76,7 +93,10 @@ class ProbeUpdater(Callback):
         self, trainer: L.Trainer, pl_module: ProbeModule, exception: BaseException
     ) -> None:
         # Interrupted mid-chunk: the buffered rows were paid for, so train on them (all
-        # but a batch with non-finite rows, if that is what stopped the run).
+        # but a batch with non-finite rows, if that is what stopped the run) for the
+        # partial results; the checkpoint keeps the state from before, buffer included, so
+        # a resumed run trains them as an uninterrupted one would.
+        pl_module.bank.snapshot_for_resume()
         pl_module.bank.flush(drop_failed=True)
 
     @staticmethod

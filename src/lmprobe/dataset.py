@@ -202,6 +202,8 @@ class LengthGroupedBatches(Sampler[list[int]]):
     the documents in that random order, chunk by chunk; only the model sees the sorted
     batches. ``group_size=None``: groups of one batch, i.e. plain random-order batches.
     The same batches come every epoch (later epochs replay the kept features).
+    ``skip`` leaves out the first batches of the next pass only (a run resumed mid-epoch
+    continues with the batch after the last one it trained on).
     """
 
     def __init__(
@@ -219,9 +221,13 @@ class LengthGroupedBatches(Sampler[list[int]]):
             for first in range(0, len(group), batch_size):
                 self.batches.append(group[first : first + batch_size].tolist())
             self.group_ends.add(len(self.batches) - 1)
+        self.skip = 0
 
     def __iter__(self):
-        return iter(self.batches)
+        # a generator: ``skip`` is read at the first batch, after Lightning's epoch-start
+        # hooks (Lightning creates the iterator before them)
+        skip, self.skip = self.skip, 0
+        yield from self.batches[skip:]
 
     def __len__(self) -> int:
         return len(self.batches)

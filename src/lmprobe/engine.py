@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pandas as pd
+import torch
 
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
 from lmprobe.callbacks import ProbeEarlyStopping, ProbeMetrics, ProbeUpdater
@@ -90,6 +93,11 @@ def fit_and_test(
         trainer.limit_val_batches = 0  # no validation split: skip Lightning's validation loop
     if getattr(datamodule, "test_set", None) is not None:
         module.bank.check_dataset(datamodule.test_set, "test")
+    train_set = getattr(datamodule, "train_set", None)
+    if train_set is not None:
+        module.bank.fingerprint = module.bank.fingerprint_of(train_set)
+    if ckpt_path is not None:
+        check_checkpoint(ckpt_path, module)
     # weights_only: a checkpoint holds tensors and plain values (ProbeBank.state_dict), so
     # resuming never unpickles objects, which could run code from someone else's file.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -99,6 +107,28 @@ def fit_and_test(
             "training labels against each probe's null_label and classes)"
         )
     return score_test_set(trainer, module, datamodule)
+
+
+def check_checkpoint(ckpt_path: str | os.PathLike, module: ProbeModule) -> None:
+    """Before any work: the checkpoint exists, was written by lmprobe, and by a run on the
+    same data, probes and labels (its fingerprint)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise LmProbeError(
+            f"ckpt_path={str(ckpt_path)!r} is not a file; give the last.ckpt of the run"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one line
+        raise LmProbeError(
+            f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint ({type(err).__name__})"
+        ) from None
+    if not isinstance(state, dict) or "lmprobe" not in state:
+        raise LmProbeError(
+            f"ckpt_path={str(ckpt_path)!r} was not written by lmprobe (no probe state)"
+        )
+    if module.bank.fingerprint:
+        module.bank.check_resume(state["lmprobe"], f"checkpoint {str(ckpt_path)!r}")
 
 
 def baseline_table(

@@ -140,9 +140,6 @@ class ProbeModule(L.LightningModule):
         # (which need not be Lightning's root device under a device_map).
         return batch
 
-    def on_train_epoch_start(self) -> None:
-        self._cache_checked = self.current_epoch > 0
-
     def on_train_epoch_end(self) -> None:
         # Kept features of a probe that stopped mid-chunk were never gathered: bring them to
         # the host now, so the cache holds no device memory.
@@ -160,19 +157,23 @@ class ProbeModule(L.LightningModule):
                 return None
             if not bool(keep.all()):
                 batch = trim_padding({k: v[keep] for k, v in batch.items()})
-        cached = self._train_cache.get(batch_idx) if self._train_cache is not None else None
+        # The batch's place in the epoch, counted by the bank: after a mid-epoch resume
+        # Lightning's batch_idx can be one behind it (the interrupted batch).
+        position = self.bank.epoch_batches
+        cached = self._train_cache.get(position) if self._train_cache is not None else None
         if cached is not None and torch.equal(cached[0], batch["index"]):
             features = cached[1]
         else:
-            features = self.extract(batch, live, f"training batch {batch_idx}")
-            self._remember(batch_idx, batch["index"], features)
+            features = self.extract(batch, live, f"training batch {position}")
+            self._remember(position, batch["index"], features)
         return {"features": features}
 
     def _remember(
         self, batch_idx: int, index: torch.Tensor, features: dict[FeatureKey, PendingFeatures]
     ) -> None:
         """Keep epoch-1 features so later epochs skip the LM, if they fit in memory."""
-        if self._train_cache is None or self.trainer is None or self.current_epoch > 0:
+        # any epoch: a run resumed mid-epoch keeps the batches it had not kept yet
+        if self._train_cache is None or self.trainer is None or batch_idx in self._train_cache:
             return
         max_epochs = self.trainer.max_epochs
         if max_epochs is not None and 0 <= max_epochs <= 1:
@@ -203,11 +204,24 @@ class ProbeModule(L.LightningModule):
         for _, features in self._train_cache.values():
             for key, rows in features.items():
                 parts.setdefault(key, []).append(rows)
-        n_docs = len(self.trainer.train_dataloader.dataset)
+        dataset = self.trainer.train_dataloader.dataset
+        rows = {key: gather(p) for key, p in parts.items()}
+        # Documents whose features were never kept (a run resumed after the batches that
+        # held them) are traced now; a probe that stopped in the first epoch is left as is.
+        kept = np.unique(np.concatenate([r.doc for r in rows.values()]))
+        missing = np.setdiff1d(np.arange(len(dataset)), kept)
+        missing = np.setdiff1d(missing, self.bank.heldout_index)
+        if len(missing) and len(missing) < len(dataset):
+            names = [n for n in self.configs if self.bank.key(n) in rows]
+            batch_size = getattr(self.trainer.train_dataloader, "batch_size", None) or 8
+            extra = self.extract_dataset(dataset.subset(missing), names, batch_size)
+            for key, more in extra.items():
+                more = Features(more.X, more.y, missing[more.doc])
+                rows[key] = Features.concat([rows[key], more])
         done = []
         for name in self.configs:
             key = self.bank.key(name)
-            if key in parts and self.bank.refit(name, gather(parts[key]), n_docs, chunk_rows):
+            if key in rows and self.bank.refit(name, rows[key], len(dataset), chunk_rows):
                 done.append(name)
         return done
 
@@ -228,7 +242,7 @@ class ProbeModule(L.LightningModule):
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lmprobe"] = self.bank.state_dict()
+        checkpoint["lmprobe"] = self.bank.checkpoint_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "lmprobe" not in checkpoint:
