@@ -37,11 +37,15 @@ def check_against_reference(probe_accuracy: dict, reference: dict, tolerance=0.0
     assert reference[best] >= max(reference.values()) - 0.01, (best, reference)
 
 
-def test_alpha_grid_trains_each_alpha_like_sklearn_and_chooses_on_heldout_rows(tmp_path):
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_alpha_grid_trains_each_alpha_like_sklearn_and_chooses_on_heldout_rows(tmp_path, n_classes):
     rng = np.random.default_rng(0)
     X = (rng.normal(size=(600, 6)) * [1, 10, 100, 1, 1, 1]).astype(np.float32)
     y = (X[:, 0] + X[:, 1] / 10 + rng.normal(size=600) > 0).astype(np.int64)
-    probe = LinearProbe([0, 1], random_state=4)
+    if n_classes == 3:
+        y[X[:, 2] > 50] = 2
+    classes = list(range(n_classes))
+    probe = LinearProbe(classes, random_state=4)
     assert probe.alphas == list(DEFAULT_ALPHAS)
     scaler = StandardScaler()
     references = [
@@ -53,12 +57,12 @@ def test_alpha_grid_trains_each_alpha_like_sklearn_and_chooses_on_heldout_rows(t
             probe.partial_fit(X[rows], y[rows])
             scaler.partial_fit(X[rows])
             for sgd in references:
-                sgd.partial_fit(scaler.transform(X[rows]), y[rows], classes=[0, 1])
+                sgd.partial_fit(scaler.transform(X[rows]), y[rows], classes=classes)
     for sgd, estimator in zip(references, probe.estimators_, strict=True):
         np.testing.assert_allclose(estimator.coef_, sgd.coef_, rtol=1e-5)
     heldout = np.arange(500, 600)
     losses = [
-        log_loss(y[heldout], sgd.predict_proba(scaler.transform(X[heldout])), labels=[0, 1])
+        log_loss(y[heldout], sgd.predict_proba(scaler.transform(X[heldout])), labels=classes)
         for sgd in references
     ]
     assert probe.heldout_loss(X[heldout], y[heldout]) == pytest.approx(min(losses), rel=1e-5)
