@@ -4,7 +4,7 @@ traced back to its word, and sentences longer than ``max_length`` cut into windo
 A sentence is joined with single spaces and tokenized like any other text, with the
 tokenizer's character offsets (any fast tokenizer: byte-level BPE as GPT-2's, SentencePiece
 with its ``▁``, WordPiece). A subword belongs to the word its characters overlap; special
-tokens and the spaces between words overlap none. This is what ``is_split_into_words``
+tokens overlap none; a token of whitespace alone belongs to the word it precedes. This is what ``is_split_into_words``
 computes, without its constraint on byte-level tokenizers (``add_prefix_space=True``,
 which would also give the first word a space it never has in running text).
 
@@ -51,7 +51,8 @@ class WordEncoding:
 
 def word_of_tokens(offsets: Sequence[tuple[int, int]], spans: np.ndarray) -> np.ndarray:
     """The word of each token: the first word whose characters ``spans[w] = (start, end)``
-    the token's ``(start, end)`` overlaps, -1 for none (special tokens, spaces)."""
+    the token's ``(start, end)`` overlaps, or the word a whitespace token ends at; -1 for
+    none (special tokens)."""
     offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     if len(spans) == 0:
         return np.full(len(offsets), -1, dtype=np.int64)
@@ -60,6 +61,9 @@ def word_of_tokens(offsets: Sequence[tuple[int, int]], spans: np.ndarray) -> np.
     inside = word < len(spans)
     word = np.minimum(word, len(spans) - 1)
     hit = inside & (end > start) & (spans[word, 0] < end)
+    # a token of whitespace only (SentencePiece's lone "▁") marks the start of the next word
+    # and belongs to it, as is_split_into_words's word ids have it
+    hit |= inside & (end > start) & (spans[word, 0] == end)
     return np.where(hit, word, -1)
 
 
