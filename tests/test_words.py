@@ -381,3 +381,79 @@ def test_conllu_unknown_test_tags_error_or_drop_words(tmp_path, tokenizer, conll
     dm.setup()
     assert dm.test_set.word_present.sum() == 1  # "xyzzy" is read, but has no row
     assert dm.label_names[int(dm.test_set.label_values()[0])] == "DET"
+
+
+# ------------------------------------------------------------------- the app
+def app_overrides(model_dir) -> list[str]:
+    return [
+        f"model.name_or_path={model_dir}",
+        "model.device=cpu",
+        "probes.submodules=[transformer.h.1.output,transformer.h.2.output]",
+        "probes.early_stopping=false",
+        "data.batch_size=8",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["conllu", "conll"])
+def test_app_runs_conll_files_end_to_end(tmp_path, tiny_model_dir, fmt):
+    from test_app import compose_cfg
+
+    from lmprobe.app import train
+
+    write = write_conllu if fmt == "conllu" else write_conll
+    train_file = write(tmp_path / f"train.{fmt}", tagged_sentences(50, seed=1))
+    test_sentences = tagged_sentences(20, seed=2)
+    test_file = write(tmp_path / f"test.{fmt}", test_sentences)
+    n_words = sum(len(s) for s in test_sentences)  # the word lines of the test file
+    label = "upos" if fmt == "conllu" else "-1"
+    cfg = compose_cfg(
+        tmp_path / "run",
+        [
+            f"data={fmt}",
+            f"data.path={train_file}",
+            f"data.test_path={test_file}",
+            f"data.label_column={label}",
+            "probes.word_pooling=[first,mean]",
+            *app_overrides(tiny_model_dir),
+        ],
+    )
+    train(cfg)
+    run = tmp_path / "run"
+    metrics = pd.read_csv(run / "metrics.csv", index_col="probe")
+    assert list(metrics.index) == [
+        f"transformer.h.{i}.output/{how}" for i in (1, 2) for how in ("first", "mean")
+    ]
+    assert (metrics["support"] == n_words).all()  # one row per word of the test file
+    per_class = pd.read_csv(run / "per_class.csv")
+    tags = sorted({t for s in test_sentences for _, t in s} | set(TAGS.values()))
+    assert set(per_class["label"]) <= set(tags)
+    for _, table in per_class.groupby("probe"):
+        assert table["support"].sum() == n_words
+        assert len(table) == len(set(TAGS.values()))  # every training tag
+
+
+def test_app_csv_test_path_scores_the_rows_of_the_test_file(tmp_path, tiny_model_dir):
+    from test_app import compose_cfg
+
+    from lmprobe.app import train
+
+    rng = random.Random(0)
+    for name, n in (("train", 60), ("test", 23)):
+        labels = [rng.choice(["pos", "neg"]) for _ in range(n)]
+        texts = [f"{rng.choice(POSITIVE if y == 'pos' else NEGATIVE)} food" for y in labels]
+        pd.DataFrame({"text": texts, "label": labels}).to_csv(tmp_path / f"{name}.csv", index=False)
+    cfg = compose_cfg(
+        tmp_path / "run",
+        [
+            "data=csv",
+            f"data.path={tmp_path / 'train.csv'}",
+            f"data.test_path={tmp_path / 'test.csv'}",
+            *app_overrides(tiny_model_dir),
+        ],
+    )
+    table = train(cfg)
+    assert (table["support"] == 23).all()
+    assert (tmp_path / "run" / "per_class.csv").exists()
