@@ -20,6 +20,10 @@ torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# ProbeConfig(..., early_stopping=False, **ONE_ALPHA): one alpha instead of the default grid,
+# so no training rows are held out (tests that count rows or replay the updates).
+ONE_ALPHA = {"model_kwargs": {"alpha": 1e-2}}
+
 POSITIVE = ["good", "great", "lovely", "excellent", "happy", "fine", "superb", "nice"]
 NEGATIVE = ["bad", "awful", "terrible", "poor", "sad", "ugly", "horrible", "nasty"]
 FILLER = ["the", "movie", "food", "was", "really", "quite", "a", "day", "and", "it", "so"]

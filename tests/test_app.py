@@ -215,6 +215,7 @@ def test_interrupted_run_keeps_results_and_resumes(tiny_cfg, tmp_path, how):
     run = tmp_path / "run"
     with open_dict(tiny_cfg):
         tiny_cfg.probes.early_stopping = False
+        tiny_cfg.probes.model_kwargs = {"alpha": 0.01}  # no held-out rows
         tiny_cfg.callbacks.interrupt = {"_target_": "conftest.InterruptAt", "batch": 3, "how": how}
     with pytest.raises(RunInterrupted):
         train(tiny_cfg)

@@ -30,7 +30,9 @@ def test_bank_trains_stops_and_scores_without_lightning():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(400, 5)).astype(np.float32)
     y = (X[:, 0] + 0.3 * rng.normal(size=400) > 0).astype(np.int64)
-    config = ProbeConfig("a.output", [0, 1], patience=2, warmup_steps=0, threshold=0.0)
+    config = ProbeConfig(
+        "a.output", [0, 1], patience=2, warmup_steps=0, threshold=0.0, model_kwargs={"alpha": 0.1}
+    )
     bank = ProbeBank([config], seed=0)
     key = bank.key(config.name)
     union = bank.heldout_plan(300)
@@ -170,7 +172,7 @@ def test_damaged_or_foreign_files_give_a_clear_error_and_run_nothing(tmp_path, d
         if damage == "other-kind":
             header["kind"] = "os.system"
         else:
-            arrays["estimator.coef_"] = np.zeros((1, 7))
+            arrays["estimator.0.coef_"] = np.zeros((1, 7))  # one of the alpha grid
         raw = bytearray(save(arrays, metadata={"lmprobe": json.dumps(header)}))
     path.write_bytes(bytes(raw))
     with pytest.raises(LmProbeError) as excinfo:

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ONE_ALPHA
 from sklearn import metrics as skm
 from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import StandardScaler
@@ -67,7 +68,7 @@ def test_probe_equals_sklearn_sgd_on_same_features(gpt2, dataset):
     X = runner.get_probe_features(docs["input_ids"], docs["attention_mask"])[config.name]
     y = docs["labels"].numpy()
     scaler = StandardScaler()
-    sgd = SGDClassifier(loss="log_loss", alpha=0.01, random_state=7)
+    sgd = SGDClassifier(loss="log_loss", alpha=0.01, average=True, random_state=7)
     order = np.random.default_rng(7).permutation(len(y))  # the seeded training order
     for start in range(0, len(y), 16):
         rows = order[start : start + 16]
@@ -174,7 +175,7 @@ def test_same_seed_same_metrics(gpt2, dataset):
 
 
 def test_epochs_after_the_first_reuse_cached_features(gpt2, hf_gpt2, dataset):
-    config = ProbeConfig("transformer.h.2.output", [0, 1], early_stopping=False)
+    config = ProbeConfig("transformer.h.2.output", [0, 1], early_stopping=False, **ONE_ALPHA)
     runner = ProbeRunner(gpt2, [config])
     calls = {"n": 0}
     handle = hf_gpt2.transformer.h[0].register_forward_pre_hook(
@@ -226,7 +227,8 @@ def test_features_leave_the_device_once_per_chunk(gpt2, dataset, monkeypatch, ch
     to_host = lmprobe.features.to_host
     monkeypatch.setattr(lmprobe.features, "to_host", lambda X: copied.append(len(X)) or to_host(X))
     configs = [
-        ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False) for i in (1, 3)
+        ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False, **ONE_ALPHA)
+        for i in (1, 3)
     ]
     ProbeRunner(gpt2, configs).fit_probes(dataset, dataset, batch_size=4, chunk_rows=chunk_rows)
     n = len(dataset)

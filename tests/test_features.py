@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import ONE_ALPHA
 
 from lmprobe import ProbeConfig, ProbeRunner
 
@@ -93,9 +94,11 @@ def test_trace_stops_after_deepest_live_probe(gpt2, hf_gpt2, dataset):
     """Defect 4: lm_head and blocks past the deepest live probe never run."""
     train_set, test_set = dataset.tt_split(test_size=0.25)
     configs = [
-        ProbeConfig("transformer.h.1.output", [0, 1], early_stopping=False),
+        ProbeConfig("transformer.h.1.output", [0, 1], early_stopping=False, **ONE_ALPHA),
         # stops after 2 updates; block 6 must then no longer run for training batches
-        ProbeConfig("transformer.h.6.output", [0, 1], early_stopping=False, max_steps=2),
+        ProbeConfig(
+            "transformer.h.6.output", [0, 1], early_stopping=False, max_steps=2, **ONE_ALPHA
+        ),
     ]
     runner = ProbeRunner(gpt2, configs)
     calls, handles = count_calls(

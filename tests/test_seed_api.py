@@ -20,6 +20,7 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import FeatureExtractor, LinearProbe, ProbeConfig, ProbeDataset, ProbeRunner
+from lmprobe.probes import DEFAULT_ALPHAS
 
 SUB = "transformer.h.5.mlp.output"
 METRICS = ["loss", "accuracy", "precision", "recall", "f1", "matthews"]
@@ -110,10 +111,11 @@ def test_probe_config_defaults_and_positional_order(data):
     config = ProbeConfig(SUB, classes)
     assert config.submodule == SUB and set(config.classes) == classes == {0, 1}
     assert config.test_size == 0.1
-    assert config.max_steps == 1000
+    # lm_probe's order; defaults that train to convergence (lm_probe: 1000, 5, 1e-5)
+    assert config.max_steps is None
     assert config.early_stopping is True
-    assert config.patience == 5
-    assert config.threshold == 1e-5
+    assert config.patience == 200
+    assert config.threshold == 1e-4
     assert config.warmup_steps == 10
     assert config.null_label is None and config.model_kwargs == {}
     assert not config.token_level  # lm_probe's pool=True: mean-pooled
@@ -283,13 +285,15 @@ def test_take_step_is_one_partial_fit(gpt2, data):
     X = runner.get_probe_features(ds.input_ids[:64], ds.attention_mask[:64])[SUB]
     y = ds.labels.numpy()[:64]
     scaler = StandardScaler()
-    sgd = SGDClassifier(loss="log_loss", random_state=probe.random_state)
+    # no held-out rows have chosen an alpha: the grid's middle one predicts
+    sgd = SGDClassifier(loss="log_loss", average=True, alpha=1e-2, random_state=probe.random_state)
     for rows in (slice(0, 32), slice(32, 64)):
         assert probe.take_step(X[rows], y[rows]) is probe
         scaler.partial_fit(X[rows])
         sgd.partial_fit(scaler.transform(X[rows]), y[rows], classes=sorted(classes))
         np.testing.assert_allclose(probe.predict_proba(X), sgd.predict_proba(scaler.transform(X)))
     assert probe.n_updates_ == 2 and probe.n_samples_seen_ == 64
+    assert probe.alpha_ == 1e-2 and len(probe.estimators_) == len(DEFAULT_ALPHAS)
 
 
 def test_take_step_token_level_flattens_and_drops_null_label(gpt2, data):
@@ -306,7 +310,7 @@ def test_take_step_token_level_flattens_and_drops_null_label(gpt2, data):
     keep = y.reshape(-1) != -100
     rows, labels = X.reshape(-1, X.shape[-1])[keep], y.reshape(-1)[keep]
     scaler = StandardScaler().partial_fit(rows)
-    sgd = SGDClassifier(loss="log_loss", random_state=probe.random_state)
+    sgd = SGDClassifier(loss="log_loss", average=True, alpha=1e-2, random_state=probe.random_state)
     sgd.partial_fit(scaler.transform(rows), labels, classes=sorted(classes))
     assert probe.n_samples_seen_ == int(mask.sum())
     np.testing.assert_allclose(probe.predict_proba(rows), sgd.predict_proba(scaler.transform(rows)))

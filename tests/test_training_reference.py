@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ONE_ALPHA
 from lightning.pytorch.callbacks import Callback
 from sklearn.linear_model import SGDClassifier
 from sklearn.metrics import log_loss
@@ -53,7 +54,7 @@ def replay(
     size = batch_size * (1 if chunk_rows is None else math.ceil(chunk_rows / batch_size))
     groups = [order[start : start + size] for start in range(0, len(y), size)]
     scaler = StandardScaler()
-    sgd = SGDClassifier(loss="log_loss", random_state=seed, **config.model_kwargs)
+    sgd = SGDClassifier(loss="log_loss", average=True, random_state=seed, **config.model_kwargs)
     classes = np.unique(config.classes)
     best, best_step, steps, losses, batches_seen = math.inf, 0, 0, [], 0
 
@@ -98,7 +99,7 @@ def test_early_stopping_matches_a_replay_of_the_rules(gpt2, dataset, train_featu
     replayed coefficients; the run ends at the batch where its last probe stops."""
     X, y, lengths = train_features
     seed, batch_size, max_epochs = 5, 6, 40
-    common = dict(test_size=0.25, threshold=1e-3, model_kwargs={"alpha": 0.1})
+    common = dict(test_size=0.25, threshold=1e-3, model_kwargs={"alpha": 0.1}, refit=False)
     configs = [
         ProbeConfig(SITE, [0, 1], patience=15, name="quick", **common),
         ProbeConfig(SITE, [0, 1], patience=45, warmup_steps=10, name="slow", **common),
@@ -156,7 +157,8 @@ def test_grouped_tracing_feeds_the_random_order_and_learns_the_reference(
         return partial_fit(self, X_, y_, classes)
 
     monkeypatch.setattr(LinearProbe, "partial_fit", recording)
-    config = ProbeConfig(SITE, [0, 1], early_stopping=False)
+    # one alpha and no early stopping: no rows held out
+    config = ProbeConfig(SITE, [0, 1], early_stopping=False, model_kwargs={"alpha": 1e-4})
     runs = {}
     for chunk in (None, 32):
         fed.clear()
@@ -180,7 +182,8 @@ def test_grouped_tracing_feeds_the_random_order_and_learns_the_reference(
     # the rows are the training set's features in one seeded random order, each epoch
     order = np.random.default_rng(2).permutation(len(y))
     np.testing.assert_allclose(np.concatenate([c[0] for c in chunked[:4]]), X[order], atol=1e-5)
-    scaler, sgd = StandardScaler(), SGDClassifier(loss="log_loss", random_state=2)
+    scaler = StandardScaler()
+    sgd = SGDClassifier(loss="log_loss", alpha=1e-4, average=True, random_state=2)
     for _epoch in range(2):
         for start in range(0, len(y), 32):
             rows = order[start : start + 32]
@@ -220,7 +223,7 @@ def test_grouping_by_length_cuts_padding_on_a_long_tailed_set(gpt2, hf_gpt2, bas
     try:
         for group in (None, 256):
             traced["n"] = 0
-            config = ProbeConfig(SITE, [0, 1], early_stopping=False, name=f"g{group}")
+            config = ProbeConfig(SITE, [0, 1], early_stopping=False, name=f"g{group}", **ONE_ALPHA)
             runner = ProbeRunner(gpt2, [config], seed=1)
             runner.fit_probes(ds, None, num_epoch=1, batch_size=8, chunk_rows=group)
             coef[group] = (traced["n"], runner[config.name].n_samples_seen_)
@@ -245,7 +248,7 @@ def test_validation_split_is_scored_like_sklearn_and_traced_once(gpt2, hf_gpt2, 
     ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
     rest, test_set = ds.tt_split(test_size=0.25, seed=0)
     train_set, val_set = rest.tt_split(test_size=0.3, seed=0)
-    config = ProbeConfig(SITE, [0, 1], early_stopping=False)
+    config = ProbeConfig(SITE, [0, 1], early_stopping=False, **ONE_ALPHA)
     runner = ProbeRunner(gpt2, [config], seed=0)
     calls = {"n": 0}
     handle = hf_gpt2.transformer.h[0].register_forward_pre_hook(

@@ -119,7 +119,10 @@ def test_online_code_length_equals_a_sum_by_hand(gpt2, dataset):
     X = runner.get_probe_features(docs_["input_ids"], docs_["attention_mask"])[config.name]
     y = docs_["labels"].numpy()
     order = np.random.default_rng(6).permutation(len(y))
-    scaler, sgd = StandardScaler(), SGDClassifier(loss="log_loss", alpha=0.05, random_state=6)
+    scaler, sgd = (
+        StandardScaler(),
+        SGDClassifier(loss="log_loss", alpha=0.05, average=True, random_state=6),
+    )
     bits = 0.0
     for start in range(0, len(y), 24):  # one epoch: later epochs are not part of the code
         rows = order[start : start + 24]

@@ -131,6 +131,9 @@ class ProbeBank:
         self.code_bits: dict[str, float] = dict.fromkeys(self.configs, 0.0)
         self.uniform_bits: dict[str, float] = dict.fromkeys(self.configs, 0.0)
         self.class_counts: dict[str, np.ndarray] = {n: np.zeros(0) for n in self.configs}
+        # Refitted on every training row (held-out ones too) once the held-out slice has
+        # chosen alpha and the length of training (see ``refit``).
+        self.refitted: dict[str, bool] = dict.fromkeys(self.configs, False)
         self._train_rows = RowBuffer()
         # Rank of each training document in the order probes must see rows (None: as fed).
         self.row_rank: np.ndarray | None = None
@@ -257,9 +260,14 @@ class ProbeBank:
 
     def _heldout_sizes(self, n_rows: int) -> dict[str, int]:
         return {
-            name: int(round(c.heldout_size * n_rows)) if self._stops_early(name) else 0
+            name: int(round(c.heldout_size * n_rows)) if self._needs_heldout(name) else 0
             for name, c in self.configs.items()
         }
+
+    def _needs_heldout(self, name: str) -> bool:
+        """Held-out rows serve early stopping and the choice among a probe's settings (its
+        ``alpha`` grid): a probe with either holds them out."""
+        return self._stops_early(name) or self.probes[name].selects
 
     def _stops_early(self, name: str) -> bool:
         """Early stopping is on and the kind has a held-out criterion (else no rows are held
@@ -362,9 +370,9 @@ class ProbeBank:
         ``warmup_steps``) or at ``max_steps``."""
         config, steps = self.configs[name], self.steps[name]
         heldout = self.heldout.get(name)
-        if self._stops_early(name) and heldout is not None and len(heldout.y):
-            loss = self.probes[name].heldout_loss(heldout.X, heldout.y)
-            if loss is not None:
+        if heldout is not None and len(heldout.y):
+            loss = self.probes[name].heldout_loss(heldout.X, heldout.y)  # also chooses alpha
+            if loss is not None and self._stops_early(name):
                 self.history[name].append((steps, loss))
                 if loss < self.best_loss[name] - config.threshold:
                     self.best_loss[name], self.best_step[name] = loss, steps
@@ -377,6 +385,54 @@ class ProbeBank:
         if config.max_steps is not None and steps >= config.max_steps:
             log.info("Reached max_steps=%d for %s", config.max_steps, name)
             self.live.discard(name)
+
+    # ------------------------------------------------------------------- refit
+    def refit(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
+        """Retrain ``name`` from scratch on every training row, its held-out slice included,
+        with what the slice chose: the ``alpha`` and the number of passes (scikit-learn's
+        ``refit=True``, as ``LogisticRegressionCV`` does). Held-out rows pay for choosing;
+        on a few hundred rows, leaving them out of the final probe costs points.
+
+        ``rows`` are the probe's training rows (kept features); the refit needs them for all
+        ``n_docs`` training documents, else (a probe that stopped during the first epoch, or
+        features too large to keep) the probe stays as trained. Each pass feeds the rows, in
+        document order, in one seeded permutation per pass, ``chunk_rows`` at a time.
+        Returns whether the probe was refitted."""
+        heldout = self.heldout.get(name)
+        probe = self.probes[name]
+        seen = getattr(probe, "n_samples_seen_", None)
+        if (
+            not self.configs[name].refit
+            or heldout is None
+            or not len(heldout.y)
+            or not probe.is_fitted
+            or not seen
+        ):
+            return False
+        rows = Features.concat([rows, heldout])
+        if len(np.unique(rows.doc)) != n_docs:
+            log.info("probe %r keeps its training-rows-only fit: not every row was kept", name)
+            return False
+        trained_rows = len(rows.y) - len(heldout.y)
+        passes = max(1, round(seen / max(trained_rows, 1)))
+        order = np.argsort(rows.doc, kind="stable")
+        X, y = rows.X[order], rows.y[order]
+        config = self.configs[name]
+        kwargs = dict(config.model_kwargs)
+        if hasattr(probe, "alpha_"):
+            kwargs["alpha"] = probe.alpha_
+        refitted = make_probe(dataclasses.replace(config, model_kwargs=kwargs), self.seed)
+        for epoch in range(passes):
+            perm = np.random.default_rng((self.seed, epoch)).permutation(len(y))
+            for start in range(0, len(y), chunk_rows):
+                chunk = perm[start : start + chunk_rows]
+                refitted.partial_fit(X[chunk], y[chunk])
+        # in place: a probe object taken before the fit (lm_probe's runner.probes) is the
+        # final one afterwards; it now holds the chosen alpha alone
+        probe.__dict__.clear()
+        probe.__dict__.update(refitted.__dict__)
+        self.refitted[name] = True
+        return True
 
     # ------------------------------------------------------------------ scoring
     def score(
@@ -419,6 +475,8 @@ class ProbeBank:
                 row.update(scores.compute())
             row["steps"] = self.steps[name]
             row["stopped_early"] = bool(self.stopped_early[name])
+            row["alpha"] = getattr(self.probes[name], "alpha_", float("nan"))
+            row["refit"] = bool(self.refitted[name])
             if task == "classification":
                 row["majority_accuracy"] = float("nan")
                 if scores is not None and name not in self.control_of:
@@ -482,6 +540,7 @@ class ProbeBank:
             "code_bits": self.code_bits,
             "uniform_bits": self.uniform_bits,
             "class_counts": {k: v.tolist() for k, v in self.class_counts.items()},
+            "refitted": self.refitted,
         }
         return {
             "probes": probes,
@@ -520,4 +579,5 @@ class ProbeBank:
         self.online_pass = plain["online_pass"]
         self.code_bits, self.uniform_bits = plain["code_bits"], plain["uniform_bits"]
         self.class_counts = {k: np.asarray(v) for k, v in plain["class_counts"].items()}
+        self.refitted = dict(plain.get("refitted", dict.fromkeys(self.configs, False)))
         self._train_rows.clear()

@@ -68,6 +68,10 @@ class ProbeUpdater(Callback):
         pl_module.bank.flush()
         self._stop_when_done(trainer, pl_module)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        # What the held-out slice chose is final: train the final probes on all the rows
+        pl_module.refit_probes(self.chunk_rows or DEFAULT_CHUNK_ROWS)
+
     def on_exception(
         self, trainer: L.Trainer, pl_module: ProbeModule, exception: BaseException
     ) -> None:

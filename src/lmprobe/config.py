@@ -33,15 +33,17 @@ class ProbeConfig:
     ``model_kwargs`` go to the kind's scikit-learn estimator. ``kind`` names a registered
     probe kind (``lmprobe.probes.PROBE_KINDS``) or a class path. ``control`` adds a twin
     trained on control-task labels from the same features (Hewitt & Liang, 2019).
+    ``refit``: once training ends, retrain the probe on every training row (its held-out
+    slice included) with the alpha and the number of passes the slice chose.
     """
 
     submodule: str
     classes: Sequence[Any] | None
     test_size: float = 0.1
-    max_steps: int | None = 1000
+    max_steps: int | None = None
     early_stopping: bool = True
-    patience: int = 5
-    threshold: float = 1e-5
+    patience: int = 200
+    threshold: float = 1e-4
     warmup_steps: int = 10
     pool: bool | None = None
     null_label: Any = None
@@ -51,6 +53,7 @@ class ProbeConfig:
     kind: str = "sgd_classifier"
     heldout_size: float | None = None
     control: bool = False
+    refit: bool = True
     word_pooling: str = "first"
 
     def __post_init__(self) -> None:
@@ -142,6 +145,13 @@ class ProbeConfig:
                 raise LmProbeError(f"{where}: {key}={getattr(self, key)!r} must be >= 0")
         if self.max_steps is not None and int(self.max_steps) < 1:
             raise LmProbeError(f"{where}: max_steps={self.max_steps!r} must be >= 1 or None")
+        if "alpha" in self.model_kwargs and "model_kwargs" in kind._get_param_names():
+            from lmprobe.probes import alpha_grid
+
+            try:
+                alpha_grid(self.model_kwargs)
+            except LmProbeError as err:
+                raise LmProbeError(f"{where}: {err}") from None
         if (
             self.kind == "sgd_classifier"
             and "loss" in self.model_kwargs

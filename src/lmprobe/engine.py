@@ -21,7 +21,7 @@ log = logging.getLogger("lmprobe")
 # Probing has no optimizer and writes its own outputs: no Lightning checkpoints unless asked
 # for, no model summary (the LM is not a parameter of the module), no sanity validation.
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "max_epochs": 10,
+    "max_epochs": 30,
     "devices": 1,
     "logger": False,
     "enable_checkpointing": False,

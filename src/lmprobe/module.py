@@ -194,6 +194,23 @@ class ProbeModule(L.LightningModule):
                 return
         self._train_cache[batch_idx] = (index.clone(), features)
 
+    def refit_probes(self, chunk_rows: int) -> list[str]:
+        """Refit each probe with a held-out slice on all training rows (``ProbeBank.refit``),
+        from the features kept in the first epoch. Returns the probes refitted."""
+        if not self._train_cache:
+            return []
+        parts: dict[FeatureKey, list[PendingFeatures]] = {}
+        for _, features in self._train_cache.values():
+            for key, rows in features.items():
+                parts.setdefault(key, []).append(rows)
+        n_docs = len(self.trainer.train_dataloader.dataset)
+        done = []
+        for name in self.configs:
+            key = self.bank.key(name)
+            if key in parts and self.bank.refit(name, gather(parts[key]), n_docs, chunk_rows):
+                done.append(name)
+        return done
+
     def _eval_step(self, stage: str, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
         cached = self._eval_cache.get((stage, batch_idx))
         if cached is not None and torch.equal(cached[0], batch["index"]):

@@ -99,6 +99,12 @@ class Probe(BaseEstimator):
     def heldout_loss(self, X: np.ndarray, y: np.ndarray) -> float | None:
         return None
 
+    @property
+    def selects(self) -> bool:
+        """The probe chooses among settings on held-out rows (so it needs them even when
+        early stopping is off)."""
+        return False
+
     def new_scores(self) -> ClassificationScores | RegressionScores:
         raise NotImplementedError
 
@@ -200,11 +206,44 @@ def restore_estimator(
     return est
 
 
+# Regularisation strengths tried side by side when model_kwargs gives no ``alpha``: the
+# features are standardised, so one decade grid covers small and large training sets.
+DEFAULT_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+# Averaged SGD converges to the regularised optimum far more steadily than the last iterate
+# of plain SGD, whose noise at the step where training stops is a noise in the result.
+DEFAULT_SGD_KWARGS: dict[str, Any] = {"average": True}
+
+
+def alpha_grid(model_kwargs: dict[str, Any] | None) -> list[float]:
+    """The ``alpha`` values of ``model_kwargs`` (one number or a list; none: the default grid)."""
+    value = (model_kwargs or {}).get("alpha", DEFAULT_ALPHAS)
+    if isinstance(value, (str, bytes)):
+        raise LmProbeError(f"model_kwargs alpha={value!r} is not a number or a list of numbers")
+    values = list(value) if np.ndim(value) or hasattr(value, "__iter__") else [value]
+    try:
+        alphas = [float(a) for a in values]
+    except (TypeError, ValueError):
+        raise LmProbeError(
+            f"model_kwargs alpha={value!r} is not a number or a list of numbers, e.g. [0.01, 0.1]"
+        ) from None
+    if not alphas or not all(np.isfinite(a) and a > 0 for a in alphas):
+        raise LmProbeError(
+            f"model_kwargs alpha={value!r} must be positive numbers (a non-empty list for a grid)"
+        )
+    return alphas
+
+
 class _ScaledSGD(Probe):
-    """Shared by the SGD kinds: a running ``StandardScaler`` in front of the estimator.
+    """Shared by the SGD kinds: a running ``StandardScaler`` in front of the estimator, and
+    a grid of regularisation strengths trained side by side.
 
     Activations of different layers differ in scale by orders of magnitude; a running scaler
     puts every probe on the same footing so one SGD learning-rate schedule works for all.
+    No single ``alpha`` suits every layer and data set, so one estimator per ``alpha`` of the
+    grid (``model_kwargs["alpha"]`` a list, or ``DEFAULT_ALPHAS`` when it gives none) learns
+    from the same scaled rows; ``heldout_loss`` scores each on the held-out rows and the
+    probe predicts with the best (``alpha_``). Until held-out rows have been scored the
+    middle of the grid is used.
     """
 
     def __init__(
@@ -229,12 +268,36 @@ class _ScaledSGD(Probe):
     def _new_estimator(self, **kwargs: Any) -> BaseEstimator:
         raise NotImplementedError
 
+    @property
+    def alphas(self) -> list[float]:
+        """The ``alpha`` grid this probe trains side by side."""
+        return alpha_grid(self.model_kwargs)
+
+    @property
+    def selects(self) -> bool:
+        return len(self.alphas) > 1
+
+    def _new_estimators(self) -> list[BaseEstimator]:
+        kwargs = {"random_state": self.random_state, **DEFAULT_SGD_KWARGS}
+        kwargs.update(self.model_kwargs or {})
+        return [self._new_estimator(**{**kwargs, "alpha": a}) for a in self.alphas]
+
     def _start(self, y: np.ndarray) -> None:
-        kwargs = {"random_state": self.random_state, **(self.model_kwargs or {})}
-        self.estimator_ = self._new_estimator(**kwargs)
+        self.estimators_ = self._new_estimators()
+        self.alpha_index_ = (len(self.estimators_) - 1) // 2
         self.scaler_ = StandardScaler() if self.scale else None
         self.n_updates_ = 0
         self.n_samples_seen_ = 0
+
+    @property
+    def estimator_(self) -> BaseEstimator:
+        """The estimator of the chosen ``alpha``."""
+        check_is_fitted(self, "estimators_")
+        return self.estimators_[self.alpha_index_]
+
+    @property
+    def alpha_(self) -> float:
+        return float(self.estimator_.alpha)
 
     def _transform(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self, "n_features_in_")
@@ -245,29 +308,36 @@ class _ScaledSGD(Probe):
         if self.scaler_ is not None:
             self.scaler_.partial_fit(X)
             X = self.scaler_.transform(X)
-        self.estimator_.partial_fit(X, y, **fit_kwargs)
+        for estimator in self.estimators_:
+            estimator.partial_fit(X, y, **fit_kwargs)
         self.n_features_in_ = X.shape[1]
         self.n_updates_ += 1
         self.n_samples_seen_ += len(y)
 
+    def _loss(self, estimator: BaseEstimator, X: np.ndarray, y: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def heldout_loss(self, X: np.ndarray, y: np.ndarray) -> float:
+        """The held-out loss of each ``alpha`` (kept in ``heldout_losses_``); the probe
+        chooses the lowest and returns it."""
+        X = self._transform(X)
+        self.heldout_losses_ = np.array([self._loss(e, X, y) for e in self.estimators_])
+        self.alpha_index_ = int(np.nanargmin(self.heldout_losses_))
+        return float(self.heldout_losses_[self.alpha_index_])
+
     def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays: dict[str, np.ndarray] = {}
         values: dict[str, Any] = {}
-        if not hasattr(self, "estimator_"):
+        if not hasattr(self, "estimators_"):
             return arrays, values
-        estimator_state(self.estimator_, "estimator.", arrays, values)
+        for i, estimator in enumerate(self.estimators_):
+            estimator_state(estimator, f"estimator.{i}.", arrays, values)
         if self.scaler_ is not None:
             estimator_state(self.scaler_, "scaler.", arrays, values)
         for name, value in vars(self).items():
-            if (
-                name.endswith("_")
-                and not name.startswith("_")
-                and name
-                not in (
-                    "estimator_",
-                    "scaler_",
-                )
-            ):
+            if name.endswith("_") and not name.startswith("_") and name != "estimators_":
+                if name == "scaler_":
+                    continue
                 if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
                     arrays[name] = value
                 else:
@@ -277,16 +347,24 @@ class _ScaledSGD(Probe):
     def set_state(self, arrays: dict[str, np.ndarray], values: dict[str, Any]) -> Probe:
         if not arrays and not values:
             return self
-        kwargs = {"random_state": self.random_state, **(self.model_kwargs or {})}
-        self.estimator_ = restore_estimator(
-            self._new_estimator(**kwargs), "estimator.", arrays, values
-        )
+        self.estimators_ = [
+            restore_estimator(estimator, f"estimator.{i}.", arrays, values)
+            for i, estimator in enumerate(self._new_estimators())
+        ]
         self.scaler_ = (
             restore_estimator(StandardScaler(), "scaler.", arrays, values) if self.scale else None
         )
         own = {k: v for k, v in arrays.items() if "." not in k}
         own_values = {k: v for k, v in values.items() if "." not in k}
         restore_estimator(self, "", own, own_values)
+        self.alpha_index_ = int(self.alpha_index_)
+        for alpha, estimator in zip(self.alphas, self.estimators_, strict=True):
+            coef = getattr(estimator, "coef_", None)  # every alpha's, not just the chosen one
+            if coef is not None and coef.shape[-1] != self.n_features_in_:
+                raise ValueError(
+                    f"alpha={alpha} has coefficients for {coef.shape[-1]} features, "
+                    f"not {self.n_features_in_}"
+                )
         return self
 
 
@@ -310,7 +388,7 @@ class LinearProbe(ClassifierMixin, _ScaledSGD):
         self, X: np.ndarray, y: np.ndarray, classes: Sequence[Any] | None = None
     ) -> LinearProbe:
         X, y = np.asarray(X, dtype=np.float32), np.asarray(y)
-        if not hasattr(self, "estimator_"):
+        if not hasattr(self, "estimators_"):
             chosen = classes if classes is not None else self.classes
             self.classes_ = np.unique(np.asarray(chosen if chosen is not None else y))
             self._start(y)
@@ -333,8 +411,8 @@ class LinearProbe(ClassifierMixin, _ScaledSGD):
         X = self._transform(X)
         return self.estimator_.predict(X), self.estimator_.predict_proba(X)
 
-    def heldout_loss(self, X: np.ndarray, y: np.ndarray) -> float:
-        return float(log_loss(y, self.predict_proba(X), labels=self.classes_))
+    def _loss(self, estimator: SGDClassifier, X: np.ndarray, y: np.ndarray) -> float:
+        return float(log_loss(y, estimator.predict_proba(X), labels=self.classes_))
 
     def score(self, X: np.ndarray, y: np.ndarray) -> float:
         """Cross-entropy (log loss), lower is better, as in lm_probe. Note: scikit-learn's
@@ -370,7 +448,7 @@ class RegressionProbe(RegressorMixin, _ScaledSGD):
         X, y = np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.float64)
         if len(y) == 0:
             return self
-        if not hasattr(self, "estimator_"):
+        if not hasattr(self, "estimators_"):
             self._start(y)
             # Sums are taken about the first chunk's mean: raw sums of squares of targets far
             # from zero (1e9 +- 5) cancel to rounding noise when the variance is taken.
@@ -395,8 +473,9 @@ class RegressionProbe(RegressorMixin, _ScaledSGD):
         mean, scale = self._target_scale()
         return self.estimator_.predict(X) * scale + mean
 
-    def heldout_loss(self, X: np.ndarray, y: np.ndarray) -> float:
-        return float(mean_squared_error(y, self.predict(X)))
+    def _loss(self, estimator: SGDRegressor, X: np.ndarray, y: np.ndarray) -> float:
+        mean, scale = self._target_scale()
+        return float(mean_squared_error(y, estimator.predict(X) * scale + mean))
 
     def new_scores(self) -> RegressionScores:
         return RegressionScores()

@@ -76,7 +76,7 @@ class ProbeRunner:
         self,
         train_set: ProbeDataset,
         eval_set: ProbeDataset | None = None,
-        num_epoch: int = 10,
+        num_epoch: int = 30,
         batch_size: int = 32,
         limit_eval_batches: bool | None = None,
         *,

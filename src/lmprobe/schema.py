@@ -83,6 +83,7 @@ class ProbesSchema:
     max_steps: int | None = _probe_default("max_steps")
     null_label: Any = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    refit: bool = _probe_default("refit")  # retrain on every training row at the end
     names: list[str] | None = None
 
 
