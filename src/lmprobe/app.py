@@ -29,7 +29,13 @@ from lmprobe.errors import LmProbeError, RunInterrupted
 from lmprobe.models import context_length
 from lmprobe.module import ProbeModule
 from lmprobe.probes import resolve_probe_kind
-from lmprobe.results import accuracy_by_layer, save_figure, save_probes, write_metrics
+from lmprobe.results import (
+    accuracy_by_layer,
+    save_figure,
+    save_probes,
+    write_metrics,
+    write_per_class,
+)
 from lmprobe.schema import check_config
 
 log = logging.getLogger("lmprobe")
@@ -117,7 +123,14 @@ def train(cfg: DictConfig) -> pd.DataFrame:
     )
     datamodule.setup("fit")
     classes = None if regression else cfg.probes.get("classes") or sorted(datamodule.label_names)
-    probe_configs = build(cfg.probes, model=lm, classes=classes, _convert_="all")
+    words = datamodule.word_level
+    if words:  # one row per word: probes read words, whatever probes.pooling says
+        log.info(
+            "word-level data: one row per word, subwords pooled by probes.word_pooling=%s "
+            "(probes.pooling does not apply)",
+            cfg.probes.get("word_pooling", "first"),
+        )
+    probe_configs = build(cfg.probes, model=lm, classes=classes, words=words, _convert_="all")
     module = ProbeModule(
         lm,
         probe_configs,
@@ -155,6 +168,9 @@ def train(cfg: DictConfig) -> pd.DataFrame:
         other = baseline_table(cfg.baseline, module, datamodule, trainer_for)
         table = merge_baseline(table, other, cfg.baseline)
     write_metrics(table, out / "metrics.csv")
+    per_class = module.bank.class_tables.get("test")
+    if per_class is not None and not per_class.empty:
+        write_per_class(per_class, out / "per_class.csv", datamodule.label_names)
     save_probes(module.bank.probes, out / "probes", datamodule.label_names)
     figure = accuracy_by_layer(table, module.configs, headline_metric(table))
     save_figure(figure, out / "accuracy_by_layer.png")

@@ -125,6 +125,7 @@ class ProbeBank:
         self.heldout: dict[str, Features] = {}
         self.prepared = False
         self.tables: dict[str, pd.DataFrame] = {}
+        self.class_tables: dict[str, pd.DataFrame] = {}  # per-class metrics of each pass
         # The first epoch is the online pass: its blocks add to each probe's code length.
         self.online_pass = True
         self.code_bits: dict[str, float] = dict.fromkeys(self.configs, 0.0)
@@ -164,10 +165,17 @@ class ProbeBank:
         """Give ``dataset`` the control task's labels (only when probes have control twins;
         the training split first). Sequence-level: a seeded permutation of the split's own
         labels. Token-level: each token type (input id) gets a seeded random label drawn
-        from the training labels' distribution, the same in every split."""
+        from the training labels' distribution, the same in every split. Word-level: the
+        same per word type (``dataset.word_types``, the lower-cased word), as Hewitt & Liang
+        define control tasks for words."""
         if not self.control_of or dataset is None:
             return
         labels = dataset.labels
+        if getattr(dataset, "word_level", False) and dataset.word_types is None:
+            raise LmProbeError(
+                "control tasks on word-level data need each word's type: build the dataset "
+                "with word_types (lmprobe.words.encode_words gives them) or set control=false"
+            )
         if labels.dim() == 1:
             tag = self.CONTROL_SPLITS.index(split)
             order = np.random.default_rng((self.seed, tag)).permutation(len(labels))
@@ -179,16 +187,18 @@ class ProbeBank:
             self._control_classes, counts = np.unique(values.numpy(), return_counts=True)
             self._control_p = counts / counts.sum()
             self._control_table = np.empty(0, dtype=np.int64)
-        size = int(dataset.input_ids.max()) + 1
+        word_level = getattr(dataset, "word_level", False)
+        # a control label per type: the input id of a token, the word type of a word
+        types = dataset.word_types if word_level else dataset.input_ids
+        real = dataset.word_present if word_level else dataset.attention_mask.bool()
+        size = int(types.max()) + 1
         if size > len(self._control_table):  # a prefix of the same seeded draw
             draw = np.random.default_rng(self.seed).choice(
                 len(self._control_classes), size=size, p=self._control_p
             )
             self._control_table = self._control_classes[draw]
         table = torch.from_numpy(self._control_table)
-        dataset.control_labels = torch.where(
-            dataset.attention_mask.bool(), table[dataset.input_ids], dataset.labels
-        )
+        dataset.control_labels = torch.where(real, table[types.clamp(min=0)], dataset.labels)
 
     def keys_for(self, names: Sequence[str]) -> list[FeatureKey]:
         return list(dict.fromkeys(self.key(n) for n in names))
@@ -465,7 +475,7 @@ class ProbeBank:
         buffer = self._score_rows.pop(stage, None)
         for key in buffer.names() if buffer else []:
             self._score(stage, key, buffer.take(key, drop_failed))
-        rows, scored, n_classes = {}, {}, {}
+        rows, scored, n_classes, per_class = {}, {}, {}, []
         for name, config in self.configs.items():
             task = resolve_probe_kind(config.kind).task
             row: dict[str, Any] = dict.fromkeys(metric_columns(task), float("nan"))
@@ -481,6 +491,7 @@ class ProbeBank:
                 row["majority_accuracy"] = float("nan")
                 if scores is not None and name not in self.control_of:
                     scored[name], n_classes[name] = scores.rows(), len(scores.classes)
+                    per_class.append(scores.per_class().assign(probe=name))
                     row["majority_accuracy"] = self._majority_accuracy(name, scored[name])
                 bits, uniform = self.code_bits[name], self.uniform_bits[name]
                 row["codelength_bits"] = bits if uniform else float("nan")
@@ -500,6 +511,10 @@ class ProbeBank:
             rows[parent]["control_compression"] = control["compression"]
         table = pd.DataFrame.from_dict(rows, orient="index")
         table.index.name = "probe"
+        # precision, recall, F1 and support of every class of every classifier probe
+        self.class_tables[stage] = (
+            pd.concat(per_class).set_index(["probe", "class"]) if per_class else pd.DataFrame()
+        )
         return table
 
     def _majority_accuracy(self, name: str, scored: dict[str, Any]) -> float:

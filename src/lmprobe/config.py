@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmprobe.errors import LmProbeError
-from lmprobe.poolings import TOKEN_LEVEL, pooling_names
+from lmprobe.poolings import TOKEN_LEVEL, WORD_POOLINGS, pooling_names
 
 SITE_SUFFIXES = ("output", "input")
 
@@ -27,6 +27,9 @@ class ProbeConfig:
     is the absolute improvement of the held-out loss that resets patience.
     ``pooling="none"`` trains a token-level probe (one label per token; padding and
     ``null_label`` positions are ignored); ``pool=False`` is lm_probe's spelling of that.
+    On word-level data (CoNLL files, ``ProbeDataset(word_ids=...)``) such a probe gets one
+    row per word instead, its subwords pooled by ``word_pooling``: ``first``, ``last`` or
+    ``mean`` (``lmprobe.poolings.WORD_POOLINGS``).
     ``model_kwargs`` go to the kind's scikit-learn estimator. ``kind`` names a registered
     probe kind (``lmprobe.probes.PROBE_KINDS``) or a class path. ``control`` adds a twin
     trained on control-task labels from the same features (Hewitt & Liang, 2019).
@@ -51,6 +54,7 @@ class ProbeConfig:
     heldout_size: float | None = None
     control: bool = False
     refit: bool = True
+    word_pooling: str = "first"
 
     def __post_init__(self) -> None:
         if self.pool is False:
@@ -98,6 +102,11 @@ class ProbeConfig:
             raise LmProbeError(
                 f"{where}: unknown pooling {self.pooling!r}; use one of "
                 f"{', '.join(pooling_names())}"
+            )
+        if self.word_pooling not in WORD_POOLINGS:
+            raise LmProbeError(
+                f"{where}: unknown word_pooling {self.word_pooling!r}; use one of "
+                f"{', '.join(WORD_POOLINGS)}"
             )
         from lmprobe.probes import resolve_probe_kind
 
@@ -162,6 +171,8 @@ def probe_bank(
     pooling: str | Sequence[str] = "mean",
     names: Sequence[str] | None = None,
     embeddings: bool = True,
+    word_pooling: str | Sequence[str] = "first",
+    words: bool = False,
     **options: Any,
 ) -> list[ProbeConfig]:
     """The probes of a Hydra ``probes`` config: one per submodule (and per pooling).
@@ -194,11 +205,21 @@ def probe_bank(
     else:
         paths = {path: path for path in submodules}
     poolings = [pooling] if isinstance(pooling, str) else list(pooling)
+    # (pooling, word pooling) of each probe per site; the name shows the one that varies
+    variants = [(pool, "first") for pool in poolings]
+    if words:
+        word_poolings = [word_pooling] if isinstance(word_pooling, str) else list(word_pooling)
+        variants = [(TOKEN_LEVEL, pool) for pool in word_poolings]
     configs = []
     for path, label in paths.items():
-        for pool in poolings:
-            name = label if len(poolings) == 1 else f"{label}/{pool}"
-            configs.append(ProbeConfig(path, classes, pooling=pool, name=name, **options))
+        for pool, word_pool in variants:
+            suffix = word_pool if words else pool
+            name = label if len(variants) == 1 else f"{label}/{suffix}"
+            configs.append(
+                ProbeConfig(
+                    path, classes, pooling=pool, name=name, word_pooling=word_pool, **options
+                )
+            )
     if names is not None:
         if len(names) != len(configs):
             raise LmProbeError(

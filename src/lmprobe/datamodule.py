@@ -1,5 +1,9 @@
-"""``ProbeDataModule``: a data file read, filtered, tokenized once and split, handed to
-Lightning as ``ProbeDataset`` batches; and ``tokenize_texts``."""
+"""``ProbeDataModule``: a data file read, filtered, tokenized once and split (or one file per
+split), handed to Lightning as ``ProbeDataset`` batches; and ``tokenize_texts``.
+
+Files of a word format (CoNLL-U, CoNLL: ``lmprobe.conll``) give word-level datasets: each
+sentence tokenized as text, its subwords aligned to its words (``lmprobe.words``), one
+label per word."""
 
 from __future__ import annotations
 
@@ -9,21 +13,34 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
+from lmprobe.conll import resolve_column
 from lmprobe.dataset import ProbeDataset, batches, split_indices
 from lmprobe.errors import LmProbeError
-from lmprobe.readers import prepare_frame, read_table, resolve_data_path
+from lmprobe.readers import (
+    SENTENCE,
+    WORD_FORMATS,
+    continuous_labels,
+    format_of,
+    label_names,
+    label_vocabulary,
+    number_labels,
+    prepare_frame,
+    read_table,
+    resolve_data_path,
+    select_rows,
+)
+from lmprobe.words import encode_words
 
 log = logging.getLogger(__name__)
 
 
-def tokenize_texts(
-    tokenizer: Any, texts: Sequence[str], max_length: int | None, model_max: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Tokenize once, padded to the longest text; batches are trimmed again by ``pad_to_longest``."""
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Pad with the EOS token when the tokenizer has no pad token (padding is masked)."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise LmProbeError(
@@ -35,6 +52,10 @@ def tokenize_texts(
             tokenizer.eos_token,
         )
         tokenizer.pad_token = tokenizer.eos_token
+
+
+def effective_max_length(max_length: int | None, model_max: int | None) -> int | None:
+    """``max_length``, at most the model's context (``None``: the model's context)."""
     if max_length is not None and model_max is not None and max_length > model_max:
         log.warning(
             "max_length=%d is beyond the model's context of %d tokens; truncating to %d",
@@ -43,8 +64,15 @@ def tokenize_texts(
             model_max,
         )
         max_length = model_max
-    if max_length is None:
-        max_length = model_max
+    return model_max if max_length is None else max_length
+
+
+def tokenize_texts(
+    tokenizer: Any, texts: Sequence[str], max_length: int | None, model_max: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Tokenize once, padded to the longest text; batches are trimmed again by ``pad_to_longest``."""
+    ensure_pad_token(tokenizer)
+    max_length = effective_max_length(max_length, model_max)
     return tokenizer(
         list(texts),
         padding=True,
@@ -59,7 +87,17 @@ class ProbeDataModule(L.LightningDataModule):
 
     Either pass ready datasets (``train_set``, ``test_set``, optional ``val_set``), or a file
     (``path``) that ``setup`` reads, filters, samples, tokenizes once with ``tokenizer``, and
-    splits (seeded, stratified) into train/val/test.
+    splits (seeded, stratified) into train/val/test. ``test_path`` / ``val_path`` name files
+    (same format) holding those splits instead; ``path`` is then the training file. Filters
+    and the label map apply to every split alike, labels are numbered from the training
+    file, and labels of another split that the training file lacks are an error (or
+    dropped: ``unknown_labels="drop"``). ``sample_size`` and ``balance`` sample the
+    training file only: a given test file is scored whole.
+
+    A word format (``data=conllu``, ``data=conll``) gives one label per word; filters then
+    choose which words are labelled (the others stay in the text), ``sample_size`` counts
+    sentences, and a sentence longer than ``max_length`` tokens is cut into windows of
+    whole words (no word is lost; a window does not see the words of the one before).
     """
 
     def __init__(
@@ -87,6 +125,9 @@ class ProbeDataModule(L.LightningDataModule):
         model_max_length: int | None = None,
         continuous: bool = False,
         group_size: int | None = DEFAULT_CHUNK_ROWS,
+        test_path: str | None = None,
+        val_path: str | None = None,
+        unknown_labels: str = "error",
     ) -> None:
         super().__init__()
         if train_set is None and path is None:
@@ -115,7 +156,16 @@ class ProbeDataModule(L.LightningDataModule):
         # sorted by length (little padding); probes train on whole groups, in the random
         # order (lmprobe.dataset.LengthGroupedBatches). None: no length grouping.
         self.group_size = group_size
+        self.test_path, self.val_path = test_path, val_path
+        self.unknown_labels = unknown_labels
         self.label_names: dict[int, Any] | None = None
+
+    @property
+    def word_level(self) -> bool:
+        """One label per word (a CoNLL file, or a word-level ``train_set``)."""
+        if self.train_set is not None:
+            return self.train_set.word_level
+        return self.path is not None and format_of(str(self.path), self.file_format) in WORD_FORMATS
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -126,6 +176,10 @@ class ProbeDataModule(L.LightningDataModule):
     def load_splits(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
         if self.tokenizer is None:
             raise LmProbeError("ProbeDataModule needs the model's tokenizer to read a text file")
+        if self.word_level:
+            return self._load_words()
+        if self.test_path is not None or self.val_path is not None:
+            return self._load_presplit()
         path = resolve_data_path(self.path)
         frame = read_table(path, self.encoding, self.file_format)
         frame, names = prepare_frame(
@@ -173,6 +227,168 @@ class ProbeDataModule(L.LightningDataModule):
                 )
         val = full.subset(val_idx) if len(val_idx) else None
         return full.subset(rest), val, full.subset(test_idx)
+
+    # ------------------------------------------------------------ pre-split files
+    def _read(self, path: str) -> tuple[str, pd.DataFrame]:
+        path = resolve_data_path(path)
+        return path, read_table(path, self.encoding, self.file_format)
+
+    def _split_files(self) -> list[tuple[str, str]]:
+        """(split, path) of every split given as a file, the training file first."""
+        files = [("train", self.path)]
+        files += [(s, p) for s, p in (("val", self.val_path), ("test", self.test_path)) if p]
+        return files
+
+    def _fractions(self, n: int, strata: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Index sets of the splits cut from the training file (those with no file)."""
+        rest, parts = np.arange(n), {}
+        if self.test_path is None:
+            inner, test = split_indices(n, self.test_size, self.seed, strata)
+            rest, parts["test"] = inner, test
+        if self.val_path is None and self.val_size:
+            fraction = self.val_size if self.test_path else self.val_size / (1 - self.test_size)
+            inner, val = split_indices(
+                len(rest), fraction, self.seed, None if strata is None else strata[rest]
+            )
+            rest, parts["val"] = rest[inner], rest[val]
+        parts["train"] = rest
+        return parts
+
+    def _load_presplit(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
+        """One file per split (CSV, TSV, JSONL, parquet): labels numbered from the training
+        file, the filters and the label map applied to each file alike."""
+        frames, vocabulary = {}, None
+        for split, file in self._split_files():
+            path, raw = self._read(file)
+            source = f"{split} file {path!r}"
+            if split == "train" and not self.continuous:
+                selected = select_rows(
+                    raw,
+                    self.text_column,
+                    self.label_column,
+                    self.label_map,
+                    self.exclude,
+                    self.include,
+                    source,
+                )
+                vocabulary = label_vocabulary(selected["_label"])
+            frames[split], _ = prepare_frame(
+                raw,
+                self.text_column,
+                self.label_column,
+                self.label_map,
+                self.exclude,
+                self.include,
+                self.sample_size if split == "train" else None,
+                self.balance and split == "train",
+                self.seed,
+                source=source,
+                continuous=self.continuous,
+                vocabulary=vocabulary,
+                unknown_labels=self.unknown_labels,
+            )
+        names = None if vocabulary is None else label_names(vocabulary, self.label_map)
+        self._check_classes(names, self.path)
+        self.label_names = names
+        train = frames["train"]
+        strata = None if self.continuous else train["_label"].to_numpy()
+        parts = self._fractions(len(train), strata)
+        datasets = {split: self._encode(frame, names) for split, frame in frames.items()}
+        full = datasets["train"]
+        for split, idx in parts.items():
+            datasets[split] = full.subset(idx)
+        return datasets["train"], datasets.get("val"), datasets["test"]
+
+    def _encode(self, frame: pd.DataFrame, names: dict[int, Any] | None) -> ProbeDataset:
+        encoded = tokenize_texts(
+            self.tokenizer,
+            frame[self.text_column].astype(str).tolist(),
+            self.max_length,
+            self.model_max_length,
+        )
+        labels = frame["_label"].to_numpy()
+        return ProbeDataset(encoded["input_ids"], encoded["attention_mask"], labels, names)
+
+    @staticmethod
+    def _check_classes(names: dict[int, Any] | None, path: Any) -> None:
+        if names is not None and len(names) < 2:
+            raise LmProbeError(
+                f"data file {path!r} has a single label {list(names.values())} after filtering; "
+                f"a probe needs at least two classes"
+            )
+
+    # ----------------------------------------------------------------- words
+    def _load_words(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
+        """CoNLL files: one label per word; splits cut by sentence (all windows of a
+        sentence in one split) unless given as files."""
+        if self.balance:
+            raise LmProbeError(
+                "data.balance samples one row per label, but word-level data has many labels "
+                "per sentence; set data.balance=false"
+            )
+        ensure_pad_token(self.tokenizer)
+        max_length = effective_max_length(self.max_length, self.model_max_length)
+        vocabulary, types, encoded = None, {}, {}
+        for split, file in self._split_files():
+            path, raw = self._read(file)
+            source = f"data file {path!r}" if split == "train" else f"{split} file {path!r}"
+            text = resolve_column(raw, self.text_column, source)
+            label = resolve_column(raw, self.label_column, source)
+            exclude = {resolve_column(raw, c, source): v for c, v in self.exclude.items()}
+            include = {resolve_column(raw, c, source): v for c, v in self.include.items()}
+            raw = raw.assign(_row=np.arange(len(raw)))
+            selected = select_rows(raw, text, label, self.label_map, exclude, include, source)
+            if self.continuous:
+                values = selected.assign(_label=continuous_labels(selected, label, source))
+            else:
+                if split == "train":
+                    if len(selected) == 0:
+                        raise LmProbeError(
+                            f"{source} has no labelled words left after filtering; loosen "
+                            f"data.exclude / data.include"
+                        )
+                    vocabulary = label_vocabulary(selected["_label"])
+                values = number_labels(selected, vocabulary, self.unknown_labels, source, label)
+            word_labels = np.full(len(raw), None, dtype=object)
+            word_labels[values["_row"].to_numpy()] = values["_label"].tolist()
+            sentences = [
+                (group[text].astype(str).tolist(), word_labels[group["_row"].to_numpy()].tolist())
+                for _, group in raw.groupby(SENTENCE, sort=True)
+            ]
+            if split == "train" and self.sample_size is not None:
+                if len(sentences) > self.sample_size:
+                    keep = np.random.default_rng(self.seed).permutation(len(sentences))
+                    sentences = [sentences[i] for i in sorted(keep[: int(self.sample_size)])]
+            encoded[split] = encode_words(
+                self.tokenizer,
+                [words for words, _ in sentences],
+                [labels for _, labels in sentences],
+                max_length,
+                types,
+            )
+            log.info(
+                "%s: %d sentences, %d labelled words, %d sequences",
+                source,
+                len(sentences),
+                int(sum(lab is not None for _, labs in sentences for lab in labs)),
+                len(encoded[split].input_ids),
+            )
+        names = None if vocabulary is None else label_names(vocabulary, self.label_map)
+        self._check_classes(names, self.path)
+        self.label_names = names
+        datasets = {
+            split: ProbeDataset(
+                e.input_ids, e.attention_mask, e.labels, names, e.word_ids, e.word_types
+            )
+            for split, e in encoded.items()
+        }
+        train = encoded["train"]
+        n_sentences = int(train.sentence.max()) + 1
+        parts = self._fractions(n_sentences, None)
+        full = datasets["train"]
+        for split, sentences in parts.items():
+            datasets[split] = full.subset(np.flatnonzero(np.isin(train.sentence, sentences)))
+        return datasets["train"], datasets.get("val"), datasets["test"]
 
     def _loader(self, dataset: ProbeDataset | None, by_length: bool = False) -> DataLoader | list:
         if dataset is None:

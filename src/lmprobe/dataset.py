@@ -48,6 +48,14 @@ class ProbeDataset(Dataset):
     ``labels`` has one value per document (sequence-level probes) or one per token, shaped
     like ``input_ids`` (token-level probes, ``pooling="none"``). Items are dicts with
     ``input_ids``, ``attention_mask``, ``labels`` and ``index`` (the row in this dataset).
+
+    Word-level data (``lmprobe.words``, CoNLL files) adds ``word_ids`` shaped like
+    ``input_ids``: the word of each subword within its sequence, -1 for subwords of no
+    labelled word (special tokens, padding, unlabelled words). ``labels`` is then
+    (sequences, words), one per word; slots of words that no subword names are padding.
+    Probes with ``pooling="none"`` get one row per word, pooled over its subwords by their
+    ``word_pooling``. ``word_types`` (sequences, words) numbers each word's form, for the
+    control task (Hewitt & Liang: one control label per word type).
     """
 
     def __init__(
@@ -56,11 +64,15 @@ class ProbeDataset(Dataset):
         attention_mask: Any,
         labels: Any,
         label_names: Mapping[Any, Any] | None = None,
+        word_ids: Any = None,
+        word_types: Any = None,
     ) -> None:
         self.input_ids = _as_long_tensor(input_ids, "input_ids")
         self.attention_mask = _as_long_tensor(attention_mask, "attention_mask")
         self.labels = _as_label_tensor(labels)
         self.label_names = dict(label_names) if label_names else None
+        self.word_ids = None if word_ids is None else _as_long_tensor(word_ids, "word_ids")
+        self.word_types = None if word_types is None else _as_long_tensor(word_types, "word_types")
         # Labels of the control task (set by the probe bank when probes have control twins):
         # shaped like ``labels``, handed out as ``"control"`` with every item.
         self.control_labels: torch.Tensor | None = None
@@ -77,7 +89,9 @@ class ProbeDataset(Dataset):
         n_docs = self.input_ids.shape[0]
         if n_docs == 0:
             raise LmProbeError("the dataset is empty (0 documents); pass at least one text")
-        if self.labels.dim() == 1:
+        if self.word_ids is not None:
+            self._check_words()
+        elif self.labels.dim() == 1:
             if self.labels.shape[0] != n_docs:
                 raise LmProbeError(
                     f"{self.labels.shape[0]} labels for {n_docs} sequences; pass one label per "
@@ -94,16 +108,55 @@ class ProbeDataset(Dataset):
                 f"document {row} has no real token (attention_mask all 0); drop empty texts"
             )
 
+    def _check_words(self) -> None:
+        n_docs = self.input_ids.shape[0]
+        if self.word_ids.shape != self.input_ids.shape:
+            raise LmProbeError(
+                f"word_ids has shape {tuple(self.word_ids.shape)} but input_ids has "
+                f"{tuple(self.input_ids.shape)}; give every subword its word (-1 for none)"
+            )
+        if self.labels.dim() != 2 or self.labels.shape[0] != n_docs:
+            raise LmProbeError(
+                f"word-level labels have shape {tuple(self.labels.shape)}; expected "
+                f"({n_docs}, words): one label per word of each sequence"
+            )
+        if int(self.word_ids.max()) >= self.labels.shape[1]:
+            raise LmProbeError(
+                f"word_ids name word {int(self.word_ids.max())} but labels have "
+                f"{self.labels.shape[1]} words per sequence; pad labels to the most words"
+            )
+        if self.word_types is not None and self.word_types.shape != self.labels.shape:
+            raise LmProbeError(
+                f"word_types has shape {tuple(self.word_types.shape)}; shape it like the "
+                f"word labels {tuple(self.labels.shape)}"
+            )
+
     @property
     def token_level(self) -> bool:
         return self.labels.dim() == 2
 
     @property
+    def word_level(self) -> bool:
+        return self.word_ids is not None
+
+    @property
+    def word_present(self) -> torch.Tensor:
+        """(sequences, words): true where a word has at least one subword (a real word)."""
+        return words_present(self.word_ids, self.labels.shape[1])
+
+    def _real_labels(self) -> torch.Tensor:
+        """The labels of real positions: every document, real tokens, or real words."""
+        if self.word_level:
+            return self.labels[self.word_present]
+        if self.token_level:
+            return self.labels[self.attention_mask.bool()]
+        return self.labels
+
+    @property
     def classes(self) -> set[int]:
         """The distinct label values, over real tokens (``attention_mask == 1``) for
-        token-level labels."""
-        labels = self.labels[self.attention_mask.bool()] if self.token_level else self.labels
-        return {int(value) for value in torch.unique(labels)}
+        token-level labels, over real words for word-level ones."""
+        return {int(value) for value in torch.unique(self._real_labels())}
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -118,6 +171,8 @@ class ProbeDataset(Dataset):
         }
         if self.control_labels is not None:
             item["control"] = self.control_labels[idx]
+        if self.word_ids is not None:
+            item["word_ids"] = self.word_ids[idx]
         return item
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ProbeDataset:
@@ -127,16 +182,18 @@ class ProbeDataset(Dataset):
             self.attention_mask[indices],
             self.labels[indices],
             self.label_names,
+            None if self.word_ids is None else self.word_ids[indices],
+            None if self.word_types is None else self.word_types[indices],
         )
         if self.control_labels is not None:
             subset.control_labels = self.control_labels[indices]
         return subset
 
     def label_values(self, null_label: int | None = None) -> np.ndarray:
-        """The label of every document, or of every real, non-null token."""
+        """The label of every document, or of every real, non-null token or word."""
         if not self.token_level:
             return self.labels.numpy()
-        keep = self.attention_mask.bool()
+        keep = self.word_present if self.word_level else self.attention_mask.bool()
         if null_label is not None:
             keep &= self.labels != null_label
         return self.labels[keep].numpy()
@@ -152,6 +209,14 @@ class ProbeDataset(Dataset):
             self.labels.numpy() if stratify and not self.token_level else None,
         )
         return self.subset(train_idx), self.subset(test_idx)
+
+
+def words_present(word_ids: torch.Tensor, n_words: int) -> torch.Tensor:
+    """(sequences, ``n_words``) bool: which word slots some subword of ``word_ids`` names."""
+    present = torch.zeros(word_ids.shape[0], n_words + 1, dtype=torch.bool)
+    slot = torch.where(word_ids >= 0, word_ids, n_words)  # -1 goes to a spare last slot
+    present.scatter_(1, slot, True)
+    return present[:, :n_words]
 
 
 def split_indices(
@@ -264,9 +329,11 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     batch = dict(batch)
     used = batch["attention_mask"].any(0).nonzero()
     start, stop = int(used[0, 0]), int(used[-1, 0]) + 1
-    for key in ("input_ids", "attention_mask"):
-        batch[key] = batch[key][:, start:stop]
+    for key in ("input_ids", "attention_mask", "word_ids"):
+        if key in batch:
+            batch[key] = batch[key][:, start:stop]
     for key in ("labels", "control"):
-        if key in batch and batch[key].dim() == 2:
+        # token labels are trimmed with the tokens; word labels are per word, not per token
+        if key in batch and batch[key].dim() == 2 and "word_ids" not in batch:
             batch[key] = batch[key][:, start:stop]
     return batch

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from lmprobe.config import ProbeConfig
+from lmprobe.dataset import words_present
 from lmprobe.errors import NonFiniteActivationError
 from lmprobe.models import envoy_at, input_device
-from lmprobe.poolings import POOLINGS, TOKEN_LEVEL
+from lmprobe.poolings import POOLINGS, TOKEN_LEVEL, WORD_POOLINGS
 
 log = logging.getLogger("lmprobe")
 
@@ -26,10 +27,12 @@ class FeatureKey(NamedTuple):
     pooling: str
     null_label: int | None
     control: bool = False  # rows labelled with the control task's labels (same features)
+    word_pooling: str | None = None  # token-level probes: how word-level data pools words
 
     @classmethod
     def of(cls, config: ProbeConfig, control: bool = False) -> FeatureKey:
-        return cls(config.submodule, config.pooling, config.null_label, control)
+        word_pooling = config.word_pooling if config.token_level else None
+        return cls(config.submodule, config.pooling, config.null_label, control, word_pooling)
 
 
 class Features(NamedTuple):
@@ -52,19 +55,62 @@ class Features(NamedTuple):
         )
 
 
+class WordRows(NamedTuple):
+    """Which subwords make which word row (host tensors, made by ``word_rows``): subword
+    ``positions[i]`` (flat, in (document, token) order) is averaged into row ``row[i]``,
+    and ``count[r]`` subwords make row ``r``."""
+
+    positions: torch.Tensor
+    row: torch.Tensor
+    count: torch.Tensor
+
+    def to(self, device: torch.device) -> WordRows:
+        return WordRows(*(t.to(device, non_blocking=True) for t in self))
+
+
+def word_rows(word_ids: torch.Tensor, keep: torch.Tensor, word_pooling: str) -> WordRows:
+    """The ``WordRows`` of the kept words ``keep`` (documents, words), one row each in
+    (document, word) order, from the subwords the word pooling chooses."""
+    chosen = WORD_POOLINGS[word_pooling](word_ids)
+    slot = word_ids.clamp(min=0)
+    chosen &= (word_ids >= 0) & keep.gather(1, slot)
+    row_of = (keep.flatten().cumsum(0) - 1).view_as(keep)  # row number of each kept word
+    positions = chosen.flatten().nonzero().squeeze(1)
+    row = row_of.gather(1, slot).flatten().index_select(0, positions)
+    count = torch.bincount(row, minlength=int(keep.sum())).to(torch.float32)
+    return WordRows(positions, row, count)
+
+
+def pool_words(hidden: torch.Tensor, words: WordRows) -> torch.Tensor:
+    """One vector per word: the float32 mean of its chosen subwords (for first/last the
+    one subword itself: 0 + x and x / 1 are exact)."""
+    picked = hidden.flatten(0, 1).index_select(0, words.positions).float()
+    total = torch.zeros(
+        len(words.count), hidden.shape[-1], dtype=torch.float32, device=hidden.device
+    )
+    total = total.index_add(0, words.row, picked)
+    return total / words.count.unsqueeze(1)
+
+
 def pool(
-    hidden: torch.Tensor, real: torch.Tensor, pooling: str, rows: torch.Tensor | None = None
+    hidden: torch.Tensor,
+    real: torch.Tensor,
+    pooling: str,
+    rows: torch.Tensor | WordRows | None = None,
 ) -> torch.Tensor:
     """Pool ``hidden`` (batch, tokens, d) over the positions where ``real`` is true with a
     registered pooling (``lmprobe.poolings``), then keep the output rows ``rows`` (all when
     ``None``). With ``pooling="none"`` the output rows are the flattened (batch x tokens)
-    positions, so ``rows`` must say which to keep.
+    positions, so ``rows`` must say which to keep; on word-level data ``rows`` is a
+    ``WordRows`` and the output has one row per word.
 
     Rows are picked with ``index_select`` on an index made on the host: a boolean mask would
     make the device report the number of rows back, a wait on every batch.
     """
     # Under a device_map a layer can sit on another GPU than the inputs (no-op otherwise).
     real = real.to(hidden.device, non_blocking=True)
+    if isinstance(rows, WordRows):
+        return pool_words(hidden, rows.to(hidden.device))
     if rows is not None:
         rows = rows.to(hidden.device, non_blocking=True)
     if pooling == TOKEN_LEVEL:
@@ -202,7 +248,8 @@ def trace_features(
 
     Token-level keys (``pooling="none"``) keep the real, labelled tokens, one row each; with
     ``all_positions`` every position, padding included, in (document, position) order (what
-    lm_probe's feature calls return).
+    lm_probe's feature calls return). On word-level data (``batch["word_ids"]``) they keep
+    the real, labelled words instead, one row each, pooled by the key's ``word_pooling``.
 
     Nothing here waits for the device: which rows each key keeps is decided on the host
     from the labels and the attention mask, and the pooled matrices stay on the device
@@ -222,12 +269,21 @@ def trace_features(
     if accepts_position_ids:
         inputs["position_ids"] = position_ids_for(attention_mask)
     real = attention_mask.bool()
-    rows: dict[FeatureKey, torch.Tensor | None] = {}
+    word_ids = batch["word_ids"].cpu() if "word_ids" in batch else None
+    rows: dict[FeatureKey, torch.Tensor | WordRows | None] = {}
     targets: dict[FeatureKey, tuple[np.ndarray, np.ndarray]] = {}
     for key in keys:
         # which rows a key keeps follows the real labels; a control key then reads the
         # control task's labels of the same rows
         given = control if key.control else labels
+        if key.pooling == TOKEN_LEVEL and word_ids is not None:
+            keep = words_present(word_ids, labels.shape[1])
+            if key.null_label is not None and not all_positions:
+                keep &= labels != key.null_label
+            docs = doc_index.unsqueeze(1).expand_as(keep)
+            targets[key] = (given[keep].numpy(), docs[keep].numpy())
+            rows[key] = word_rows(word_ids, keep, key.word_pooling or "first")
+            continue
         if key.pooling == TOKEN_LEVEL:
             if all_positions:
                 keep = torch.ones_like(real_host)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torchmetrics
 from sklearn.metrics import log_loss
@@ -200,6 +201,21 @@ class ClassificationScores:
         row["auroc"] = self.auroc()
         row["support"] = self.count
         return row
+
+    def per_class(self) -> pd.DataFrame:
+        """Precision, recall, F1 and support (target rows) of each class, one row per class
+        (scikit-learn's ``precision_recall_fscore_support`` with ``zero_division=0``)."""
+        confusion = self.confusion.compute().double().numpy()
+        precision, recall, f1, _ = _per_class(confusion)
+        return pd.DataFrame(
+            {
+                "class": self.classes,
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "support": confusion.sum(1).astype(np.int64),
+            }
+        )
 
     def auroc(self) -> float:
         """Area under the ROC curve from the probabilities (binary; macro one-vs-rest for

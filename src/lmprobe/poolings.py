@@ -63,3 +63,50 @@ def max_(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 def _at(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The vector at position ``index[i]`` of each document ``i``."""
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float()
+
+
+# ------------------------------------------------------------------ words
+# Word poolings: which subwords of a word make its feature (word-level data, one row per
+# word; ``probes.word_pooling``). A word pooling is a function ``(word_ids) -> chosen`` on
+# the host: ``word_ids`` (documents, tokens) holds each subword's word (-1 for none), and
+# ``chosen`` (same shape, bool) marks the subwords to average for their word. The trace
+# then averages the chosen subwords of each word (``lmprobe.features.pool_words``): one
+# subword for first/last, all for mean.
+WordPooling = Callable[[torch.Tensor], torch.Tensor]
+
+WORD_POOLINGS: dict[str, WordPooling] = {}
+
+
+def register_word_pooling(name: str) -> Callable[[WordPooling], WordPooling]:
+    def register(fn: WordPooling) -> WordPooling:
+        WORD_POOLINGS[name] = fn
+        return fn
+
+    return register
+
+
+def _word_extreme(word_ids: torch.Tensor, reduce: str) -> torch.Tensor:
+    """True at the first (``amin``) or last (``amax``) subword of each word."""
+    n_docs, n_tokens = word_ids.shape
+    positions = torch.arange(n_tokens).expand(n_docs, n_tokens)
+    n_words = int(word_ids.max()) + 1 if word_ids.numel() else 0
+    slot = torch.where(word_ids >= 0, word_ids, n_words)  # -1 goes to a spare last slot
+    fill = n_tokens if reduce == "amin" else -1
+    extreme = torch.full((n_docs, n_words + 1), fill, dtype=torch.long)
+    extreme = extreme.scatter_reduce(1, slot, positions, reduce=reduce)
+    return (word_ids >= 0) & (positions == extreme.gather(1, slot))
+
+
+@register_word_pooling("first")
+def first_subword(word_ids: torch.Tensor) -> torch.Tensor:
+    return _word_extreme(word_ids, "amin")
+
+
+@register_word_pooling("last")
+def last_subword(word_ids: torch.Tensor) -> torch.Tensor:
+    return _word_extreme(word_ids, "amax")
+
+
+@register_word_pooling("mean")
+def every_subword(word_ids: torch.Tensor) -> torch.Tensor:
+    return word_ids >= 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import io
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,20 +29,30 @@ import pandas as pd
 
 from lmprobe.errors import LmProbeError, closest
 
+log = logging.getLogger("lmprobe")
+
 Reader = Callable[[str, str], pd.DataFrame]
 
 #: Format name -> reader taking ``(path, encoding)``.
 READERS: dict[str, Reader] = {}
 #: Lower-case file suffix (with its dot) -> format name; other suffixes read as CSV.
 SUFFIXES: dict[str, str] = {}
+#: Formats with one row per word (``lmprobe.conll``): a ``sentence`` column numbers the
+#: sentences, the rows of a sentence are its words in order, and probes get one row per word.
+WORD_FORMATS: set[str] = set()
+#: The column of a word-level frame that numbers its sentences.
+SENTENCE = "sentence"
 
 
-def register_reader(name: str, *suffixes: str) -> Callable[[Reader], Reader]:
+def register_reader(name: str, *suffixes: str, words: bool = False) -> Callable[[Reader], Reader]:
     """Register the decorated ``reader(path, encoding)`` as format ``name``, chosen for files
-    ending in any of ``suffixes`` (e.g. ``".tsv"``) unless ``file_format`` says otherwise."""
+    ending in any of ``suffixes`` (e.g. ``".tsv"``) unless ``file_format`` says otherwise.
+    ``words``: the reader returns one row per word with a ``sentence`` column (CoNLL)."""
 
     def register(reader: Reader) -> Reader:
         READERS[name] = reader
+        if words:
+            WORD_FORMATS.add(name)
         for suffix in suffixes:
             suffix = suffix.lower()
             SUFFIXES[suffix if suffix.startswith(".") else f".{suffix}"] = name
@@ -69,17 +80,26 @@ def resolve_data_path(path: str | os.PathLike) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / relative)
 
 
+def format_of(path: str, file_format: str | None = None) -> str:
+    """The registered format that reads ``path``: ``file_format`` if given, else the one its
+    suffix selects (``guess_format``)."""
+    fmt = file_format or guess_format(path)
+    if fmt in READERS:
+        return fmt
+    if str(fmt).lower() in READERS:
+        return str(fmt).lower()
+    hint = difflib.get_close_matches(str(fmt).lower(), READERS, n=1, cutoff=0.6)
+    raise LmProbeError(
+        f"unknown file_format {fmt!r}; the known formats are {', '.join(sorted(READERS))}"
+        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+    )
+
+
 def read_table(path: str, encoding: str = "utf-8", file_format: str | None = None) -> pd.DataFrame:
     """Read a file (or an ``hf://`` path) into a DataFrame with the reader of its format:
     ``file_format`` if given, else the one its suffix selects (``guess_format``)."""
-    fmt = file_format or guess_format(path)
-    reader = READERS.get(fmt) or READERS.get(str(fmt).lower())
-    if reader is None:
-        hint = difflib.get_close_matches(str(fmt).lower(), READERS, n=1, cutoff=0.6)
-        raise LmProbeError(
-            f"unknown file_format {fmt!r}; the known formats are {', '.join(sorted(READERS))}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        )
+    fmt = format_of(path, file_format)
+    reader = READERS[fmt]
     try:
         return reader(path, encoding)
     except FileNotFoundError:
@@ -165,13 +185,51 @@ def prepare_frame(
     seed: int = 0,
     source: str = "data",
     continuous: bool = False,
+    vocabulary: Mapping[Any, int] | None = None,
+    unknown_labels: str = "error",
 ) -> tuple[pd.DataFrame, dict[Any, int] | None]:
     """Filter, map and sample rows; return the frame with an integer ``_label`` column.
 
-    The returned mapping goes from original label to integer (written with the results).
+    The returned mapping goes from integer to original label (written with the results).
     ``continuous``: labels are numbers to predict (a regression probe): a float ``_label``
-    column and no mapping (``balance`` does not apply).
+    column and no mapping (``balance`` does not apply). ``vocabulary`` (mapped label ->
+    integer, from ``label_vocabulary`` of the training split) numbers the labels of another
+    split the training split's way; its labels outside the vocabulary are an error, or
+    dropped with ``unknown_labels="drop"``.
     """
+    frame = select_rows(frame, text_column, label_column, label_map, exclude, include, source)
+    if len(frame) == 0:
+        raise LmProbeError(f"{source} has no rows left after filtering; loosen data.exclude")
+    if continuous:
+        frame = frame.assign(_label=continuous_labels(frame, label_column, source))
+        if sample_size is not None and len(frame) > sample_size:
+            frame = frame.sample(n=int(sample_size), random_state=seed)
+        return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True), None
+    mapping = dict(vocabulary) if vocabulary is not None else label_vocabulary(frame["_label"])
+    frame = number_labels(frame, mapping, unknown_labels, source, label_column)
+    if balance:
+        smallest = int(frame["_label"].value_counts().min())
+        per_class = smallest
+        if sample_size is not None:
+            per_class = min(smallest, max(1, int(sample_size) // len(mapping)))
+        frame = frame.groupby("_label", group_keys=False).sample(n=per_class, random_state=seed)
+    if sample_size is not None and len(frame) > sample_size:
+        frame = frame.sample(n=int(sample_size), random_state=seed)
+    frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    return frame, label_names(mapping, label_map)
+
+
+def select_rows(
+    frame: pd.DataFrame,
+    text_column: str,
+    label_column: str,
+    label_map: Mapping[Any, Any] | None = None,
+    exclude: Mapping[str, Sequence[Any]] | None = None,
+    include: Mapping[str, Sequence[Any]] | None = None,
+    source: str = "data",
+) -> pd.DataFrame:
+    """The rows the filters keep, text and label present, with the label (through
+    ``label_map``) in a ``_label`` column; every split of a run goes through this."""
     for column in {text_column, label_column, *(exclude or {}), *(include or {})}:
         if column not in frame.columns:
             hint = closest(column, map(str, frame.columns), n=1)
@@ -194,41 +252,77 @@ def prepare_frame(
                 f"{source}: labels {unknown[:5]} in column {label_column!r} are not in "
                 f"label_map {dict(label_map)}; add them or drop them with data.exclude"
             )
-        frame = frame.assign(_label=frame[label_column].map(dict(label_map)))
-    else:
-        frame = frame.assign(_label=frame[label_column])
-    if len(frame) == 0:
-        raise LmProbeError(f"{source} has no rows left after filtering; loosen data.exclude")
-    if continuous:
-        numbers = pd.to_numeric(frame["_label"], errors="coerce")
-        if numbers.isna().any():
-            bad = frame.loc[numbers.isna(), label_column].iloc[0]
-            raise LmProbeError(
-                f"{source}: label {bad!r} in column {label_column!r} is not a number, but the "
-                f"probes are regressors; use numeric labels or probes.kind=sgd_classifier"
-            )
-        frame = frame.assign(_label=numbers.astype(np.float64))
-        if sample_size is not None and len(frame) > sample_size:
-            frame = frame.sample(n=int(sample_size), random_state=seed)
-        return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True), None
-    values = sorted(frame["_label"].unique(), key=lambda v: (str(type(v)), v))
+        return frame.assign(_label=frame[label_column].map(dict(label_map)))
+    return frame.assign(_label=frame[label_column])
+
+
+def continuous_labels(frame: pd.DataFrame, label_column: str, source: str) -> pd.Series:
+    """The ``_label`` column as float64 targets of a regression probe."""
+    numbers = pd.to_numeric(frame["_label"], errors="coerce")
+    if numbers.isna().any():
+        bad = frame.loc[numbers.isna(), label_column].iloc[0]
+        raise LmProbeError(
+            f"{source}: label {bad!r} in column {label_column!r} is not a number, but the "
+            f"probes are regressors; use numeric labels or probes.kind=sgd_classifier"
+        )
+    return numbers.astype(np.float64)
+
+
+def label_vocabulary(labels: Sequence[Any] | pd.Series) -> dict[Any, int]:
+    """Label -> integer for the labels of the training split: integers stay themselves,
+    other labels are numbered in sorted order."""
+    values = sorted(pd.unique(pd.Series(labels)), key=lambda v: (str(type(v)), v))
     if all(isinstance(v, (int, np.integer)) for v in values):
-        mapping = {v: int(v) for v in values}
-    else:
-        mapping = {v: i for i, v in enumerate(values)}
-    frame = frame.assign(_label=frame["_label"].map(mapping).astype(np.int64))
-    if balance:
-        smallest = int(frame["_label"].value_counts().min())
-        per_class = smallest
-        if sample_size is not None:
-            per_class = min(smallest, max(1, int(sample_size) // len(mapping)))
-        frame = frame.groupby("_label", group_keys=False).sample(n=per_class, random_state=seed)
-    if sample_size is not None and len(frame) > sample_size:
-        frame = frame.sample(n=int(sample_size), random_state=seed)
-    frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    # The original label of each integer, e.g. {0: 'negative', 1: 'positive'}.
-    originals = {}
+        return {v: int(v) for v in values}
+    return {v: i for i, v in enumerate(values)}
+
+
+UNKNOWN_LABEL_POLICIES = ("error", "drop")
+
+
+def number_labels(
+    frame: pd.DataFrame,
+    vocabulary: Mapping[Any, int],
+    unknown_labels: str = "error",
+    source: str = "data",
+    label_column: str = "label",
+) -> pd.DataFrame:
+    """``_label`` through ``vocabulary`` as int64. Labels it lacks (a test split's tag the
+    training split never had) are an error naming them, or dropped with a logged count."""
+    if unknown_labels not in UNKNOWN_LABEL_POLICIES:
+        raise LmProbeError(
+            f"data.unknown_labels={unknown_labels!r}: use one of "
+            f"{', '.join(UNKNOWN_LABEL_POLICIES)}"
+        )
+    known = frame["_label"].isin(list(vocabulary))
+    if not known.all():
+        unknown = sorted(set(frame.loc[~known, "_label"]), key=str)
+        if unknown_labels == "error":
+            raise LmProbeError(
+                f"{source}: labels {unknown[:5]} in column {label_column!r} never occur in the "
+                f"training split ({len(vocabulary)} labels); drop them with "
+                f"data.unknown_labels=drop or data.exclude"
+            )
+        log.warning(
+            "%s: dropping %d rows whose labels %s never occur in the training split "
+            "(data.unknown_labels=drop)",
+            source,
+            int((~known).sum()),
+            unknown[:5],
+        )
+        frame = frame[known]
+    return frame.assign(_label=frame["_label"].map(dict(vocabulary)).astype(np.int64))
+
+
+def label_names(
+    vocabulary: Mapping[Any, int], label_map: Mapping[Any, Any] | None = None
+) -> dict[int, Any]:
+    """The original label of each integer, e.g. ``{0: 'negative', 1: 'positive'}``."""
+    originals: dict[Any, Any] = {}
     for original, mapped in (label_map or {}).items():
         originals.setdefault(mapped, original)
-    names = {i: originals.get(v, v) for v, i in mapping.items()}
-    return frame, names
+    return {i: originals.get(v, v) for v, i in vocabulary.items()}
+
+
+# The CoNLL readers register themselves here (imported last: they use register_reader).
+from lmprobe import conll  # noqa: E402, F401

@@ -1,4 +1,4 @@
-"""What a run leaves behind: metrics.csv, the probes, and the accuracy-by-layer figure.
+"""What a run leaves behind: metrics.csv, per_class.csv, the probes, and the accuracy-by-layer figure.
 
 Every file is written to a temporary name and renamed, so a crash never leaves half a file.
 """
@@ -25,6 +25,16 @@ def write_metrics(table: pd.DataFrame, path: Path, partial: bool = False) -> Pat
     table = table.copy()
     if partial:
         table["partial"] = True
+    atomic_write_bytes(path, table.to_csv().encode())
+    return path
+
+
+def write_per_class(table: pd.DataFrame, path: Path, label_names: dict | None) -> Path:
+    """``per_class.csv``: precision, recall, F1 and support of every class of every probe
+    (index: probe, class), with the original label of each class."""
+    table = table.copy()
+    classes = table.index.get_level_values("class")
+    table.insert(0, "label", [(label_names or {}).get(c, c) for c in classes])
     atomic_write_bytes(path, table.to_csv().encode())
     return path
 

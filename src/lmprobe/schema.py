@@ -18,7 +18,8 @@ from lmprobe.bank import DEFAULT_CHUNK_ROWS
 from lmprobe.config import ProbeConfig
 from lmprobe.engine import TRAINER_DEFAULTS
 from lmprobe.errors import LmProbeError
-from lmprobe.poolings import pooling_names
+from lmprobe.poolings import WORD_POOLINGS, pooling_names
+from lmprobe.readers import UNKNOWN_LABEL_POLICIES
 from lmprobe.uncertainty import DEFAULT_RESAMPLES
 
 
@@ -52,6 +53,9 @@ class DataSchema:
     num_workers: int = 0
     seed: int = 0
     group_size: int | None = DEFAULT_CHUNK_ROWS  # documents per length group (training)
+    test_path: str | None = None  # the test split as a file (data.path is then training)
+    val_path: str | None = None  # the validation split as a file
+    unknown_labels: str = "error"  # labels of val/test the training split lacks: error, drop
 
 
 def _probe_default(name: str) -> Any:
@@ -67,6 +71,7 @@ class ProbesSchema:
     embeddings: bool = True  # all_layers: also the first block's input (layer -1)
     control: bool = False  # a control-task twin per probe (selectivity)
     pooling: Any = _probe_default("pooling")  # one pooling or a list of them
+    word_pooling: Any = _probe_default("word_pooling")  # word-level data: first, last, mean
     kind: str = _probe_default("kind")
     classes: list[Any] | None = None
     heldout_size: float = _probe_default("test_size")
@@ -186,6 +191,19 @@ def check_config(cfg: DictConfig) -> None:
                 f"config key probes.pooling={value!r} is not a pooling: use one of "
                 f"{', '.join(pooling_names())}"
             )
+    word_pooling = OmegaConf.select(cfg, "probes.word_pooling")
+    for value in [word_pooling] if isinstance(word_pooling, str) else list(word_pooling or []):
+        if value not in WORD_POOLINGS:
+            raise LmProbeError(
+                f"config key probes.word_pooling={value!r} is not a word pooling: use one of "
+                f"{', '.join(WORD_POOLINGS)}"
+            )
+    unknown = OmegaConf.select(cfg, "data.unknown_labels")
+    if unknown is not None and unknown not in UNKNOWN_LABEL_POLICIES:
+        raise LmProbeError(
+            f"config key data.unknown_labels={unknown!r}: use one of "
+            f"{', '.join(UNKNOWN_LABEL_POLICIES)}"
+        )
     kind = OmegaConf.select(cfg, "probes.kind")
     if kind is not None:
         from lmprobe.probes import resolve_probe_kind
