@@ -82,6 +82,17 @@ def tokenize_texts(
     )
 
 
+class _SplitRecords(list):
+    """Appends to a shared list of dropped-row records, each tagged with its split."""
+
+    def __init__(self, records: list[dict[str, Any]], split: str) -> None:
+        super().__init__()
+        self.records, self.split = records, split
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append({"split": self.split, **record})
+
+
 class ProbeDataModule(L.LightningDataModule):
     """Hands ``ProbeDataset`` splits to Lightning, batched and padded to each batch's longest.
 
@@ -159,6 +170,9 @@ class ProbeDataModule(L.LightningDataModule):
         self.test_path, self.val_path = test_path, val_path
         self.unknown_labels = unknown_labels
         self.label_names: dict[int, Any] | None = None
+        #: every row left out while reading, and why (split, file, reason, rows): the
+        #: run's dropped_rows.csv
+        self.dropped_rows: list[dict[str, Any]] = []
 
     @property
     def word_level(self) -> bool:
@@ -172,6 +186,10 @@ class ProbeDataModule(L.LightningDataModule):
             self.label_names = self.label_names or self.train_set.label_names
             return
         self.train_set, self.val_set, self.test_set = self.load_splits()
+
+    def _dropped(self, split: str) -> list[dict[str, Any]]:
+        """A list that records the rows of ``split`` left out into ``dropped_rows``."""
+        return _SplitRecords(self.dropped_rows, split)
 
     def load_splits(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
         if self.tokenizer is None:
@@ -194,6 +212,7 @@ class ProbeDataModule(L.LightningDataModule):
             self.seed,
             source=f"data file {path!r}",
             continuous=self.continuous,
+            dropped=self._dropped("all"),
         )
         self.label_names = names
         labels = frame["_label"].to_numpy()
@@ -286,6 +305,7 @@ class ProbeDataModule(L.LightningDataModule):
                 continuous=self.continuous,
                 vocabulary=vocabulary,
                 unknown_labels=self.unknown_labels,
+                dropped=self._dropped(split),
             )
         names = None if vocabulary is None else label_names(vocabulary, self.label_map)
         self._check_classes(names, self.path)
@@ -337,7 +357,10 @@ class ProbeDataModule(L.LightningDataModule):
             exclude = {resolve_column(raw, c, source): v for c, v in self.exclude.items()}
             include = {resolve_column(raw, c, source): v for c, v in self.include.items()}
             raw = raw.assign(_row=np.arange(len(raw)))
-            selected = select_rows(raw, text, label, self.label_map, exclude, include, source)
+            dropped = self._dropped(split)
+            selected = select_rows(
+                raw, text, label, self.label_map, exclude, include, source, dropped
+            )
             if self.continuous:
                 values = selected.assign(_label=continuous_labels(selected, label, source))
             else:
@@ -348,7 +371,9 @@ class ProbeDataModule(L.LightningDataModule):
                             f"data.exclude / data.include"
                         )
                     vocabulary = label_vocabulary(selected["_label"])
-                values = number_labels(selected, vocabulary, self.unknown_labels, source, label)
+                values = number_labels(
+                    selected, vocabulary, self.unknown_labels, source, label, dropped
+                )
             word_labels = np.full(len(raw), None, dtype=object)
             word_labels[values["_row"].to_numpy()] = values["_label"].tolist()
             sentences = [

@@ -187,6 +187,7 @@ def prepare_frame(
     continuous: bool = False,
     vocabulary: Mapping[Any, int] | None = None,
     unknown_labels: str = "error",
+    dropped: list[dict[str, Any]] | None = None,
 ) -> tuple[pd.DataFrame, dict[Any, int] | None]:
     """Filter, map and sample rows; return the frame with an integer ``_label`` column.
 
@@ -195,25 +196,37 @@ def prepare_frame(
     column and no mapping (``balance`` does not apply). ``vocabulary`` (mapped label ->
     integer, from ``label_vocabulary`` of the training split) numbers the labels of another
     split the training split's way; its labels outside the vocabulary are an error, or
-    dropped with ``unknown_labels="drop"``.
+    dropped with ``unknown_labels="drop"``. ``dropped`` collects a record of every row
+    left out and why (``note_dropped``).
     """
-    frame = select_rows(frame, text_column, label_column, label_map, exclude, include, source)
+    frame = select_rows(
+        frame, text_column, label_column, label_map, exclude, include, source, dropped
+    )
     if len(frame) == 0:
-        raise LmProbeError(f"{source} has no rows left after filtering; loosen data.exclude")
+        raise LmProbeError(
+            f"{source} has no rows left after filtering (see the rows left out above); "
+            f"loosen data.exclude / data.include or fill in the empty texts and labels"
+        )
     if continuous:
         frame = frame.assign(_label=continuous_labels(frame, label_column, source))
         if sample_size is not None and len(frame) > sample_size:
+            note_dropped(
+                dropped, source, f"data.sample_size={sample_size}", len(frame) - sample_size
+            )
             frame = frame.sample(n=int(sample_size), random_state=seed)
         return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True), None
     mapping = dict(vocabulary) if vocabulary is not None else label_vocabulary(frame["_label"])
-    frame = number_labels(frame, mapping, unknown_labels, source, label_column)
+    frame = number_labels(frame, mapping, unknown_labels, source, label_column, dropped)
     if balance:
         smallest = int(frame["_label"].value_counts().min())
         per_class = smallest
         if sample_size is not None:
             per_class = min(smallest, max(1, int(sample_size) // len(mapping)))
+        before = len(frame)
         frame = frame.groupby("_label", group_keys=False).sample(n=per_class, random_state=seed)
+        note_dropped(dropped, source, "data.balance=true", before - len(frame))
     if sample_size is not None and len(frame) > sample_size:
+        note_dropped(dropped, source, f"data.sample_size={sample_size}", len(frame) - sample_size)
         frame = frame.sample(n=int(sample_size), random_state=seed)
     frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     return frame, label_names(mapping, label_map)
@@ -227,9 +240,13 @@ def select_rows(
     exclude: Mapping[str, Sequence[Any]] | None = None,
     include: Mapping[str, Sequence[Any]] | None = None,
     source: str = "data",
+    dropped: list[dict[str, Any]] | None = None,
 ) -> pd.DataFrame:
     """The rows the filters keep, text and label present, with the label (through
-    ``label_map``) in a ``_label`` column; every split of a run goes through this."""
+    ``label_map``) in a ``_label`` column; every split of a run goes through this. Each
+    reason rows are left out for is logged and, with ``dropped``, recorded."""
+    if len(frame) == 0:
+        raise LmProbeError(f"{source} has no rows (only a header?); check data.path")
     for column in {text_column, label_column, *(exclude or {}), *(include or {})}:
         if column not in frame.columns:
             hint = closest(column, map(str, frame.columns), n=1)
@@ -240,11 +257,21 @@ def select_rows(
             )
     frame = frame[[text_column, label_column]].join(frame.drop(columns=[text_column, label_column]))
     for column, values in (exclude or {}).items():
-        frame = frame[~frame[column].isin(list(values))]
+        keep = ~frame[column].isin(list(values))
+        note_dropped(dropped, source, f"data.exclude: {column} in {list(values)}", (~keep).sum())
+        frame = frame[keep]
     for column, values in (include or {}).items():
-        frame = frame[frame[column].isin(list(values))]
-    frame = frame.dropna(subset=[text_column, label_column])
-    frame = frame[frame[text_column].astype(str).str.strip() != ""]
+        keep = frame[column].isin(list(values))
+        note_dropped(
+            dropped, source, f"data.include: {column} not in {list(values)}", (~keep).sum()
+        )
+        frame = frame[keep]
+    no_label = frame[label_column].isna()
+    note_dropped(dropped, source, f"no label (empty {label_column!r})", no_label.sum(), True)
+    frame = frame[~no_label]
+    no_text = frame[text_column].isna() | (frame[text_column].astype(str).str.strip() == "")
+    note_dropped(dropped, source, f"no text (empty {text_column!r})", no_text.sum(), True)
+    frame = frame[~no_text]
     if label_map:
         unknown = sorted(set(frame[label_column]) - set(label_map), key=str)
         if unknown:
@@ -254,6 +281,29 @@ def select_rows(
             )
         return frame.assign(_label=frame[label_column].map(dict(label_map)))
     return frame.assign(_label=frame[label_column])
+
+
+def note_dropped(
+    dropped: list[dict[str, Any]] | None,
+    source: str,
+    reason: str,
+    rows: int,
+    unexpected: bool = False,
+) -> None:
+    """Log (and record in ``dropped``) ``rows`` rows of ``source`` left out for ``reason``;
+    rows a filter asked to leave out are INFO, rows lost to missing values a WARNING."""
+    rows = int(rows)
+    if rows <= 0:
+        return
+    log.log(
+        logging.WARNING if unexpected else logging.INFO,
+        "%s: %d rows left out: %s",
+        source,
+        rows,
+        reason,
+    )
+    if dropped is not None:
+        dropped.append({"file": source, "reason": reason, "rows": rows})
 
 
 def continuous_labels(frame: pd.DataFrame, label_column: str, source: str) -> pd.Series:
@@ -286,6 +336,7 @@ def number_labels(
     unknown_labels: str = "error",
     source: str = "data",
     label_column: str = "label",
+    dropped: list[dict[str, Any]] | None = None,
 ) -> pd.DataFrame:
     """``_label`` through ``vocabulary`` as int64. Labels it lacks (a test split's tag the
     training split never had) are an error naming them, or dropped with a logged count."""
@@ -303,12 +354,12 @@ def number_labels(
                 f"training split ({len(vocabulary)} labels); drop them with "
                 f"data.unknown_labels=drop or data.exclude"
             )
-        log.warning(
-            "%s: dropping %d rows whose labels %s never occur in the training split "
-            "(data.unknown_labels=drop)",
+        note_dropped(
+            dropped,
             source,
-            int((~known).sum()),
-            unknown[:5],
+            f"labels {unknown[:5]} never occur in the training split (data.unknown_labels=drop)",
+            (~known).sum(),
+            True,
         )
         frame = frame[known]
     return frame.assign(_label=frame["_label"].map(dict(vocabulary)).astype(np.int64))

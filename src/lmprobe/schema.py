@@ -141,6 +141,7 @@ class TrainSchema:
     control: bool = False  # control-task twins for every probe (probes.control follows it)
     baseline: str | None = None  # random_init: the same probes on re-initialised weights
     output_dir: str | None = None  # where outputs go when Hydra is not running the job
+    overwrite: bool = False  # replace an earlier run's results in the run directory
     model: Any = MISSING
     data: Any = MISSING
     probes: Any = MISSING
