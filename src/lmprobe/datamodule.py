@@ -7,6 +7,7 @@ label per word."""
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,9 +21,11 @@ from torch.utils.data import DataLoader
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
 from lmprobe.conll import resolve_column
 from lmprobe.dataset import ProbeDataset, batches, split_indices
-from lmprobe.errors import LmProbeError
+from lmprobe.errors import LmProbeError, closest
 from lmprobe.readers import (
+    READERS,
     SENTENCE,
+    UNKNOWN_LABEL_POLICIES,
     WORD_FORMATS,
     continuous_labels,
     format_of,
@@ -80,6 +83,74 @@ def tokenize_texts(
         max_length=max_length,
         return_tensors="pt",
     )
+
+
+def check_data_options(prefix: str = "", presplit: bool = False, **options: Any) -> None:
+    """Every data option's value, checked before any file is read or model loaded; one line
+    naming the key (``prefix`` + name, ``data.`` in the app) and the value. ``presplit``:
+    the test split is a file, so ``test_size`` does not cut the training file."""
+
+    def bad(key: str, fix: str) -> LmProbeError:
+        return LmProbeError(f"{prefix}{key}={options[key]!r}: {fix}")
+
+    def whole(key: str, low: int, none_ok: bool = True) -> None:
+        value = options.get(key)
+        if value is None and none_ok:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise bad(key, f"use a whole number >= {low}" + (" or null" if none_ok else ""))
+
+    whole("batch_size", 1, none_ok=False)
+    whole("sample_size", 1)  # the number of rows (sentences) to keep
+    whole("max_length", 1)
+    whole("num_workers", 0, none_ok=False)
+    whole("group_size", 1)
+    for key, low in (("test_size", 0.0), ("val_size", 0.0)):
+        value = options.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(key, "use a fraction such as 0.2")
+        if not (low < value < 1.0 or (key == "val_size" and value == 0)):
+            raise bad(
+                key,
+                "use a fraction between 0 and 1, e.g. 0.2"
+                + (" (0: none)" if key == "val_size" else ""),
+            )
+    test_size, val_size = options.get("test_size") or 0.0, options.get("val_size") or 0.0
+    if not presplit and test_size + val_size >= 1.0:
+        raise LmProbeError(
+            f"{prefix}test_size={test_size} and {prefix}val_size={val_size} leave no training "
+            f"rows; their sum must be below 1"
+        )
+    if options.get("unknown_labels") not in (None, *UNKNOWN_LABEL_POLICIES):
+        raise bad("unknown_labels", f"use one of {', '.join(UNKNOWN_LABEL_POLICIES)}")
+    fmt = options.get("file_format")
+    if fmt is not None and str(fmt).lower() not in READERS:
+        hint = closest(str(fmt).lower(), READERS, n=1)
+        raise bad(
+            "file_format",
+            f"use one of {', '.join(sorted(READERS))} (or null: from the file's suffix)"
+            + (f"; did you mean {hint[0]!r}?" if hint else ""),
+        )
+    encoding = options.get("encoding")
+    if encoding is not None:
+        try:
+            codecs.lookup(str(encoding))
+        except LookupError:
+            raise bad("encoding", "use an encoding Python knows, e.g. utf-8 or latin-1") from None
+    label_map = options.get("label_map")
+    if label_map is not None and not isinstance(label_map, Mapping):
+        raise bad("label_map", "use a mapping {original label: label}, e.g. {pos: 1, neg: 0}")
+    for key in ("exclude", "include"):
+        value = options.get(key)
+        if value is None:
+            continue
+        lists = isinstance(value, Mapping) and all(
+            isinstance(v, (list, tuple)) for v in value.values()
+        )
+        if not lists:
+            raise bad(key, "give each column a list of values, e.g. {label: [neutral]}")
 
 
 class _SplitRecords(list):
@@ -143,8 +214,22 @@ class ProbeDataModule(L.LightningDataModule):
         super().__init__()
         if train_set is None and path is None:
             raise LmProbeError("ProbeDataModule needs train_set or a data file path")
-        if int(batch_size) < 1:
-            raise LmProbeError(f"batch_size={batch_size!r} must be >= 1")
+        check_data_options(
+            batch_size=batch_size,
+            sample_size=sample_size,
+            max_length=max_length,
+            test_size=test_size,
+            val_size=val_size,
+            num_workers=num_workers,
+            group_size=group_size,
+            unknown_labels=unknown_labels,
+            file_format=file_format,
+            encoding=encoding,
+            label_map=label_map,
+            exclude=exclude,
+            include=include,
+            presplit=test_path is not None,
+        )
         self.train_set, self.test_set, self.val_set = train_set, test_set, val_set
         self.path = path
         self.text_column, self.label_column = text_column, label_column

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import io
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -102,10 +103,34 @@ def read_table(path: str, encoding: str = "utf-8", file_format: str | None = Non
     reader = READERS[fmt]
     try:
         return reader(path, encoding)
+    except LmProbeError:
+        raise
     except FileNotFoundError:
-        raise LmProbeError(f"data file {path!r} does not exist; check data.path") from None
+        raise LmProbeError(
+            f"data file {path!r} does not exist; check the path (data.path, data.test_path or data.val_path)"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise LmProbeError(
+            f"data file {path!r} is empty; it needs a header line naming its columns "
+            f"(e.g. text,label) and one row per document"
+        ) from None
     except pd.errors.ParserError as err:
-        raise LmProbeError(f"{path!r} is not a well-formed {fmt.upper()} file: {err}") from None
+        raise LmProbeError(
+            f"{path!r} is not a well-formed {fmt.upper()} file: {first_line(err)}; check "
+            f"data.file_format and the file's separators and quotes"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - pandas, pyarrow and custom readers raise anything
+        raise LmProbeError(
+            f"data file {path!r} could not be read as {fmt} ({type(err).__name__}: "
+            f"{first_line(err)}); check data.file_format (or the file's suffix) and that the "
+            f"file is complete"
+        ) from None
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, for a one-line error naming it."""
+    text = str(err).strip().split("\n", 1)[0]
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def guess_format(path: str) -> str:
@@ -128,7 +153,9 @@ def read_text(path: str, encoding: str) -> str:
         try:
             raw = Path(path).read_bytes()
         except FileNotFoundError:
-            raise LmProbeError(f"data file {path!r} does not exist; check data.path") from None
+            raise LmProbeError(
+                f"data file {path!r} does not exist; check the path (data.path, data.test_path or data.val_path)"
+            ) from None
         except (IsADirectoryError, PermissionError) as err:
             raise LmProbeError(
                 f"data file {path!r} cannot be read ({type(err).__name__}); point data.path "
@@ -164,7 +191,41 @@ def read_tsv(path: str, encoding: str) -> pd.DataFrame:
 
 @register_reader("jsonl", ".jsonl", ".json")
 def read_jsonl(path: str, encoding: str) -> pd.DataFrame:
-    return pd.read_json(io.StringIO(read_text(path, encoding)), lines=True)
+    """One JSON object per line (a ``.json`` file may instead hold one array of objects).
+    Parsed with ``json`` line by line, so a bad line is named by its number."""
+    text = read_text(path, encoding)
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LmProbeError(
+                f"line {err.lineno} of {path!r} is not valid JSON ({err.msg}, column "
+                f"{err.colno}); fix it, or write one JSON object per line"
+            ) from None
+        numbered = list(enumerate(records, start=1))
+        where = "item"
+    else:
+        numbered, where = [], "line"
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise LmProbeError(
+                    f"line {number} of {path!r} is not valid JSON ({err.msg}, column "
+                    f'{err.colno}); each line of a JSONL file is one object, e.g. {{"text": '
+                    f'"...", "label": 1}}'
+                ) from None
+    if not numbered:
+        raise LmProbeError(f"data file {path!r} is empty; it needs one JSON object per line")
+    for number, record in numbered:
+        if not isinstance(record, dict):
+            raise LmProbeError(
+                f"{where} {number} of {path!r} is a JSON {type(record).__name__}, not an "
+                f'object; write each document as {{"text": "...", "label": 1}}'
+            )
+    return pd.DataFrame.from_records([record for _, record in numbered])
 
 
 @register_reader("parquet", ".parquet", ".pq")
@@ -279,8 +340,25 @@ def select_rows(
                 f"{source}: labels {unknown[:5]} in column {label_column!r} are not in "
                 f"label_map {dict(label_map)}; add them or drop them with data.exclude"
             )
-        return frame.assign(_label=frame[label_column].map(dict(label_map)))
-    return frame.assign(_label=frame[label_column])
+        frame = frame.assign(_label=frame[label_column].map(dict(label_map)))
+    else:
+        frame = frame.assign(_label=frame[label_column])
+    check_label_types(frame["_label"], label_column, source)
+    return frame
+
+
+def check_label_types(labels: pd.Series, label_column: str, source: str) -> None:
+    """Labels that print alike but differ in type (``"1"`` and ``1`` of a JSONL file) would
+    be two classes; that is never what a file means, so it is an error naming both."""
+    seen: dict[str, Any] = {}
+    for value in pd.unique(labels):
+        other = seen.setdefault(str(value), value)
+        if other is not value and type(other) is not type(value):
+            raise LmProbeError(
+                f"{source}: column {label_column!r} mixes labels {other!r} "
+                f"({type(other).__name__}) and {value!r} ({type(value).__name__}), which "
+                f"would be two classes; write them alike, or map both with data.label_map"
+            )
 
 
 def note_dropped(
