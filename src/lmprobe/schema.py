@@ -231,6 +231,17 @@ def check_config(cfg: DictConfig) -> None:
     from lmprobe.baselines import check_baseline
 
     check_baseline(cfg.get("baseline"))
+    if OmegaConf.select(cfg, "trainer.max_epochs") == 0:  # fit_and_test says it too, later
+        raise LmProbeError("config key trainer.max_epochs=0 trains no probe; use max_epochs >= 1")
+    callbacks = cfg.get("callbacks")
+    for name in callbacks or {}:
+        node = callbacks[name]
+        value = node.get("chunk_rows") if OmegaConf.is_dict(node) else None
+        if value is not None and value < 1:
+            raise LmProbeError(
+                f"config key callbacks.{name}.chunk_rows={value!r}: use a whole number >= 1 "
+                f"(rows per scikit-learn call) or null"
+            )
     if cfg.get("on_nonfinite", "error") not in NONFINITE_POLICIES:
         raise LmProbeError(
             f"config key on_nonfinite={cfg.on_nonfinite!r}: use one of "
