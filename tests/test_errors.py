@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -276,7 +278,7 @@ FILES = [  # (file name, content, ProbeDataModule options, fragments of the mess
     (
         "mixed.jsonl",
         "".join(
-            '{"text": "t%d", "label": %s}\n' % (i, '"1"' if i % 3 else i % 2) for i in range(9)
+            json.dumps({"text": f"t{i}", "label": "1" if i % 3 else i % 2}) + "\n" for i in range(9)
         ),
         {},
         ["mixed.jsonl", "'1' (str)", "1 (int)", "label_map"],
