@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -219,3 +221,154 @@ def test_default_run_directories_are_unique_to_the_microsecond(tmp_path):
     import re
 
     assert re.search(r"runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}$", cfg.hydra.run.dir)
+
+
+# ---------------------------------------------------------------- the table of bad inputs
+# Each row: what the user sets, and what the one-line error must name. Composition rows are
+# refused by Hydra's typed schemas; config rows by check_config before the model loads;
+# file rows by the readers (ProbeDataModule.setup), naming the file, the line and the fix.
+
+GOOD_ROWS = "".join(f"word{i} text,{'pos' if i % 2 else 'neg'}\n" for i in range(20))
+
+COMPOSITION = [
+    ("data.batch_size=abc", ["data.batch_size", "abc"]),
+    ("data.sample_size=some", ["data.sample_size", "some"]),
+    ("callbacks.probe_updater.chunk_rows=abc", ["chunk_rows", "abc"]),
+    ("callbacks.probe_metrics.bootstrap=many", ["bootstrap", "many"]),
+    ("trainer.max_epochs=1.5", ["trainer.max_epochs", "1.5"]),
+    ("overwrite=maybe", ["overwrite", "maybe"]),
+    ("model.remote=perhaps", ["model.remote", "perhaps"]),
+]
+
+CONFIG = [
+    ("data.sample_size=-1", ["data.sample_size=-1", ">= 1"]),
+    ("data.sample_size=0", ["data.sample_size=0", ">= 1"]),
+    ("data.max_length=-5", ["data.max_length=-5", ">= 1"]),
+    ("data.file_format=xml", ["data.file_format='xml'", "csv, jsonl"]),
+    ("data.test_size=1.5", ["data.test_size=1.5", "fraction"]),
+    ("data.val_size=0.9", ["data.val_size=0.9", "below 1"]),
+    ("data.num_workers=-1", ["data.num_workers=-1", ">= 0"]),
+    ("data.encoding=bogus", ["data.encoding='bogus'", "latin-1"]),
+    ("data.exclude={label: neg}", ["data.exclude=", "'neg'", "[neutral]"]),
+    ("data.unknown_labels=keep", ["data.unknown_labels='keep'", "error, drop"]),
+    ("data.path=MISSING/none.csv", ["data.path=", "none.csv"]),
+    ("data.test_path=MISSING/test.csv", ["data.test_path=", "test.csv"]),
+    ("probes.pooling=avg", ["probes.pooling='avg'", "mean"]),
+    ("probes.word_pooling=middle", ["probes.word_pooling='middle'", "first"]),
+    ("probes.kind=forest", ["'forest'"]),
+    ("on_nonfinite=ignore", ["on_nonfinite='ignore'", "skip"]),
+    ("baseline=untrained", ["baseline='untrained'"]),
+    ("trainer.max_epochs=0", ["max_epochs=0", ">= 1"]),
+    ("callbacks.probe_updater.chunk_rows=0", ["callbacks.probe_updater.chunk_rows=0", ">= 1"]),
+]
+
+FILES = [  # (file name, content, ProbeDataModule options, fragments of the message)
+    ("empty.csv", "", {}, ["empty.csv", "is empty", "header"]),
+    ("header.csv", "text,label\n", {}, ["header.csv", "no rows"]),
+    ("ragged.csv", "text,label\na,pos\nb,neg,3,4\n", {}, ["ragged.csv", "line 3", "saw 4"]),
+    ("cols.csv", "review,label\na,pos\n", {}, ["cols.csv", "'text'", "review, label"]),
+    ("empty.jsonl", "", {}, ["empty.jsonl", "is empty"]),
+    (
+        "bad.jsonl",
+        '{"text": "a", "label": 1}\n{"text": "b", label: 0}\n',
+        {},
+        ["line 2", "bad.jsonl", "not valid JSON"],
+    ),
+    ("list.jsonl", '{"text": "a", "label": 1}\n[1, 2]\n', {}, ["line 2", "list", "object"]),
+    (
+        "mixed.jsonl",
+        "".join(
+            json.dumps({"text": f"t{i}", "label": "1" if i % 3 else i % 2}) + "\n" for i in range(9)
+        ),
+        {},
+        ["mixed.jsonl", "'1' (str)", "1 (int)", "label_map"],
+    ),
+    (
+        "notparquet.csv",
+        "text,label\na,1\n",
+        {"file_format": "parquet"},
+        ["notparquet.csv", "parquet"],
+    ),
+    ("empty.conllu", "", {}, ["empty.conllu", "no sentences"]),
+    ("short.conllu", "1\tword\tword\n", {}, ["line 1", "short.conllu", "3 tab-separated"]),
+    ("map.csv", "text,label\n" + GOOD_ROWS, {"label_map": {"pos": 1}}, ["['neg']", "label_map"]),
+    ("latin.csv", None, {}, ["line 3", "latin.csv", "latin-1"]),
+]
+
+
+def _write(path, content) -> None:
+    if content is None:  # a latin-1 file read as utf-8
+        path.write_bytes("text,label\nok,pos\ncaf\xe9,neg\n".encode("latin-1"))
+    else:
+        path.write_text(content, encoding="utf-8")
+
+
+@pytest.fixture()
+def app_cfg(tmp_path, tiny_model_dir, monkeypatch):
+    """Compose the app's config with the given overrides; the model must never load."""
+    from test_app import compose_cfg
+
+    good = tmp_path / "good.csv"
+    good.write_text("text,label\n" + GOOD_ROWS, encoding="utf-8")
+    monkeypatch.setattr(
+        "lmprobe.app.load_model", lambda *a: pytest.fail("the model loaded before the error")
+    )
+
+    def compose(override: str):
+        override = override.replace("MISSING", str(tmp_path / "missing"))
+        return compose_cfg(
+            tmp_path / "run",
+            [
+                "probes=gpt2_layers",
+                f"model.name_or_path={tiny_model_dir}",
+                "data=csv",
+                f"data.path={good}",
+                "logger=none",
+                override,
+            ],
+        )
+
+    return compose
+
+
+@pytest.mark.parametrize(("override", "names"), COMPOSITION, ids=[o for o, _ in COMPOSITION])
+def test_bad_types_are_refused_while_composing(app_cfg, override, names):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as excinfo:
+        app_cfg(override)
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    full = f"{message} {excinfo.value.__cause__}"
+    for name in names:
+        assert name in full, (name, full)
+
+
+@pytest.mark.parametrize(("override", "names"), CONFIG, ids=[o for o, _ in CONFIG])
+def test_bad_values_stop_before_the_model_loads(app_cfg, override, names):
+    from lmprobe.app import train
+
+    cfg = app_cfg(override)
+    with pytest.raises(LmProbeError) as excinfo:
+        train(cfg)
+    check(excinfo, *names)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "options", "names"), FILES, ids=[row[0] for row in FILES]
+)
+def test_bad_files_name_the_file_the_line_and_the_fix(
+    tmp_path, tokenizer, name, content, options, names
+):
+    path = tmp_path / name
+    _write(path, content)
+    with pytest.raises(LmProbeError) as excinfo:
+        ProbeDataModule(path=str(path), tokenizer=tokenizer, **options).setup()
+    check(excinfo, *names)
+
+
+def test_a_submodule_whose_output_is_not_a_tensor(small_lm, dataset):
+    runner = ProbeRunner(small_lm, [ProbeConfig("transformer.output", [0, 1])])
+    with pytest.raises(LmProbeError) as excinfo:
+        runner.fit_probes(dataset, dataset, max_epochs=1, enable_progress_bar=False)
+    check(excinfo, "'transformer.output'", "not a tensor", ".h.0.output")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,11 @@ from lmprobe.results import (
     accuracy_by_layer,
     save_figure,
     save_probes,
+    write_dropped_rows,
     write_metrics,
     write_per_class,
 )
+from lmprobe.rundir import claim_run_dir, rescue_dir
 from lmprobe.schema import check_config
 
 log = logging.getLogger("lmprobe")
@@ -79,28 +82,88 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.get("output_dir") or ".")
 
 
+# An output: its name in the run directory and a function writing it into a directory.
+Output = tuple[str, Callable[[Path], Any]]
+
+
+def keep_outputs(
+    directory: Path, outputs: list[Output], trainer: L.Trainer | None = None
+) -> tuple[Path | None, list[str]]:
+    """Write every output into ``directory``. If any cannot be written there (a full disk,
+    a file in the way, no permission), all of them and a checkpoint go to a rescue directory
+    too, so a failure while saving never loses trained probes and the rescue is complete.
+    Returns the rescue directory (None if none was needed) and 'path (reason)' per failure."""
+    problems = []
+    for name, write in outputs:
+        try:
+            write(directory)
+        except OSError as err:
+            problems.append(f"{directory / name} ({err.strerror or err})")
+    if not problems:
+        return None, []
+    rescue = rescue_dir()
+    for _, write in outputs:
+        write(rescue)  # a failure here too has nowhere left to go: let it show
+    if trainer is not None:
+        trainer.save_checkpoint(rescue / "last.ckpt")
+    return rescue, problems
+
+
+def run_outputs(
+    table: pd.DataFrame | None,
+    module: ProbeModule,
+    datamodule: Any,
+    partial: bool = False,
+    figure: Any = None,
+) -> list[Output]:
+    """The files of a run, in the order they are written (cheap, small ones first)."""
+    names = datamodule.label_names
+    outputs: list[Output] = []
+    if table is not None:
+        outputs.append(("metrics.csv", lambda d: write_metrics(table, d / "metrics.csv", partial)))
+    per_class = module.bank.class_tables.get("test")
+    if not partial and per_class is not None and not per_class.empty:
+        outputs.append(
+            ("per_class.csv", lambda d: write_per_class(per_class, d / "per_class.csv", names))
+        )
+    dropped = getattr(datamodule, "dropped_rows", None)
+    if dropped:
+        outputs.append(
+            ("dropped_rows.csv", lambda d: write_dropped_rows(dropped, d / "dropped_rows.csv"))
+        )
+    outputs.append(("probes", lambda d: save_probes(module.bank.probes, d / "probes", names)))
+    if figure is not None:
+        outputs.append(
+            ("accuracy_by_layer.png", lambda d: save_figure(figure, d / "accuracy_by_layer.png"))
+        )
+    return outputs
+
+
 class RunOutputs(Callback):
     """Writes probes, metrics and a resumable checkpoint if a run is interrupted or fails."""
 
-    def __init__(self, directory: Path, label_names: dict | None) -> None:
+    def __init__(self, directory: Path, datamodule: Any) -> None:
         self.directory = directory
-        self.label_names = label_names
+        self.datamodule = datamodule
 
     def on_exception(self, trainer: L.Trainer, pl_module: ProbeModule, exception: BaseException):
         bank = pl_module.bank
         if not any(bank.steps.values()):
             return  # stopped before any probe saw data (e.g. a bad label): nothing to keep
-        save_probes(bank.probes, self.directory / "probes", self.label_names)
-        trainer.save_checkpoint(self.directory / "last.ckpt")
         table = bank.tables.get("test")
         if table is None:  # what the test pass scored before it stopped, if it ran
             table = bank.finish_scoring("test", drop_failed=True)
-        write_metrics(table, self.directory / "metrics.csv", partial=True)
+        outputs = run_outputs(table, pl_module, self.datamodule, partial=True)
+        outputs.append(("last.ckpt", lambda d: trainer.save_checkpoint(d / "last.ckpt")))
+        rescue, problems = keep_outputs(self.directory, outputs)
+        where = rescue or self.directory
+        if problems:  # the run's own error follows; this one must not hide it
+            log.error("could not write %s; kept in %s instead", "; ".join(problems), rescue)
         log.warning(
             "run stopped (%s): probes trained so far are in %s; resume with ckpt_path=%s",
             type(exception).__name__,
-            self.directory / "probes",
-            self.directory / "last.ckpt",
+            where / "probes",
+            where / "last.ckpt",
         )
 
 
@@ -109,7 +172,12 @@ def train(cfg: DictConfig) -> pd.DataFrame:
     show_lmprobe_log()
     check_config(cfg)
     out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    # locked for this run, and no earlier run's results left to mix with this one's
+    with claim_run_dir(out, bool(cfg.get("overwrite", False)), cfg.get("ckpt_path")):
+        return _train(cfg, out)
+
+
+def _train(cfg: DictConfig, out: Path) -> pd.DataFrame:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     regression = resolve_probe_kind(cfg.probes.get("kind", "sgd_classifier")).task == "regression"
@@ -140,7 +208,7 @@ def train(cfg: DictConfig) -> pd.DataFrame:
     )
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = build_callbacks(cfg)
-    callbacks.append(RunOutputs(out, datamodule.label_names))
+    callbacks.append(RunOutputs(out, datamodule))
     trainer = build(
         cfg.trainer, module=module, callbacks=callbacks, logger=loggers or False, _convert_="all"
     )
@@ -167,13 +235,15 @@ def train(cfg: DictConfig) -> pd.DataFrame:
 
         other = baseline_table(cfg.baseline, module, datamodule, trainer_for)
         table = merge_baseline(table, other, cfg.baseline)
-    write_metrics(table, out / "metrics.csv")
-    per_class = module.bank.class_tables.get("test")
-    if per_class is not None and not per_class.empty:
-        write_per_class(per_class, out / "per_class.csv", datamodule.label_names)
-    save_probes(module.bank.probes, out / "probes", datamodule.label_names)
     figure = accuracy_by_layer(table, module.configs, headline_metric(table))
-    save_figure(figure, out / "accuracy_by_layer.png")
+    rescue, problems = keep_outputs(
+        out, run_outputs(table, module, datamodule, figure=figure), trainer
+    )
+    if problems:
+        raise LmProbeError(
+            f"could not write {'; '.join(problems)}; the run's probes, metrics.csv and "
+            f"last.ckpt are kept in {rescue} instead: copy them to where they belong"
+        )
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_figure("accuracy_by_layer", figure)
@@ -231,8 +301,12 @@ def run_job(cfg: DictConfig) -> float | None:
         if not in_sweep:
             raise
         out = output_dir(cfg)
-        (out / "error.txt").write_text(
-            f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}", encoding="utf-8"
-        )
+        try:
+            (out / "error.txt").write_text(
+                f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}", encoding="utf-8"
+            )
+        except OSError:  # the run directory itself is the problem: the log still says it
+            log.error("job %s failed: %s", out.name, err)
+            return None
         log.error("job %s failed: %s (recorded in %s)", out.name, err, out / "error.txt")
         return None

@@ -7,6 +7,7 @@ label per word."""
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,9 +21,11 @@ from torch.utils.data import DataLoader
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
 from lmprobe.conll import resolve_column
 from lmprobe.dataset import ProbeDataset, batches, split_indices
-from lmprobe.errors import LmProbeError
+from lmprobe.errors import LmProbeError, closest
 from lmprobe.readers import (
+    READERS,
     SENTENCE,
+    UNKNOWN_LABEL_POLICIES,
     WORD_FORMATS,
     continuous_labels,
     format_of,
@@ -82,6 +85,85 @@ def tokenize_texts(
     )
 
 
+def check_data_options(prefix: str = "", presplit: bool = False, **options: Any) -> None:
+    """Every data option's value, checked before any file is read or model loaded; one line
+    naming the key (``prefix`` + name, ``data.`` in the app) and the value. ``presplit``:
+    the test split is a file, so ``test_size`` does not cut the training file."""
+
+    def bad(key: str, fix: str) -> LmProbeError:
+        return LmProbeError(f"{prefix}{key}={options[key]!r}: {fix}")
+
+    def whole(key: str, low: int, none_ok: bool = True) -> None:
+        value = options.get(key)
+        if value is None and none_ok:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise bad(key, f"use a whole number >= {low}" + (" or null" if none_ok else ""))
+
+    whole("batch_size", 1, none_ok=False)
+    whole("sample_size", 1)  # the number of rows (sentences) to keep
+    whole("max_length", 1)
+    whole("num_workers", 0, none_ok=False)
+    whole("group_size", 1)
+    for key, low in (("test_size", 0.0), ("val_size", 0.0)):
+        value = options.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(key, "use a fraction such as 0.2")
+        if not (low < value < 1.0 or (key == "val_size" and value == 0)):
+            raise bad(
+                key,
+                "use a fraction between 0 and 1, e.g. 0.2"
+                + (" (0: none)" if key == "val_size" else ""),
+            )
+    test_size, val_size = options.get("test_size") or 0.0, options.get("val_size") or 0.0
+    if not presplit and test_size + val_size >= 1.0:
+        raise LmProbeError(
+            f"{prefix}test_size={test_size} and {prefix}val_size={val_size} leave no training "
+            f"rows; their sum must be below 1"
+        )
+    if options.get("unknown_labels") not in (None, *UNKNOWN_LABEL_POLICIES):
+        raise bad("unknown_labels", f"use one of {', '.join(UNKNOWN_LABEL_POLICIES)}")
+    fmt = options.get("file_format")
+    if fmt is not None and str(fmt).lower() not in READERS:
+        hint = closest(str(fmt).lower(), READERS, n=1)
+        raise bad(
+            "file_format",
+            f"use one of {', '.join(sorted(READERS))} (or null: from the file's suffix)"
+            + (f"; did you mean {hint[0]!r}?" if hint else ""),
+        )
+    encoding = options.get("encoding")
+    if encoding is not None:
+        try:
+            codecs.lookup(str(encoding))
+        except LookupError:
+            raise bad("encoding", "use an encoding Python knows, e.g. utf-8 or latin-1") from None
+    label_map = options.get("label_map")
+    if label_map is not None and not isinstance(label_map, Mapping):
+        raise bad("label_map", "use a mapping {original label: label}, e.g. {pos: 1, neg: 0}")
+    for key in ("exclude", "include"):
+        value = options.get(key)
+        if value is None:
+            continue
+        lists = isinstance(value, Mapping) and all(
+            isinstance(v, (list, tuple)) for v in value.values()
+        )
+        if not lists:
+            raise bad(key, "give each column a list of values, e.g. {label: [neutral]}")
+
+
+class _SplitRecords(list):
+    """Appends to a shared list of dropped-row records, each tagged with its split."""
+
+    def __init__(self, records: list[dict[str, Any]], split: str) -> None:
+        super().__init__()
+        self.records, self.split = records, split
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append({"split": self.split, **record})
+
+
 class ProbeDataModule(L.LightningDataModule):
     """Hands ``ProbeDataset`` splits to Lightning, batched and padded to each batch's longest.
 
@@ -132,8 +214,22 @@ class ProbeDataModule(L.LightningDataModule):
         super().__init__()
         if train_set is None and path is None:
             raise LmProbeError("ProbeDataModule needs train_set or a data file path")
-        if int(batch_size) < 1:
-            raise LmProbeError(f"batch_size={batch_size!r} must be >= 1")
+        check_data_options(
+            batch_size=batch_size,
+            sample_size=sample_size,
+            max_length=max_length,
+            test_size=test_size,
+            val_size=val_size,
+            num_workers=num_workers,
+            group_size=group_size,
+            unknown_labels=unknown_labels,
+            file_format=file_format,
+            encoding=encoding,
+            label_map=label_map,
+            exclude=exclude,
+            include=include,
+            presplit=test_path is not None,
+        )
         self.train_set, self.test_set, self.val_set = train_set, test_set, val_set
         self.path = path
         self.text_column, self.label_column = text_column, label_column
@@ -159,6 +255,9 @@ class ProbeDataModule(L.LightningDataModule):
         self.test_path, self.val_path = test_path, val_path
         self.unknown_labels = unknown_labels
         self.label_names: dict[int, Any] | None = None
+        #: every row left out while reading, and why (split, file, reason, rows): the
+        #: run's dropped_rows.csv
+        self.dropped_rows: list[dict[str, Any]] = []
 
     @property
     def word_level(self) -> bool:
@@ -172,6 +271,10 @@ class ProbeDataModule(L.LightningDataModule):
             self.label_names = self.label_names or self.train_set.label_names
             return
         self.train_set, self.val_set, self.test_set = self.load_splits()
+
+    def _dropped(self, split: str) -> list[dict[str, Any]]:
+        """A list that records the rows of ``split`` left out into ``dropped_rows``."""
+        return _SplitRecords(self.dropped_rows, split)
 
     def load_splits(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
         if self.tokenizer is None:
@@ -194,6 +297,7 @@ class ProbeDataModule(L.LightningDataModule):
             self.seed,
             source=f"data file {path!r}",
             continuous=self.continuous,
+            dropped=self._dropped("all"),
         )
         self.label_names = names
         labels = frame["_label"].to_numpy()
@@ -286,6 +390,7 @@ class ProbeDataModule(L.LightningDataModule):
                 continuous=self.continuous,
                 vocabulary=vocabulary,
                 unknown_labels=self.unknown_labels,
+                dropped=self._dropped(split),
             )
         names = None if vocabulary is None else label_names(vocabulary, self.label_map)
         self._check_classes(names, self.path)
@@ -337,7 +442,10 @@ class ProbeDataModule(L.LightningDataModule):
             exclude = {resolve_column(raw, c, source): v for c, v in self.exclude.items()}
             include = {resolve_column(raw, c, source): v for c, v in self.include.items()}
             raw = raw.assign(_row=np.arange(len(raw)))
-            selected = select_rows(raw, text, label, self.label_map, exclude, include, source)
+            dropped = self._dropped(split)
+            selected = select_rows(
+                raw, text, label, self.label_map, exclude, include, source, dropped
+            )
             if self.continuous:
                 values = selected.assign(_label=continuous_labels(selected, label, source))
             else:
@@ -348,7 +456,9 @@ class ProbeDataModule(L.LightningDataModule):
                             f"data.exclude / data.include"
                         )
                     vocabulary = label_vocabulary(selected["_label"])
-                values = number_labels(selected, vocabulary, self.unknown_labels, source, label)
+                values = number_labels(
+                    selected, vocabulary, self.unknown_labels, source, label, dropped
+                )
             word_labels = np.full(len(raw), None, dtype=object)
             word_labels[values["_row"].to_numpy()] = values["_label"].tolist()
             sentences = [

@@ -13,7 +13,7 @@ import torch
 
 from lmprobe.config import ProbeConfig
 from lmprobe.dataset import words_present
-from lmprobe.errors import NonFiniteActivationError
+from lmprobe.errors import LmProbeError, NonFiniteActivationError
 from lmprobe.models import envoy_at, input_device
 from lmprobe.poolings import POOLINGS, TOKEN_LEVEL, WORD_POOLINGS
 
@@ -315,6 +315,12 @@ def trace_features(
             value = envoy.output if kind == "output" else envoy.input
             if isinstance(value, (tuple, list)):  # e.g. attention returns (hidden, weights)
                 value = value[0]
+            if not isinstance(value, torch.Tensor):  # e.g. a whole model's ModelOutput
+                raise LmProbeError(
+                    f"submodule {site!r} gives a {type(value).__name__}, not a tensor of "
+                    f"activations; probe a block or layer inside it instead (e.g. a path "
+                    f"ending in .h.0.output or .layers.0.output; probes=all_layers finds them)"
+                )
             for key in by_site[site]:
                 twin = key._replace(control=not key.control)
                 if twin in saved:  # a control twin reads the very same features

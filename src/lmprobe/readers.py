@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import io
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -102,10 +103,34 @@ def read_table(path: str, encoding: str = "utf-8", file_format: str | None = Non
     reader = READERS[fmt]
     try:
         return reader(path, encoding)
+    except LmProbeError:
+        raise
     except FileNotFoundError:
-        raise LmProbeError(f"data file {path!r} does not exist; check data.path") from None
+        raise LmProbeError(
+            f"data file {path!r} does not exist; check the path (data.path, data.test_path or data.val_path)"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise LmProbeError(
+            f"data file {path!r} is empty; it needs a header line naming its columns "
+            f"(e.g. text,label) and one row per document"
+        ) from None
     except pd.errors.ParserError as err:
-        raise LmProbeError(f"{path!r} is not a well-formed {fmt.upper()} file: {err}") from None
+        raise LmProbeError(
+            f"{path!r} is not a well-formed {fmt.upper()} file: {first_line(err)}; check "
+            f"data.file_format and the file's separators and quotes"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - pandas, pyarrow and custom readers raise anything
+        raise LmProbeError(
+            f"data file {path!r} could not be read as {fmt} ({type(err).__name__}: "
+            f"{first_line(err)}); check data.file_format (or the file's suffix) and that the "
+            f"file is complete"
+        ) from None
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, for a one-line error naming it."""
+    text = str(err).strip().split("\n", 1)[0]
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def guess_format(path: str) -> str:
@@ -128,7 +153,9 @@ def read_text(path: str, encoding: str) -> str:
         try:
             raw = Path(path).read_bytes()
         except FileNotFoundError:
-            raise LmProbeError(f"data file {path!r} does not exist; check data.path") from None
+            raise LmProbeError(
+                f"data file {path!r} does not exist; check the path (data.path, data.test_path or data.val_path)"
+            ) from None
         except (IsADirectoryError, PermissionError) as err:
             raise LmProbeError(
                 f"data file {path!r} cannot be read ({type(err).__name__}); point data.path "
@@ -164,7 +191,41 @@ def read_tsv(path: str, encoding: str) -> pd.DataFrame:
 
 @register_reader("jsonl", ".jsonl", ".json")
 def read_jsonl(path: str, encoding: str) -> pd.DataFrame:
-    return pd.read_json(io.StringIO(read_text(path, encoding)), lines=True)
+    """One JSON object per line (a ``.json`` file may instead hold one array of objects).
+    Parsed with ``json`` line by line, so a bad line is named by its number."""
+    text = read_text(path, encoding)
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LmProbeError(
+                f"line {err.lineno} of {path!r} is not valid JSON ({err.msg}, column "
+                f"{err.colno}); fix it, or write one JSON object per line"
+            ) from None
+        numbered = list(enumerate(records, start=1))
+        where = "item"
+    else:
+        numbered, where = [], "line"
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise LmProbeError(
+                    f"line {number} of {path!r} is not valid JSON ({err.msg}, column "
+                    f'{err.colno}); each line of a JSONL file is one object, e.g. {{"text": '
+                    f'"...", "label": 1}}'
+                ) from None
+    if not numbered:
+        raise LmProbeError(f"data file {path!r} is empty; it needs one JSON object per line")
+    for number, record in numbered:
+        if not isinstance(record, dict):
+            raise LmProbeError(
+                f"{where} {number} of {path!r} is a JSON {type(record).__name__}, not an "
+                f'object; write each document as {{"text": "...", "label": 1}}'
+            )
+    return pd.DataFrame.from_records([record for _, record in numbered])
 
 
 @register_reader("parquet", ".parquet", ".pq")
@@ -187,6 +248,7 @@ def prepare_frame(
     continuous: bool = False,
     vocabulary: Mapping[Any, int] | None = None,
     unknown_labels: str = "error",
+    dropped: list[dict[str, Any]] | None = None,
 ) -> tuple[pd.DataFrame, dict[Any, int] | None]:
     """Filter, map and sample rows; return the frame with an integer ``_label`` column.
 
@@ -195,25 +257,37 @@ def prepare_frame(
     column and no mapping (``balance`` does not apply). ``vocabulary`` (mapped label ->
     integer, from ``label_vocabulary`` of the training split) numbers the labels of another
     split the training split's way; its labels outside the vocabulary are an error, or
-    dropped with ``unknown_labels="drop"``.
+    dropped with ``unknown_labels="drop"``. ``dropped`` collects a record of every row
+    left out and why (``note_dropped``).
     """
-    frame = select_rows(frame, text_column, label_column, label_map, exclude, include, source)
+    frame = select_rows(
+        frame, text_column, label_column, label_map, exclude, include, source, dropped
+    )
     if len(frame) == 0:
-        raise LmProbeError(f"{source} has no rows left after filtering; loosen data.exclude")
+        raise LmProbeError(
+            f"{source} has no rows left after filtering (see the rows left out above); "
+            f"loosen data.exclude / data.include or fill in the empty texts and labels"
+        )
     if continuous:
         frame = frame.assign(_label=continuous_labels(frame, label_column, source))
         if sample_size is not None and len(frame) > sample_size:
+            note_dropped(
+                dropped, source, f"data.sample_size={sample_size}", len(frame) - sample_size
+            )
             frame = frame.sample(n=int(sample_size), random_state=seed)
         return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True), None
     mapping = dict(vocabulary) if vocabulary is not None else label_vocabulary(frame["_label"])
-    frame = number_labels(frame, mapping, unknown_labels, source, label_column)
+    frame = number_labels(frame, mapping, unknown_labels, source, label_column, dropped)
     if balance:
         smallest = int(frame["_label"].value_counts().min())
         per_class = smallest
         if sample_size is not None:
             per_class = min(smallest, max(1, int(sample_size) // len(mapping)))
+        before = len(frame)
         frame = frame.groupby("_label", group_keys=False).sample(n=per_class, random_state=seed)
+        note_dropped(dropped, source, "data.balance=true", before - len(frame))
     if sample_size is not None and len(frame) > sample_size:
+        note_dropped(dropped, source, f"data.sample_size={sample_size}", len(frame) - sample_size)
         frame = frame.sample(n=int(sample_size), random_state=seed)
     frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     return frame, label_names(mapping, label_map)
@@ -227,9 +301,13 @@ def select_rows(
     exclude: Mapping[str, Sequence[Any]] | None = None,
     include: Mapping[str, Sequence[Any]] | None = None,
     source: str = "data",
+    dropped: list[dict[str, Any]] | None = None,
 ) -> pd.DataFrame:
     """The rows the filters keep, text and label present, with the label (through
-    ``label_map``) in a ``_label`` column; every split of a run goes through this."""
+    ``label_map``) in a ``_label`` column; every split of a run goes through this. Each
+    reason rows are left out for is logged and, with ``dropped``, recorded."""
+    if len(frame) == 0:
+        raise LmProbeError(f"{source} has no rows (only a header?); check data.path")
     for column in {text_column, label_column, *(exclude or {}), *(include or {})}:
         if column not in frame.columns:
             hint = closest(column, map(str, frame.columns), n=1)
@@ -240,11 +318,21 @@ def select_rows(
             )
     frame = frame[[text_column, label_column]].join(frame.drop(columns=[text_column, label_column]))
     for column, values in (exclude or {}).items():
-        frame = frame[~frame[column].isin(list(values))]
+        keep = ~frame[column].isin(list(values))
+        note_dropped(dropped, source, f"data.exclude: {column} in {list(values)}", (~keep).sum())
+        frame = frame[keep]
     for column, values in (include or {}).items():
-        frame = frame[frame[column].isin(list(values))]
-    frame = frame.dropna(subset=[text_column, label_column])
-    frame = frame[frame[text_column].astype(str).str.strip() != ""]
+        keep = frame[column].isin(list(values))
+        note_dropped(
+            dropped, source, f"data.include: {column} not in {list(values)}", (~keep).sum()
+        )
+        frame = frame[keep]
+    no_label = frame[label_column].isna()
+    note_dropped(dropped, source, f"no label (empty {label_column!r})", no_label.sum(), True)
+    frame = frame[~no_label]
+    no_text = frame[text_column].isna() | (frame[text_column].astype(str).str.strip() == "")
+    note_dropped(dropped, source, f"no text (empty {text_column!r})", no_text.sum(), True)
+    frame = frame[~no_text]
     if label_map:
         unknown = sorted(set(frame[label_column]) - set(label_map), key=str)
         if unknown:
@@ -252,8 +340,48 @@ def select_rows(
                 f"{source}: labels {unknown[:5]} in column {label_column!r} are not in "
                 f"label_map {dict(label_map)}; add them or drop them with data.exclude"
             )
-        return frame.assign(_label=frame[label_column].map(dict(label_map)))
-    return frame.assign(_label=frame[label_column])
+        frame = frame.assign(_label=frame[label_column].map(dict(label_map)))
+    else:
+        frame = frame.assign(_label=frame[label_column])
+    check_label_types(frame["_label"], label_column, source)
+    return frame
+
+
+def check_label_types(labels: pd.Series, label_column: str, source: str) -> None:
+    """Labels that print alike but differ in type (``"1"`` and ``1`` of a JSONL file) would
+    be two classes; that is never what a file means, so it is an error naming both."""
+    seen: dict[str, Any] = {}
+    for value in pd.unique(labels):
+        other = seen.setdefault(str(value), value)
+        if other is not value and type(other) is not type(value):
+            raise LmProbeError(
+                f"{source}: column {label_column!r} mixes labels {other!r} "
+                f"({type(other).__name__}) and {value!r} ({type(value).__name__}), which "
+                f"would be two classes; write them alike, or map both with data.label_map"
+            )
+
+
+def note_dropped(
+    dropped: list[dict[str, Any]] | None,
+    source: str,
+    reason: str,
+    rows: int,
+    unexpected: bool = False,
+) -> None:
+    """Log (and record in ``dropped``) ``rows`` rows of ``source`` left out for ``reason``;
+    rows a filter asked to leave out are INFO, rows lost to missing values a WARNING."""
+    rows = int(rows)
+    if rows <= 0:
+        return
+    log.log(
+        logging.WARNING if unexpected else logging.INFO,
+        "%s: %d rows left out: %s",
+        source,
+        rows,
+        reason,
+    )
+    if dropped is not None:
+        dropped.append({"file": source, "reason": reason, "rows": rows})
 
 
 def continuous_labels(frame: pd.DataFrame, label_column: str, source: str) -> pd.Series:
@@ -286,6 +414,7 @@ def number_labels(
     unknown_labels: str = "error",
     source: str = "data",
     label_column: str = "label",
+    dropped: list[dict[str, Any]] | None = None,
 ) -> pd.DataFrame:
     """``_label`` through ``vocabulary`` as int64. Labels it lacks (a test split's tag the
     training split never had) are an error naming them, or dropped with a logged count."""
@@ -303,12 +432,12 @@ def number_labels(
                 f"training split ({len(vocabulary)} labels); drop them with "
                 f"data.unknown_labels=drop or data.exclude"
             )
-        log.warning(
-            "%s: dropping %d rows whose labels %s never occur in the training split "
-            "(data.unknown_labels=drop)",
+        note_dropped(
+            dropped,
             source,
-            int((~known).sum()),
-            unknown[:5],
+            f"labels {unknown[:5]} never occur in the training split (data.unknown_labels=drop)",
+            (~known).sum(),
+            True,
         )
         frame = frame[known]
     return frame.assign(_label=frame["_label"].map(dict(vocabulary)).astype(np.int64))

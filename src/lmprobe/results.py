@@ -39,6 +39,14 @@ def write_per_class(table: pd.DataFrame, path: Path, label_names: dict | None) -
     return path
 
 
+def write_dropped_rows(dropped: list[dict[str, Any]], path: Path) -> Path:
+    """``dropped_rows.csv``: how many rows of which file were left out, and why (one row per
+    file and reason: columns split, file, reason, rows)."""
+    table = pd.DataFrame(dropped, columns=["split", "file", "reason", "rows"])
+    atomic_write_bytes(path, table.to_csv(index=False).encode())
+    return path
+
+
 def safe_filename(name: str) -> str:
     """A file name for a probe name: readable, short, and distinct for distinct names (a
     hash of the full name follows the readable part, so ``a/b`` and ``a_b`` never share)."""
@@ -64,6 +72,11 @@ def save_probes(
         directory / "labels.json", json.dumps(labels, indent=2, default=str).encode()
     )
     atomic_write_bytes(directory / "index.json", json.dumps(index, indent=2).encode())
+    # a resumed run saves into the directory of its interrupted self: probes that are no
+    # longer fitted must not stay beside the new index
+    for stale in directory.glob("*.safetensors"):
+        if stale.name not in index.values():
+            stale.unlink()
     return directory
 
 

@@ -9,6 +9,7 @@ code also uses (Trainer defaults, chunk size) are read from the code, not repeat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -19,7 +20,6 @@ from lmprobe.config import ProbeConfig
 from lmprobe.engine import TRAINER_DEFAULTS
 from lmprobe.errors import LmProbeError
 from lmprobe.poolings import WORD_POOLINGS, pooling_names
-from lmprobe.readers import UNKNOWN_LABEL_POLICIES
 from lmprobe.uncertainty import DEFAULT_RESAMPLES
 
 
@@ -41,9 +41,12 @@ class DataSchema:
     file_format: str | None = None
     text_column: str = "text"
     label_column: str = "label"
-    label_map: dict[Any, Any] | None = None
-    exclude: dict[str, list[Any]] | None = None
-    include: dict[str, list[Any]] | None = None
+    # Any, checked in check_config: a typed Optional[Dict] node set to null cannot take a
+    # dict from the command line (data.exclude={label: [x]} ends in an OmegaConf
+    # AttributeError), and an empty typed dict refuses its new keys in struct mode
+    label_map: Any = None  # {original label: label}
+    exclude: Any = None  # {column: [values]}
+    include: Any = None  # {column: [values]}
     sample_size: int | None = None
     balance: bool = False
     test_size: float = 0.2
@@ -141,6 +144,7 @@ class TrainSchema:
     control: bool = False  # control-task twins for every probe (probes.control follows it)
     baseline: str | None = None  # random_init: the same probes on re-initialised weights
     output_dir: str | None = None  # where outputs go when Hydra is not running the job
+    overwrite: bool = False  # replace an earlier run's results in the run directory
     model: Any = MISSING
     data: Any = MISSING
     probes: Any = MISSING
@@ -198,12 +202,27 @@ def check_config(cfg: DictConfig) -> None:
                 f"config key probes.word_pooling={value!r} is not a word pooling: use one of "
                 f"{', '.join(WORD_POOLINGS)}"
             )
-    unknown = OmegaConf.select(cfg, "data.unknown_labels")
-    if unknown is not None and unknown not in UNKNOWN_LABEL_POLICIES:
-        raise LmProbeError(
-            f"config key data.unknown_labels={unknown!r}: use one of "
-            f"{', '.join(UNKNOWN_LABEL_POLICIES)}"
+    data = cfg.get("data")
+    if OmegaConf.is_config(data):
+        from lmprobe.datamodule import check_data_options
+
+        options = OmegaConf.to_container(data, resolve=True)
+        check_data_options(
+            prefix="config key data.",
+            presplit=options.get("test_path") is not None,
+            **{k: v for k, v in options.items() if not k.startswith("_") and k != "seed"},
         )
+        from lmprobe.readers import resolve_data_path
+
+        for key in ("path", "test_path", "val_path"):  # a missing file, before the model loads
+            value = options.get(key)
+            if value is None or str(value).startswith("hf://"):
+                continue
+            if not Path(resolve_data_path(value)).is_file():
+                raise LmProbeError(
+                    f"config key data.{key}={value!r} names no readable file; check the path "
+                    f"(relative paths start from the directory train.py is run in)"
+                )
     kind = OmegaConf.select(cfg, "probes.kind")
     if kind is not None:
         from lmprobe.probes import resolve_probe_kind
@@ -212,6 +231,17 @@ def check_config(cfg: DictConfig) -> None:
     from lmprobe.baselines import check_baseline
 
     check_baseline(cfg.get("baseline"))
+    if OmegaConf.select(cfg, "trainer.max_epochs") == 0:  # fit_and_test says it too, later
+        raise LmProbeError("config key trainer.max_epochs=0 trains no probe; use max_epochs >= 1")
+    callbacks = cfg.get("callbacks")
+    for name in callbacks or {}:
+        node = callbacks[name]
+        value = node.get("chunk_rows") if OmegaConf.is_dict(node) else None
+        if value is not None and value < 1:
+            raise LmProbeError(
+                f"config key callbacks.{name}.chunk_rows={value!r}: use a whole number >= 1 "
+                f"(rows per scikit-learn call) or null"
+            )
     if cfg.get("on_nonfinite", "error") not in NONFINITE_POLICIES:
         raise LmProbeError(
             f"config key on_nonfinite={cfg.on_nonfinite!r}: use one of "
