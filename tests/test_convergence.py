@@ -23,7 +23,8 @@ from lmprobe.probes import DEFAULT_ALPHAS
 def reference_accuracy(X_train, y_train, X_test, y_test) -> float:
     """A tuned full-batch linear model: what a converged probe should reach."""
     model = make_pipeline(
-        StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), max_iter=5000)
+        StandardScaler(),
+        LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), max_iter=5000, scoring="accuracy"),
     )
     return float(model.fit(X_train, y_train).score(X_test, y_test))
 

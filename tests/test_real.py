@@ -53,10 +53,23 @@ def test_smollm2_default_probes_match_logistic_regression_cv():
     dataset = ProbeDataset(enc["input_ids"], enc["attention_mask"], [label for _, label in rows])
     train_set, test_set = dataset.tt_split(test_size=1 / 3)
     runner.fit_probes(train_set, test_set, enable_progress_bar=False)
-    train, test = train_set[:], test_set[:]
     names = runner.module.bank.probe_names
-    X_train = runner.get_probe_features(train["input_ids"], train["attention_mask"], batch_size=64)
-    X_test = runner.get_probe_features(test["input_ids"], test["attention_mask"], batch_size=64)
+
+    def features(split):
+        """The pooled features of a split, traced in batches of similar length."""
+        docs = split[:]
+        mask = docs["attention_mask"]
+        order = np.argsort(mask.sum(1).numpy(), kind="stable")
+        parts = []
+        for start in range(0, len(order), 64):
+            rows = order[start : start + 64]
+            keep = mask[rows].sum(0) > 0  # left padding: trim the all-padding columns
+            ids, m = docs["input_ids"][rows][:, keep], mask[rows][:, keep]
+            parts.append(runner.get_probe_features(ids, m, batch_size=64))
+        inverse = np.argsort(order)
+        return {n: np.concatenate([p[n] for p in parts])[inverse] for n in names}, docs
+
+    (X_train, train), (X_test, test) = features(train_set), features(test_set)
     reference = {
         n: reference_accuracy(X_train[n], train["labels"], X_test[n], test["labels"]) for n in names
     }
