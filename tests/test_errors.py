@@ -372,3 +372,20 @@ def test_a_submodule_whose_output_is_not_a_tensor(small_lm, dataset):
     with pytest.raises(LmProbeError) as excinfo:
         runner.fit_probes(dataset, dataset, max_epochs=1, enable_progress_bar=False)
     check(excinfo, "'transformer.output'", "not a tensor", ".h.0.output")
+
+
+@pytest.mark.parametrize(
+    ("override", "name"),
+    [
+        ("logger.tensorboard.default_hp_metric=maybe", "default_hp_metric"),
+        ("logger.csv.flush_logs_every_n_steps=often", "flush_logs_every_n_steps"),
+    ],
+)
+def test_logger_keys_are_typed_too(tmp_path, tiny_model_dir, override, name):
+    from hydra.errors import ConfigCompositionException
+    from test_app import compose_cfg
+
+    with pytest.raises(ConfigCompositionException) as excinfo:
+        compose_cfg(tmp_path / "run", ["logger=many_loggers", override])
+    assert "\n" not in str(excinfo.value)
+    assert name in f"{excinfo.value} {excinfo.value.__cause__}"

@@ -135,6 +135,27 @@ class ProbeMetricsSchema:
 
 
 @dataclass
+class TensorBoardLoggerSchema:
+    _target_: str = "lightning.pytorch.loggers.TensorBoardLogger"
+    save_dir: str = "."
+    name: str | None = "tensorboard"
+    version: str | None = ""
+    default_hp_metric: bool = False
+    log_graph: bool = False
+    prefix: str = ""
+
+
+@dataclass
+class CSVLoggerSchema:
+    _target_: str = "lightning.pytorch.loggers.CSVLogger"
+    save_dir: str = "."
+    name: str | None = "csv"
+    version: str | None = ""
+    prefix: str = ""
+    flush_logs_every_n_steps: int = 100
+
+
+@dataclass
 class TrainSchema:
     task_name: str = "probe"
     seed: int = 0
@@ -169,6 +190,11 @@ def register_configs() -> None:
         ("probe_metrics_schema", ProbeMetricsSchema),
     ):
         store.store(group="callbacks", name=name, node=node)
+    for name, node in (
+        ("tensorboard_schema", TensorBoardLoggerSchema),
+        ("csv_schema", CSVLoggerSchema),
+    ):
+        store.store(group="logger", name=name, node=node)
 
 
 register_configs()
