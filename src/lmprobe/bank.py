@@ -137,6 +137,7 @@ class ProbeBank:
         self._train_rows = RowBuffer()
         # Training batches consumed in the current epoch (a resumed run skips them).
         self.epoch_batches = 0
+        self.resumed = False  # loaded from a checkpoint
         # What the run's results depend on (data, probes, labels): a checkpoint of another
         # run is refused before any work (``check_resume``).
         self.fingerprint: dict[str, str] = {}
@@ -641,6 +642,7 @@ class ProbeBank:
         self.class_counts = {k: np.asarray(v) for k, v in plain["class_counts"].items()}
         self.refitted = dict(plain.get("refitted", dict.fromkeys(self.configs, False)))
         self.epoch_batches = int(plain.get("epoch_batches", 0))
+        self.resumed = True
         self._train_rows.clear()
         for name, rows in state.get("buffered", {}).items():
             X, y, doc = (rows[f].numpy() for f in Features._fields)

@@ -169,11 +169,12 @@ class ProbeModule(L.LightningModule):
         return {"features": features}
 
     def _remember(
-        self, batch_idx: int, index: torch.Tensor, features: dict[FeatureKey, PendingFeatures]
+        self, position: int, index: torch.Tensor, features: dict[FeatureKey, PendingFeatures]
     ) -> None:
-        """Keep epoch-1 features so later epochs skip the LM, if they fit in memory."""
-        # any epoch: a run resumed mid-epoch keeps the batches it had not kept yet
-        if self._train_cache is None or self.trainer is None or batch_idx in self._train_cache:
+        """Keep the features of the batch at ``position`` of the epoch so later epochs skip
+        the LM, if they fit in memory: the first epoch's, and in any epoch those of a batch
+        not kept yet (a run resumed mid-epoch)."""
+        if self._train_cache is None or self.trainer is None or position in self._train_cache:
             return
         max_epochs = self.trainer.max_epochs
         if max_epochs is not None and 0 <= max_epochs <= 1:
@@ -193,7 +194,7 @@ class ProbeModule(L.LightningModule):
                 )
                 self._train_cache = None
                 return
-        self._train_cache[batch_idx] = (index.clone(), features)
+        self._train_cache[position] = (index.clone(), features)
 
     def refit_probes(self, chunk_rows: int) -> list[str]:
         """Refit each probe with a held-out slice on all training rows (``ProbeBank.refit``),
@@ -206,12 +207,13 @@ class ProbeModule(L.LightningModule):
                 parts.setdefault(key, []).append(rows)
         dataset = self.trainer.train_dataloader.dataset
         rows = {key: gather(p) for key, p in parts.items()}
-        # Documents whose features were never kept (a run resumed after the batches that
-        # held them) are traced now; a probe that stopped in the first epoch is left as is.
+        # A resumed run traces the documents whose features it never kept (those of the
+        # batches before the interruption); otherwise a probe without every row kept (it
+        # stopped in the first epoch) is left as trained: no extra pass over the data.
         kept = np.unique(np.concatenate([r.doc for r in rows.values()]))
         missing = np.setdiff1d(np.arange(len(dataset)), kept)
         missing = np.setdiff1d(missing, self.bank.heldout_index)
-        if len(missing) and len(missing) < len(dataset):
+        if self.bank.resumed and len(missing) and len(missing) < len(dataset):
             names = [n for n in self.configs if self.bank.key(n) in rows]
             batch_size = getattr(self.trainer.train_dataloader, "batch_size", None) or 8
             extra = self.extract_dataset(dataset.subset(missing), names, batch_size)
