@@ -35,6 +35,15 @@ log = logging.getLogger("lmprobe")
 DEFAULT_CHUNK_ROWS = 256
 
 
+def _to_tensors(rows: Features) -> dict[str, torch.Tensor]:
+    """Feature rows as checkpoint tensors (held-out slices, buffered training rows)."""
+    return {f: torch.from_numpy(np.asarray(getattr(rows, f))) for f in Features._fields}
+
+
+def _from_tensors(tensors: dict[str, torch.Tensor]) -> Features:
+    return Features(*(tensors[f].numpy() for f in Features._fields))
+
+
 class RowBuffer:
     """Collects feature rows per name until ``chunk_rows`` are there (``None``: every batch).
 
@@ -575,10 +584,7 @@ class ProbeBank:
                 "arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
                 "header": header,
             }
-        heldout = {
-            name: {f: torch.from_numpy(np.asarray(getattr(rows, f))) for f in Features._fields}
-            for name, rows in self.heldout.items()
-        }
+        heldout = {name: _to_tensors(rows) for name, rows in self.heldout.items()}
         plain = {
             "live": sorted(self.live),
             "stopped_early": self.stopped_early,
@@ -599,9 +605,7 @@ class ProbeBank:
         if buffered:
             for name in self._train_rows.names():
                 rows = gather(self._train_rows.parts[name], drop_failed=True)
-                waiting[name] = {
-                    f: torch.from_numpy(np.asarray(getattr(rows, f))) for f in Features._fields
-                }
+                waiting[name] = _to_tensors(rows)
         return {
             "buffered": waiting,
             "probes": probes,
@@ -624,10 +628,7 @@ class ProbeBank:
             )
             for name in self.configs
         }
-        self.heldout = {
-            name: Features(*(rows[f].numpy() for f in Features._fields))
-            for name, rows in state["heldout"].items()
-        }
+        self.heldout = {name: _from_tensors(rows) for name, rows in state["heldout"].items()}
         self.heldout_index = state["heldout_index"].numpy()
         plain = json.loads(state["plain"])
         self.live = set(plain["live"])
@@ -645,5 +646,5 @@ class ProbeBank:
         self.resumed = True
         self._train_rows.clear()
         for name, rows in state.get("buffered", {}).items():
-            X, y, doc = (rows[f].numpy() for f in Features._fields)
+            X, y, doc = _from_tensors(rows)
             self._train_rows.add(name, PendingFeatures(torch.from_numpy(X), y, doc), None)
