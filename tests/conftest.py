@@ -134,7 +134,8 @@ def tiny_model_dir(tmp_path_factory, base_tokenizer):
 
 
 class InterruptAt:
-    """A Lightning callback that interrupts training at one batch, like Ctrl-C or SIGTERM."""
+    """A Lightning callback that interrupts training at one batch, like Ctrl-C or SIGTERM
+    (``batch=-1``: the epoch's last batch)."""
 
     def __new__(cls, batch: int, how: str = "ctrl-c", epoch: int | None = None, stage="train"):
         import signal
@@ -149,7 +150,8 @@ class InterruptAt:
 
         class _Interrupt(Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch_, batch_idx):
-                if stage == "train" and batch_idx == batch:
+                last = batch == -1 and batch_idx == len(trainer.train_dataloader) - 1
+                if stage == "train" and (batch_idx == batch or last):
                     if epoch is None or trainer.current_epoch == epoch:
                         interrupt()
 

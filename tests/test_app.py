@@ -357,7 +357,7 @@ def _final_probes(run: Path) -> dict[str, LinearProbe]:
     "where",
     [
         {"batch": 3, "epoch": 0},  # mid-group in the first epoch (features being kept)
-        {"batch": 15, "epoch": 0},  # the last batch of the first epoch
+        {"batch": -1, "epoch": 0},  # the last batch of the first epoch
         {"batch": 5, "epoch": 1},  # mid-group in a later epoch (kept features replayed)
         {"batch": 1, "stage": "test"},  # after training, during the test pass
     ],

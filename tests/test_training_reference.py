@@ -45,14 +45,16 @@ def replay(
     seed: int,
 ) -> dict:
     """What one probe should do, from the rules in the docs: the training documents in one
-    seeded random order, cut into groups of ``chunk_rows`` documents (whole batches; one
-    batch when None). The model traces each group longest first in batches (a step is a
-    batch with a row the probe trains on); the probe trains on the group's rows in the random
-    order once the group is traced, then scores its held-out slice."""
+    seeded random order, the held-out slice left out, cut into groups of ``chunk_rows``
+    documents (whole batches; one batch when None). The model traces each group longest
+    first in batches (a step is a batch with a row the probe trains on); the probe trains on
+    the group's rows in the random order once the group is traced, then scores its held-out
+    slice."""
     keep = ~np.isin(np.arange(len(y)), heldout)
     order = np.random.default_rng(seed).permutation(len(y))
+    kept = order[keep[order]]  # no training batch holds a held-out document
     size = batch_size * (1 if chunk_rows is None else math.ceil(chunk_rows / batch_size))
-    groups = [order[start : start + size] for start in range(0, len(y), size)]
+    groups = [kept[start : start + size] for start in range(0, len(kept), size)]
     scaler = StandardScaler()
     sgd = SGDClassifier(loss="log_loss", average=True, random_state=seed, **config.model_kwargs)
     classes = np.unique(config.classes)
@@ -328,3 +330,43 @@ def test_fixtures_do_not_share_a_tokenizer(tokenizer, gpt2, docs):
     tokenizer.padding_side = "right"
     assert gpt2.tokenizer.padding_side == "left"
     assert (docs[1]["attention_mask"][:, -1] == 1).all()  # left-padded, whatever ran first
+
+
+class RecordBatches(Callback):
+    def __init__(self) -> None:
+        self.indices: list[list[int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 0:
+            self.indices.append(batch["index"].tolist())
+
+
+def test_training_batches_leave_the_heldout_slice_out_and_stay_full(gpt2, dataset, monkeypatch):
+    """The held-out slice is traced on its own before training and no training batch holds
+    one of its documents: the model traces whole batches, as many as the documents need
+    (not the training set's batch count plus the slice's, trimmed)."""
+    from lmprobe.module import ProbeModule
+
+    traced: list[int] = []
+    extract = ProbeModule.extract
+
+    def counting(self, batch, names, label="batch", all_positions=False):
+        traced.append(len(batch["index"]))
+        return extract(self, batch, names, label, all_positions)
+
+    monkeypatch.setattr(ProbeModule, "extract", counting)
+    n, batch_size, seed = len(dataset), 8, 3
+    config = ProbeConfig(SITE, [0, 1], test_size=0.2, patience=10_000, **ONE_ALPHA)
+    recorder = RecordBatches()
+    runner = ProbeRunner(gpt2, [config], seed=seed)
+    runner.fit_probes(dataset, None, batch_size=batch_size, max_epochs=2, callbacks=[recorder])
+    heldout = np.random.default_rng(seed).permutation(n)[: round(0.2 * n)]
+    np.testing.assert_array_equal(runner.module.bank.heldout_index, heldout)
+    seen = np.concatenate(recorder.indices)
+    assert not np.isin(seen, heldout).any()
+    np.testing.assert_array_equal(np.sort(seen), np.setdiff1d(np.arange(n), heldout))
+    kept = n - len(heldout)
+    # the slice's batches, then the training batches of the first epoch (later epochs replay)
+    assert len(traced) == math.ceil(len(heldout) / batch_size) + math.ceil(kept / batch_size)
+    assert sum(size < batch_size for size in traced) <= 2  # the last batch of each pass
+    assert sum(traced) == n

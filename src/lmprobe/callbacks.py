@@ -120,6 +120,18 @@ class ProbeEarlyStopping(Callback):
         self.seed = seed
         self._logged: dict[str, int] = {}
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        # Before Lightning builds the training batches (after a resume's restore): tell
+        # the datamodule which rows the slice takes, so no training batch holds them and
+        # the model traces as many batches as documents need (none trimmed around it).
+        datamodule = trainer.datamodule
+        train_set = getattr(datamodule, "train_set", None)
+        if train_set is None or not hasattr(datamodule, "heldout_rows"):
+            return  # other loaders: training_step trims the slice's rows out of batches
+        bank = pl_module.bank
+        rows = bank.heldout_index if bank.prepared else bank.heldout_plan(len(train_set), self.seed)
+        datamodule.heldout_rows = rows
+
     def on_train_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         dataset = trainer.train_dataloader.dataset
         pl_module.bank.check_dataset(dataset, "training")

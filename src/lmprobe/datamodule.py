@@ -258,6 +258,10 @@ class ProbeDataModule(L.LightningDataModule):
         #: every row left out while reading, and why (split, file, reason, rows): the
         #: run's dropped_rows.csv
         self.dropped_rows: list[dict[str, Any]] = []
+        #: training rows no training batch holds: the probes' held-out slice, which is
+        #: traced on its own before training (set by ``ProbeEarlyStopping.on_fit_start``),
+        #: so training batches are full instead of trimmed around it
+        self.heldout_rows: np.ndarray | None = None
 
     @property
     def word_level(self) -> bool:
@@ -512,6 +516,7 @@ class ProbeDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             group_size=self.group_size,
             seed=self.seed,
+            leave_out=self.heldout_rows,
         )
 
     def val_dataloader(self) -> DataLoader | list:

@@ -268,20 +268,30 @@ class LengthGroupedBatches(Sampler[list[int]]):
     batches. ``group_size=None``: groups of one batch, i.e. plain random-order batches.
     The same batches come every epoch (later epochs replay the kept features).
     ``skip`` leaves out the first batches of the next pass only (a run resumed mid-epoch
-    continues with the batch after the last one it trained on).
+    continues with the batch after the last one it trained on). ``leave_out``: documents no
+    batch holds (the probes' held-out slice, traced on its own), so every batch is full.
     """
 
     def __init__(
-        self, lengths: np.ndarray, batch_size: int, group_size: int | None, seed: int
+        self,
+        lengths: np.ndarray,
+        batch_size: int,
+        group_size: int | None,
+        seed: int,
+        leave_out: np.ndarray | None = None,
     ) -> None:
         lengths = np.asarray(lengths)
+        # the permutation of *all* documents: leaving some out keeps the others' order
         self.order = np.random.default_rng(seed).permutation(len(lengths))
+        kept = self.order
+        if leave_out is not None and len(leave_out):
+            kept = kept[~np.isin(kept, leave_out)]
         # documents per group, in whole batches
         size = batch_size * (1 if group_size is None else max(1, -(-group_size // batch_size)))
         self.batches: list[list[int]] = []
         self.group_ends: set[int] = set()
-        for start in range(0, len(lengths), size):
-            group = self.order[start : start + size]
+        for start in range(0, len(kept), size):
+            group = kept[start : start + size]
             group = group[np.argsort(-lengths[group], kind="stable")]
             for first in range(0, len(group), batch_size):
                 self.batches.append(group[first : first + batch_size].tolist())
@@ -305,13 +315,15 @@ def batches(
     num_workers: int = 0,
     group_size: int | None = None,
     seed: int | None = None,
+    leave_out: np.ndarray | None = None,
 ) -> DataLoader:
     """Batches padded to their own longest: ``by_length`` for scoring passes
     (``longest_first``); with a ``seed``, training batches grouped by length in a seeded
-    random order (``LengthGroupedBatches``); else the dataset's order."""
+    random order, without the documents in ``leave_out`` (``LengthGroupedBatches``); else
+    the dataset's order."""
     if seed is not None:
         lengths = dataset.attention_mask.sum(1).numpy()
-        sampler = LengthGroupedBatches(lengths, batch_size, group_size, seed)
+        sampler = LengthGroupedBatches(lengths, batch_size, group_size, seed, leave_out)
         return DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=pad_to_longest
         )
