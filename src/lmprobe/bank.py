@@ -558,7 +558,7 @@ class ProbeBank:
         configs = {n: dataclasses.asdict(c) for n, c in self.configs.items()}
         classes = sorted({str(c.classes) for c in self.configs.values()})
         return {
-            "data": digest(dataset.input_ids, dataset.attention_mask, dataset.labels),
+            "data": digest(*dataset.digest_parts()),
             "probes": digest(json.dumps(configs, sort_keys=True, default=str), self.seed),
             "labels": digest(*classes),
         }

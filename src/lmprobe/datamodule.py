@@ -1,5 +1,9 @@
 """``ProbeDataModule``: a data file read, filtered, tokenized once and split (or one file per
-split), handed to Lightning as ``ProbeDataset`` batches; and ``tokenize_texts``.
+split), handed to Lightning as batches; and ``tokenize_texts``.
+
+A file is read a chunk at a time and its chosen rows tokenized into a token file on disk
+(``lmprobe.streaming``, ``lmprobe.packed``): peak memory does not grow with the number of
+rows, and the rows chosen and the batches are those of reading the whole file at once.
 
 Files of a word format (CoNLL-U, CoNLL: ``lmprobe.conll``) give word-level datasets: each
 sentence tokenized as text, its subwords aligned to its words (``lmprobe.words``), one
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import codecs
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -22,6 +26,7 @@ from lmprobe.bank import DEFAULT_CHUNK_ROWS
 from lmprobe.conll import resolve_column
 from lmprobe.dataset import ProbeDataset, batches, split_indices
 from lmprobe.errors import LmProbeError, closest
+from lmprobe.packed import PackedDataset
 from lmprobe.readers import (
     READERS,
     SENTENCE,
@@ -33,10 +38,12 @@ from lmprobe.readers import (
     label_vocabulary,
     number_labels,
     prepare_frame,
+    read_chunks,
     read_table,
     resolve_data_path,
     select_rows,
 )
+from lmprobe.streaming import TextSpill, pack, scan
 from lmprobe.words import encode_words
 
 log = logging.getLogger(__name__)
@@ -287,8 +294,7 @@ class ProbeDataModule(L.LightningDataModule):
             return self._load_words()
         if self.test_path is not None or self.val_path is not None:
             return self._load_presplit()
-        path = resolve_data_path(self.path)
-        frame = read_table(path, self.encoding, self.file_format)
+        path, frame, spill = self._scan(self.path)
         frame, names = prepare_frame(
             frame,
             self.text_column,
@@ -319,13 +325,7 @@ class ProbeDataModule(L.LightningDataModule):
                 len(rest), fraction, self.seed, None if strata is None else strata[rest]
             )
             rest, val_idx = rest[inner_train], rest[inner_val]
-        encoded = tokenize_texts(
-            self.tokenizer,
-            frame[self.text_column].astype(str).tolist(),
-            self.max_length,
-            self.model_max_length,
-        )
-        full = ProbeDataset(encoded["input_ids"], encoded["attention_mask"], labels, names)
+        full = self._pack(frame, spill, names)
         for split, idx in (("train", rest), ("test", test_idx)):
             if len(np.unique(labels[idx])) < 2:
                 log.warning(
@@ -336,10 +336,44 @@ class ProbeDataModule(L.LightningDataModule):
         val = full.subset(val_idx) if len(val_idx) else None
         return full.subset(rest), val, full.subset(test_idx)
 
-    # ------------------------------------------------------------ pre-split files
+    # ------------------------------------------------------------ reading
     def _read(self, path: str) -> tuple[str, pd.DataFrame]:
         path = resolve_data_path(path)
         return path, read_table(path, self.encoding, self.file_format)
+
+    def _chunks(self, file: str) -> tuple[str, Iterable[pd.DataFrame]]:
+        """The name of a split's source and its rows, a chunk at a time."""
+        path = resolve_data_path(file)
+        return path, read_chunks(path, self.encoding, self.file_format)
+
+    def _scan(self, file: str, split: str = "all") -> tuple[str, pd.DataFrame, TextSpill]:
+        """A split's source read a chunk at a time: the thin frame that rows are chosen
+        from (label and filter columns, ``_row``) and its texts on disk (``lmprobe.streaming``)."""
+        path, chunks = self._chunks(file)
+        source = f"data file {path!r}" if split == "all" else f"{split} file {path!r}"
+        columns = [self.label_column, *self.exclude, *self.include]
+        spill = TextSpill()
+        return path, scan(chunks, self.text_column, columns, source, spill), spill
+
+    def _pack(
+        self, frame: pd.DataFrame, spill: TextSpill, names: dict[int, Any] | None
+    ) -> PackedDataset:
+        """The chosen rows (``frame``, in its order) tokenized into a ``PackedDataset``."""
+        ensure_pad_token(self.tokenizer)
+        max_length = effective_max_length(self.max_length, self.model_max_length)
+        try:
+            return pack(
+                frame["_row"].to_numpy(),
+                spill,
+                self.tokenizer,
+                max_length,
+                frame["_label"].to_numpy(),
+                names,
+            )
+        finally:
+            spill.close()
+
+    # ------------------------------------------------------------ pre-split files
 
     def _split_files(self) -> list[tuple[str, str]]:
         """(split, path) of every split given as a file, the training file first."""
@@ -366,8 +400,9 @@ class ProbeDataModule(L.LightningDataModule):
         """One file per split (CSV, TSV, JSONL, parquet): labels numbered from the training
         file, the filters and the label map applied to each file alike."""
         frames, vocabulary = {}, None
+        spills = {}
         for split, file in self._split_files():
-            path, raw = self._read(file)
+            path, raw, spills[split] = self._scan(file, split)
             source = f"{split} file {path!r}"
             if split == "train" and not self.continuous:
                 selected = select_rows(
@@ -402,21 +437,13 @@ class ProbeDataModule(L.LightningDataModule):
         train = frames["train"]
         strata = None if self.continuous else train["_label"].to_numpy()
         parts = self._fractions(len(train), strata)
-        datasets = {split: self._encode(frame, names) for split, frame in frames.items()}
+        datasets = {
+            split: self._pack(frame, spills[split], names) for split, frame in frames.items()
+        }
         full = datasets["train"]
         for split, idx in parts.items():
             datasets[split] = full.subset(idx)
         return datasets["train"], datasets.get("val"), datasets["test"]
-
-    def _encode(self, frame: pd.DataFrame, names: dict[int, Any] | None) -> ProbeDataset:
-        encoded = tokenize_texts(
-            self.tokenizer,
-            frame[self.text_column].astype(str).tolist(),
-            self.max_length,
-            self.model_max_length,
-        )
-        labels = frame["_label"].to_numpy()
-        return ProbeDataset(encoded["input_ids"], encoded["attention_mask"], labels, names)
 
     @staticmethod
     def _check_classes(names: dict[int, Any] | None, path: Any) -> None:

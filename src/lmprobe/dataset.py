@@ -153,6 +153,15 @@ class ProbeDataset(Dataset):
         return self.labels
 
     @property
+    def lengths(self) -> np.ndarray:
+        """The number of real tokens of each document."""
+        return self.attention_mask.sum(1).numpy()
+
+    def digest_parts(self) -> tuple[torch.Tensor, ...]:
+        """What identifies the data (a run's fingerprint, ``ProbeBank.fingerprint_of``)."""
+        return (self.input_ids, self.attention_mask, self.labels)
+
+    @property
     def classes(self) -> set[int]:
         """The distinct label values, over real tokens (``attention_mask == 1``) for
         token-level labels, over real words for word-level ones."""
@@ -252,8 +261,7 @@ def longest_first(dataset: ProbeDataset) -> list[int]:
     so each batch holds documents of about one length and pads little. Scores do not depend
     on order (training, whose SGD does, uses ``LengthGroupedBatches``). Longest first
     also makes a batch too large for memory fail at once rather than at the end."""
-    lengths = dataset.attention_mask.sum(1).numpy()
-    return np.argsort(-lengths, kind="stable").tolist()
+    return np.argsort(-dataset.lengths, kind="stable").tolist()
 
 
 class LengthGroupedBatches(Sampler[list[int]]):
@@ -320,19 +328,20 @@ def batches(
     """Batches padded to their own longest: ``by_length`` for scoring passes
     (``longest_first``); with a ``seed``, training batches grouped by length in a seeded
     random order, without the documents in ``leave_out`` (``LengthGroupedBatches``); else
-    the dataset's order."""
+    the dataset's order. A dataset with a ``collate`` of its own
+    (``lmprobe.packed.PackedDataset``: unpadded items) pads with it."""
+    collate = getattr(dataset, "collate", pad_to_longest)
     if seed is not None:
-        lengths = dataset.attention_mask.sum(1).numpy()
-        sampler = LengthGroupedBatches(lengths, batch_size, group_size, seed, leave_out)
+        sampler = LengthGroupedBatches(dataset.lengths, batch_size, group_size, seed, leave_out)
         return DataLoader(
-            dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=pad_to_longest
+            dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate
         )
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=longest_first(dataset) if by_length else None,
         num_workers=num_workers,
-        collate_fn=pad_to_longest,
+        collate_fn=collate,
     )
 
 

@@ -11,6 +11,11 @@ returning a DataFrame; ``register_reader`` adds one and the file suffixes that s
 
 ``read_text`` gives a text format the shared handling of ``hf://`` paths, missing files and
 decoding errors (naming the line); a binary format reads ``path`` itself, as parquet does.
+
+A format may also register a chunked reader (``register_chunk_reader``): ``(path, encoding,
+rows)`` yielding DataFrames of about ``rows`` rows each, so that a file larger than memory is
+read a piece at a time (``read_chunks``; the data module keeps only the columns it needs of
+each piece, see ``lmprobe.streaming``). A format without one is read whole, as one chunk.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +38,16 @@ from lmprobe.errors import LmProbeError, closest
 log = logging.getLogger("lmprobe")
 
 Reader = Callable[[str, str], pd.DataFrame]
+ChunkReader = Callable[[str, str, int], Iterator[pd.DataFrame]]
 
 #: Format name -> reader taking ``(path, encoding)``.
 READERS: dict[str, Reader] = {}
+#: Format name -> chunked reader taking ``(path, encoding, rows)`` (formats without one are
+#: read whole by ``read_chunks``).
+CHUNK_READERS: dict[str, ChunkReader] = {}
+#: Rows per chunk when a file is read a piece at a time (``read_chunks``): a piece of short
+#: texts is a few MB, of long reviews some tens.
+CHUNK_ROWS = 16384
 #: Lower-case file suffix (with its dot) -> format name; other suffixes read as CSV.
 SUFFIXES: dict[str, str] = {}
 #: Formats with one row per word (``lmprobe.conll``): a ``sentence`` column numbers the
@@ -57,6 +69,18 @@ def register_reader(name: str, *suffixes: str, words: bool = False) -> Callable[
         for suffix in suffixes:
             suffix = suffix.lower()
             SUFFIXES[suffix if suffix.startswith(".") else f".{suffix}"] = name
+        return reader
+
+    return register
+
+
+def register_chunk_reader(name: str) -> Callable[[ChunkReader], ChunkReader]:
+    """Register the decorated ``reader(path, encoding, rows)`` as the chunked reader of the
+    (already registered) format ``name``: it yields DataFrames of about ``rows`` rows with the
+    columns (and, piece by piece, the values) the whole-file reader would give."""
+
+    def register(reader: ChunkReader) -> ChunkReader:
+        CHUNK_READERS[name] = reader
         return reader
 
     return register
@@ -103,28 +127,54 @@ def read_table(path: str, encoding: str = "utf-8", file_format: str | None = Non
     reader = READERS[fmt]
     try:
         return reader(path, encoding)
-    except LmProbeError:
+    except Exception as err:  # noqa: BLE001 - turned into one line naming the file
+        raise read_error(err, path, fmt) from None
+
+
+def read_chunks(
+    path: str, encoding: str = "utf-8", file_format: str | None = None, rows: int | None = None
+) -> Iterator[pd.DataFrame]:
+    """The file's rows as DataFrames of about ``rows`` rows (``CHUNK_ROWS``) each, with the
+    format's chunked reader; a format without one gives the whole file as one chunk. Errors
+    are those of ``read_table``; a file that is not valid in ``encoding`` is named by line."""
+    fmt = format_of(path, file_format)
+    chunked = CHUNK_READERS.get(fmt)
+    if chunked is None:
+        yield read_table(path, encoding, fmt)
+        return
+    try:
+        yield from chunked(path, encoding, rows or CHUNK_ROWS)
+    except UnicodeDecodeError:
+        read_text(path, encoding)  # raises the error naming the line (read whole only here)
         raise
-    except FileNotFoundError:
-        raise LmProbeError(
+    except Exception as err:  # noqa: BLE001 - turned into one line naming the file
+        raise read_error(err, path, fmt) from None
+
+
+def read_error(err: Exception, path: str, fmt: str) -> LmProbeError:
+    """The one-line error for a reader's exception ``err`` (an LmProbeError is kept as is)."""
+    if isinstance(err, LmProbeError):
+        return err
+    if isinstance(err, FileNotFoundError):
+        return LmProbeError(
             f"data file {path!r} does not exist; check the path (data.path, data.test_path or data.val_path)"
-        ) from None
-    except pd.errors.EmptyDataError:
-        raise LmProbeError(
+        )
+    if isinstance(err, pd.errors.EmptyDataError):
+        return LmProbeError(
             f"data file {path!r} is empty; it needs a header line naming its columns "
             f"(e.g. text,label) and one row per document"
-        ) from None
-    except pd.errors.ParserError as err:
-        raise LmProbeError(
+        )
+    if isinstance(err, pd.errors.ParserError):
+        return LmProbeError(
             f"{path!r} is not a well-formed {fmt.upper()} file: {first_line(err)}; check "
             f"data.file_format and the file's separators and quotes"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - pandas, pyarrow and custom readers raise anything
-        raise LmProbeError(
-            f"data file {path!r} could not be read as {fmt} ({type(err).__name__}: "
-            f"{first_line(err)}); check data.file_format (or the file's suffix) and that the "
-            f"file is complete"
-        ) from None
+        )
+    # pandas, pyarrow and custom readers raise anything
+    return LmProbeError(
+        f"data file {path!r} could not be read as {fmt} ({type(err).__name__}: "
+        f"{first_line(err)}); check data.file_format (or the file's suffix) and that the "
+        f"file is complete"
+    )
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:
@@ -173,6 +223,25 @@ def read_text(path: str, encoding: str) -> str:
         raise LmProbeError(f"unknown encoding {encoding!r}; use e.g. utf-8 or latin-1") from None
 
 
+def open_text(path: str, encoding: str) -> io.TextIOBase:
+    """A local or ``hf://`` file opened for reading text a piece at a time; a file that is
+    missing or unreadable raises ``read_text``'s error."""
+    if path.startswith("hf://"):
+        try:
+            return io.TextIOWrapper(_open_remote(path), encoding=encoding, newline="")
+        except Exception:  # noqa: BLE001 - read_text names the hub error
+            read_text(path, encoding)
+            raise
+    if not Path(path).is_file():
+        read_text(path, encoding)  # raises: missing, a directory, not readable
+    return open(path, encoding=encoding, newline="")  # noqa: SIM115 - the caller closes it
+
+
+def _csv_chunks(path: str, encoding: str, rows: int, sep: str) -> Iterator[pd.DataFrame]:
+    with open_text(path, encoding) as handle:
+        yield from pd.read_csv(handle, sep=sep, chunksize=rows)
+
+
 def _open_remote(path: str):
     import fsspec
 
@@ -189,6 +258,16 @@ def read_tsv(path: str, encoding: str) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(read_text(path, encoding)), sep="\t")
 
 
+@register_chunk_reader("csv")
+def read_csv_chunks(path: str, encoding: str, rows: int) -> Iterator[pd.DataFrame]:
+    return _csv_chunks(path, encoding, rows, ",")
+
+
+@register_chunk_reader("tsv")
+def read_tsv_chunks(path: str, encoding: str, rows: int) -> Iterator[pd.DataFrame]:
+    return _csv_chunks(path, encoding, rows, "\t")
+
+
 @register_reader("jsonl", ".jsonl", ".json")
 def read_jsonl(path: str, encoding: str) -> pd.DataFrame:
     """One JSON object per line (a ``.json`` file may instead hold one array of objects).
@@ -203,35 +282,81 @@ def read_jsonl(path: str, encoding: str) -> pd.DataFrame:
                 f"{err.colno}); fix it, or write one JSON object per line"
             ) from None
         numbered = list(enumerate(records, start=1))
-        where = "item"
+        for number, record in numbered:
+            _check_object(record, number, "item", path)
     else:
-        numbered, where = [], "line"
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((number, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise LmProbeError(
-                    f"line {number} of {path!r} is not valid JSON ({err.msg}, column "
-                    f'{err.colno}); each line of a JSONL file is one object, e.g. {{"text": '
-                    f'"...", "label": 1}}'
-                ) from None
+        numbered = [
+            (number, record)
+            for number, line in enumerate(text.splitlines(), start=1)
+            if (record := _json_line(line, number, path)) is not None
+        ]
     if not numbered:
         raise LmProbeError(f"data file {path!r} is empty; it needs one JSON object per line")
-    for number, record in numbered:
-        if not isinstance(record, dict):
-            raise LmProbeError(
-                f"{where} {number} of {path!r} is a JSON {type(record).__name__}, not an "
-                f'object; write each document as {{"text": "...", "label": 1}}'
-            )
     return pd.DataFrame.from_records([record for _, record in numbered])
+
+
+def _json_line(line: str, number: int, path: str) -> dict[str, Any] | None:
+    """The object on line ``number`` of a JSONL file (None for a blank line)."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise LmProbeError(
+            f"line {number} of {path!r} is not valid JSON ({err.msg}, column "
+            f'{err.colno}); each line of a JSONL file is one object, e.g. {{"text": '
+            f'"...", "label": 1}}'
+        ) from None
+    _check_object(record, number, "line", path)
+    return record
+
+
+def _check_object(record: Any, number: int, where: str, path: str) -> None:
+    if not isinstance(record, dict):
+        raise LmProbeError(
+            f"{where} {number} of {path!r} is a JSON {type(record).__name__}, not an "
+            f'object; write each document as {{"text": "...", "label": 1}}'
+        )
+
+
+@register_chunk_reader("jsonl")
+def read_jsonl_chunks(path: str, encoding: str, rows: int) -> Iterator[pd.DataFrame]:
+    """Line by line; a file holding one JSON array is read whole (``read_jsonl``)."""
+    with open_text(path, encoding) as handle:
+        records: list[dict[str, Any]] = []
+        any_record = False
+        for number, line in enumerate(handle, start=1):
+            if not any_record and not records and line.lstrip().startswith("["):
+                yield read_jsonl(path, encoding)
+                return
+            record = _json_line(line, number, path)
+            if record is None:
+                continue
+            records.append(record)
+            if len(records) == rows:
+                yield pd.DataFrame.from_records(records)
+                records, any_record = [], True
+        if records:
+            yield pd.DataFrame.from_records(records)
+        elif not any_record:
+            raise LmProbeError(f"data file {path!r} is empty; it needs one JSON object per line")
 
 
 @register_reader("parquet", ".parquet", ".pq")
 def read_parquet(path: str, encoding: str) -> pd.DataFrame:
     """Binary: pandas reads the path itself (local or ``hf://``); ``encoding`` is unused."""
     return pd.read_parquet(path)
+
+
+@register_chunk_reader("parquet")
+def read_parquet_chunks(path: str, encoding: str, rows: int) -> Iterator[pd.DataFrame]:
+    """Record batches of the file (pyarrow), each converted as pandas converts the file."""
+    import pyarrow.parquet as pq
+
+    source = _open_remote(path) if path.startswith("hf://") else path
+    with pq.ParquetFile(source) as parquet:
+        for batch in parquet.iter_batches(batch_size=rows):
+            yield batch.to_pandas()
 
 
 def prepare_frame(
@@ -308,14 +433,9 @@ def select_rows(
     reason rows are left out for is logged and, with ``dropped``, recorded."""
     if len(frame) == 0:
         raise LmProbeError(f"{source} has no rows (only a header?); check data.path")
-    for column in {text_column, label_column, *(exclude or {}), *(include or {})}:
-        if column not in frame.columns:
-            hint = closest(column, map(str, frame.columns), n=1)
-            raise LmProbeError(
-                f"{source} has no column {column!r}; its columns are "
-                f"{', '.join(map(str, frame.columns))}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            )
+    check_columns(
+        list(frame.columns), [text_column, label_column, *(exclude or {}), *(include or {})], source
+    )
     frame = frame[[text_column, label_column]].join(frame.drop(columns=[text_column, label_column]))
     for column, values in (exclude or {}).items():
         keep = ~frame[column].isin(list(values))
@@ -345,6 +465,19 @@ def select_rows(
         frame = frame.assign(_label=frame[label_column])
     check_label_types(frame["_label"], label_column, source)
     return frame
+
+
+def check_columns(present: Sequence[Any], needed: Sequence[str], source: str) -> None:
+    """Every column of ``needed`` is among the ``present`` columns of ``source``, or an
+    error names it, the columns there are and the closest one."""
+    for column in dict.fromkeys(needed):
+        if column not in present:
+            hint = closest(column, map(str, present), n=1)
+            raise LmProbeError(
+                f"{source} has no column {column!r}; its columns are "
+                f"{', '.join(map(str, present))}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
 
 
 def check_label_types(labels: pd.Series, label_column: str, source: str) -> None:

@@ -32,7 +32,11 @@ from lmprobe.errors import LmProbeError
 from lmprobe.features import PendingFeatures, gather
 from lmprobe.models import load_language_model
 from lmprobe.module import ProbeModule
+from lmprobe.packed import PackedDataset
 from lmprobe.probes import Probe
+
+#: What the runner trains and scores on: padded tensors, or a data module's token file.
+DATASETS = (ProbeDataset, PackedDataset)
 
 
 class ProbeRunner:
@@ -109,7 +113,7 @@ class ProbeRunner:
         if max_epochs is not None:
             num_epoch = max_epochs
         for split, dataset in (("train_set", train_set), ("eval_set", eval_set)):
-            if dataset is not None and not isinstance(dataset, ProbeDataset):
+            if dataset is not None and not isinstance(dataset, DATASETS):
                 raise LmProbeError(
                     f"{split} is a {type(dataset).__name__}; wrap it: ProbeDataset(input_ids, "
                     f"attention_mask, labels)"
@@ -164,7 +168,7 @@ class ProbeRunner:
     ) -> pd.DataFrame:
         """Metrics of every probe on ``dataset`` (its first ``batch_limit`` batches; ``None``
         or 0: all), one row per probe: loss, accuracy, precision, recall, f1, matthews, ..."""
-        if not isinstance(dataset, ProbeDataset):
+        if not isinstance(dataset, DATASETS):
             raise LmProbeError(f"dataset is a {type(dataset).__name__}; wrap it in ProbeDataset")
         if self.trainer is None:
             self.trainer = make_trainer(

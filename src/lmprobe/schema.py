@@ -34,11 +34,9 @@ class ModelSchema:
 
 
 @dataclass
-class DataSchema:
-    _target_: str = "lmprobe.datamodule.ProbeDataModule"
-    path: str = MISSING
-    encoding: str = "utf-8"
-    file_format: str | None = None
+class DataOptionsSchema:
+    """The data options of every source: columns, filters, sampling, splits, batches."""
+
     text_column: str = "text"
     label_column: str = "label"
     # Any, checked in check_config: a typed Optional[Dict] node set to null cannot take a
@@ -56,9 +54,32 @@ class DataSchema:
     num_workers: int = 0
     seed: int = 0
     group_size: int | None = DEFAULT_CHUNK_ROWS  # documents per length group (training)
+    unknown_labels: str = "error"  # labels of val/test the training split lacks: error, drop
+
+
+@dataclass
+class DataSchema(DataOptionsSchema):
+    """A data file (``data=csv``, ``tweets``, ``conll``, ``conllu``)."""
+
+    _target_: str = "lmprobe.datamodule.ProbeDataModule"
+    path: str = MISSING
+    encoding: str = "utf-8"
+    file_format: str | None = None
     test_path: str | None = None  # the test split as a file (data.path is then training)
     val_path: str | None = None  # the validation split as a file
-    unknown_labels: str = "error"  # labels of val/test the training split lacks: error, drop
+
+
+@dataclass
+class HFDataSchema(DataOptionsSchema):
+    """A Hugging Face dataset (``data=hf``, ``imdb``; ``lmprobe.hfdata``)."""
+
+    _target_: str = "lmprobe.hfdata.HFDataModule"
+    name: str = MISSING  # a hub name, or a directory written by save_to_disk
+    split: str = "train"  # the training split
+    test_split: str | None = None  # null: test_size of the training split
+    val_split: str | None = None
+    config_name: str | None = None  # the hub dataset's configuration (subset), if it has several
+    revision: str | None = None  # a hub branch, tag or commit
 
 
 def _probe_default(name: str) -> Any:
@@ -184,6 +205,7 @@ def register_configs() -> None:
         ("trainer", TrainerSchema),
     ):
         store.store(group=group, name="schema", node=node)
+    store.store(group="data", name="hf_schema", node=HFDataSchema)
     for name, node in (
         ("probe_updater_schema", ProbeUpdaterSchema),
         ("probe_early_stopping_schema", ProbeEarlyStoppingSchema),
@@ -235,9 +257,13 @@ def check_config(cfg: DictConfig) -> None:
         options = OmegaConf.to_container(data, resolve=True)
         check_data_options(
             prefix="config key data.",
-            presplit=options.get("test_path") is not None,
+            presplit=(options.get("test_path") or options.get("test_split")) is not None,
             **{k: v for k, v in options.items() if not k.startswith("_") and k != "seed"},
         )
+        if "name" in options and "path" not in options:  # a Hugging Face dataset
+            from lmprobe.hfdata import check_hf_options
+
+            check_hf_options(options["name"])
         from lmprobe.readers import resolve_data_path
 
         for key in ("path", "test_path", "val_path"):  # a missing file, before the model loads
