@@ -70,7 +70,10 @@ class ProbeModule(L.LightningModule):
         self.feature_cache_fraction = feature_cache_fraction
         check_submodules(model, [c.submodule for c in configs])
         torch_module(model).eval().requires_grad_(False)
+        # measured now (one short forward) unless the model is a frame without weights
         self._order: dict[str, int] | None = None
+        if not any(p.device.type == "meta" for p in torch_module(model).parameters()):
+            self._order = forward_order(model, [c.submodule for c in configs])
         self.accepts_position_ids = accepts_position_ids(model)
         # The feature store (lmprobe.store): ``feature_source`` fills ``features`` (one
         # ``StoredFeatures`` per split) before training; steps then read rows from it
@@ -82,8 +85,8 @@ class ProbeModule(L.LightningModule):
 
     @property
     def order(self) -> dict[str, int]:
-        """Every probed site's rank in the forward pass (measured at the first trace: a
-        frame without weights cannot run it)."""
+        """Every probed site's rank in the forward pass (for a frame without weights, at
+        the first trace, which a frame cannot run: an error then)."""
         if self._order is None:
             self._order = forward_order(self.lm, [c.submodule for c in self.configs.values()])
         return self._order
