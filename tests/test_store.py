@@ -33,7 +33,7 @@ from lmprobe.models import (
     local_model_dir,
     model_frame,
 )
-from lmprobe.store import FeatureSource, FeatureStore, StoredFeatures, base_key, entry_key
+from lmprobe.store import FeatureSource, FeatureStore, base_key, entry_key
 from lmprobe.words import encode_words
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -523,4 +523,3 @@ def test_base_keys_share_entries_and_name_their_inputs():
     assert fields["submodule"] == "transformer.h.0.output" and fields["data"] == "data"
     seq = FeatureKey("transformer.h.0.output", "mean", None, word_pooling="mean")
     assert entry_key({}, "d", seq)[0] == entry_key({}, "d", seq._replace(word_pooling="first"))[0]
-    assert isinstance(StoredFeatures, type)
