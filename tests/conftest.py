@@ -79,6 +79,15 @@ def build_gpt2(tokenizer, n_layer: int = 12, n_embd: int = 64, seed: int = 0):
     return GPT2LMHeadModel(config).eval()
 
 
+@pytest.fixture(autouse=True)
+def feature_store_dir(tmp_path, monkeypatch):
+    """Each test's default feature store is its own (train.py subprocesses inherit it):
+    no test reuses another's features, and the suite never writes the user's cache."""
+    path = tmp_path / "feature-store"
+    monkeypatch.setenv("LMPROBE_FEATURE_STORE", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def base_tokenizer():
     """Built once; never handed out itself, so no test can change what another one sees."""

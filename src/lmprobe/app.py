@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmprobe.baselines import merge_baseline
 from lmprobe.engine import baseline_table, fit_and_test, show_lmprobe_log
 from lmprobe.errors import LmProbeError, RunInterrupted
-from lmprobe.models import context_length
+from lmprobe.models import context_length, local_model_dir, model_frame
 from lmprobe.module import ProbeModule
 from lmprobe.probes import resolve_probe_kind
 from lmprobe.results import (
@@ -40,12 +40,15 @@ from lmprobe.results import (
 )
 from lmprobe.rundir import claim_run_dir, rescue_dir
 from lmprobe.schema import check_config
+from lmprobe.store import DEFAULT_MAX_GB, FeatureSource, FeatureStore, model_identity
 
 log = logging.getLogger("lmprobe")
 
 # One LM per process: Hydra's basic launcher runs a sweep's jobs in one process, and
 # loading (or converting) a model costs far more than most probe runs.
 _loaded_models: dict[str, Any] = {}
+# The model's frame (tokenizer, module tree, config; no weights) for runs with a store.
+_frames: dict[str, Any] = {}
 
 
 def build(config: Any, **kwargs: Any) -> Any:
@@ -69,6 +72,52 @@ def load_model(model_cfg: DictConfig) -> Any:
         _loaded_models.clear()  # a different model: free the old one first
         _loaded_models[key] = build(spec)
     return _loaded_models[key]
+
+
+def model_for_data(model_cfg: DictConfig, source: FeatureSource | None) -> Any:
+    """What the run reads its tokenizer, context length and submodule paths from: the LM
+    itself without a store, or once loaded in this process; else its frame (no weights:
+    ``models.model_frame``), so that a run whose features are all stored never loads it."""
+    spec = OmegaConf.to_container(model_cfg, resolve=True)
+    spec.pop("remote", None)
+    key = json.dumps(spec, sort_keys=True, default=str)
+    if source is None or key in _loaded_models:
+        return load_model(model_cfg)
+    if key not in _frames:
+        _frames.clear()
+        _frames[key] = model_frame(local_model_dir(spec["name_or_path"]))
+    return _frames[key]
+
+
+def feature_source(cfg: DictConfig) -> FeatureSource | None:
+    """The run's feature store (``feature_store`` in the config; false: none)."""
+    options = cfg.get("feature_store")
+    if options is None or options is False:
+        return None
+    if not OmegaConf.is_dict(options):
+        raise LmProbeError(
+            f"config key feature_store={options!r}: use false (no store) or "
+            f"{{dir: DIR, max_gb: SIZE}}"
+        )
+    store = FeatureStore(options.get("dir"), options.get("max_gb", DEFAULT_MAX_GB))
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    identity = model_identity(spec)
+    if identity is None:  # a hub model not downloaded or a packaged one not converted yet
+        load_model(cfg.model)
+        identity = model_identity(spec)
+    if identity is None:
+        log.warning(
+            "feature store: cannot tell which model %r is without loading it (not a local "
+            "directory, a cached hub model or a packaged model); running without the store",
+            spec.get("name_or_path"),
+        )
+        return None
+    return FeatureSource(
+        store,
+        identity,
+        lambda: load_model(cfg.model),
+        remote=bool(cfg.model.get("remote", False)),
+    )
 
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
@@ -181,7 +230,8 @@ def _train(cfg: DictConfig, out: Path) -> pd.DataFrame:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     regression = resolve_probe_kind(cfg.probes.get("kind", "sgd_classifier")).task == "regression"
-    lm = load_model(cfg.model)
+    source = feature_source(cfg)
+    lm = model_for_data(cfg.model, source)
     datamodule = build(
         cfg.data,
         tokenizer=lm.tokenizer,
@@ -206,6 +256,7 @@ def _train(cfg: DictConfig, out: Path) -> pd.DataFrame:
         remote=bool(cfg.model.get("remote", False)),
         on_nonfinite=cfg.get("on_nonfinite", "error"),
     )
+    module.feature_source = source
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = build_callbacks(cfg)
     callbacks.append(RunOutputs(out, datamodule))
@@ -233,7 +284,9 @@ def _train(cfg: DictConfig, out: Path) -> pd.DataFrame:
                 _convert_="all",
             )
 
-        other = baseline_table(cfg.baseline, module, datamodule, trainer_for)
+        other = baseline_table(
+            cfg.baseline, module, datamodule, trainer_for, lm=load_model(cfg.model)
+        )
         table = merge_baseline(table, other, cfg.baseline)
     figure = accuracy_by_layer(table, module.configs, headline_metric(table))
     rescue, problems = keep_outputs(

@@ -98,6 +98,7 @@ def fit_and_test(
         module.bank.fingerprint = module.bank.fingerprint_of(train_set)
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, module)
+    module.prepare_features(datamodule)  # the feature store, when the run has one
     # weights_only: a checkpoint holds tensors and plain values (ProbeBank.state_dict), so
     # resuming never unpickles objects, which could run code from someone else's file.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -136,16 +137,18 @@ def baseline_table(
     module: ProbeModule,
     datamodule: L.LightningDataModule,
     trainer_for: Any,
+    lm: Any = None,
 ) -> pd.DataFrame:
     """The same probes, fitted and scored the same way on the baseline model (``random_init``:
-    ``module``'s LM with its weights re-initialised with the seed). ``trainer_for(module)``
-    builds a fresh Trainer (fresh callbacks) for it."""
+    ``lm`` (default ``module``'s LM) with its weights re-initialised with the seed).
+    ``trainer_for(module)`` builds a fresh Trainer (fresh callbacks) for it. The baseline
+    is traced: the feature store holds the features of the real weights only."""
     from lmprobe.baselines import check_baseline, random_init_copy
 
     check_baseline(baseline)
     configs = [module.configs[name] for name in module.bank.probe_names]
     other = ProbeModule(
-        random_init_copy(module.lm, module.seed),
+        random_init_copy(module.lm if lm is None else lm, module.seed),
         configs,
         seed=module.seed,
         remote=module.remote,

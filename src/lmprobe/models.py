@@ -297,3 +297,37 @@ def accepts_position_ids(lm: Any) -> bool:
     import inspect
 
     return "position_ids" in inspect.signature(torch_module(lm).forward).parameters
+
+
+def local_model_dir(name_or_path: Any) -> Path | None:
+    """The local directory ``load_language_model(name_or_path)`` loads from, found without
+    loading or downloading anything: a local directory itself, a packaged model's converted
+    copy, or a hub id's snapshot in the Hugging Face cache. None when there is none yet (a
+    hub model not downloaded, a packaged model not converted) or for a model object."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        return None
+    name = str(name_or_path)
+    if name in PACKAGED_MODELS:
+        target = cache_dir() / PACKAGED_MODELS[name][1]
+        return target if (target / "config.json").is_file() else None
+    path = Path(name).expanduser()
+    if path.is_dir():  # from_pretrained reads a local directory before the hub, as here
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, not a valid id: no local copy to name
+        return None
+
+
+def model_frame(directory: Path) -> Any:
+    """The nnsight model of ``directory`` with its weights on the meta device: the real
+    tokenizer (set up by nnsight exactly as ``load_language_model`` sets it up), the module
+    tree (submodule paths, decoder blocks) and the config (context length), in well under a
+    second whatever the model's size. Nothing can be traced with it."""
+    from nnsight import TransformersModel
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return TransformersModel(str(directory), tokenizer=tokenizer, task="text-generation")

@@ -22,6 +22,7 @@ from lmprobe.dataset import ProbeDataset, batches, trim_padding
 from lmprobe.errors import LmProbeError
 from lmprobe.features import FeatureKey, Features, PendingFeatures, gather, settle, trace_features
 from lmprobe.models import accepts_position_ids, check_submodules, forward_order, torch_module
+from lmprobe.store import FeatureSource, StoredFeatures
 
 log = logging.getLogger("lmprobe")
 
@@ -69,9 +70,41 @@ class ProbeModule(L.LightningModule):
         self.feature_cache_fraction = feature_cache_fraction
         check_submodules(model, [c.submodule for c in configs])
         torch_module(model).eval().requires_grad_(False)
-        self.order = forward_order(model, [c.submodule for c in configs])
+        # measured now (one short forward) unless the model is a frame without weights
+        self._order: dict[str, int] | None = None
+        if not any(p.device.type == "meta" for p in torch_module(model).parameters()):
+            self._order = forward_order(model, [c.submodule for c in configs])
         self.accepts_position_ids = accepts_position_ids(model)
+        # The feature store (lmprobe.store): ``feature_source`` fills ``features`` (one
+        # ``StoredFeatures`` per split) before training; steps then read rows from it
+        # instead of tracing. With the store, ``model`` may be a frame without weights
+        # (``models.model_frame``): it never traces then.
+        self.feature_source: FeatureSource | None = None
+        self.features: dict[str, StoredFeatures] | None = None
         self.reset_probes()
+
+    @property
+    def order(self) -> dict[str, int]:
+        """Every probed site's rank in the forward pass (for a frame without weights, at
+        the first trace, which a frame cannot run: an error then)."""
+        if self._order is None:
+            self._order = forward_order(self.lm, [c.submodule for c in self.configs.values()])
+        return self._order
+
+    def prepare_features(self, datamodule: Any) -> None:
+        """Before training: every split's features from the store, the missing ones traced
+        into it first (a no-op without a store)."""
+        if self.feature_source is None:
+            return
+        splits = {s: getattr(datamodule, f"{s}_set", None) for s in ("train", "val", "test")}
+        for dataset in splits.values():  # the one-line label errors of the first batch
+            if dataset is not None:
+                self.bank.check_labels(dataset.labels[:1], list(self.configs))
+        self.features = self.feature_source.prepare(
+            splits,
+            self.bank.keys_for(list(self.configs)),
+            batch_size=getattr(datamodule, "batch_size", None) or 8,
+        )
 
     @property
     def configs(self) -> dict[str, ProbeConfig]:
@@ -93,13 +126,30 @@ class ProbeModule(L.LightningModule):
         names: Sequence[str],
         label: str = "batch",
         all_positions: bool = False,
+        split: str = "train",
+        docs: np.ndarray | None = None,
     ) -> dict[FeatureKey, PendingFeatures]:
-        """One trace for the features of ``names``; they may still be on the device."""
+        """One trace for the features of ``names``; they may still be on the device. With
+        the store's features of ``split``, its rows instead: ``docs`` are the split's rows
+        of the batch's documents (None: ``batch["index"]``)."""
         self.bank.check_labels(batch["labels"], names)
+        keys = self.bank.keys_for(names)
+        stored = (self.features or {}).get(split)
+        if stored is not None and stored.has(keys):
+            index = batch["index"].numpy()
+            rows = index if docs is None else docs
+            return {
+                key: stored.features(key, rows, index, label, self.on_nonfinite) for key in keys
+            }
+        if self.features is not None:
+            raise LmProbeError(
+                f"feature store: no stored features of the {split} split for {label} "
+                f"(an lmprobe bug: please report it; feature_store=false avoids the store)"
+            )
         return trace_features(
             self.lm,
             batch,
-            self.bank.keys_for(names),
+            keys,
             self.order,
             accepts_position_ids=self.accepts_position_ids,
             remote=self.remote,
@@ -109,12 +159,18 @@ class ProbeModule(L.LightningModule):
         )
 
     def extract_dataset(
-        self, dataset: ProbeDataset, names: Sequence[str], batch_size: int = 8
+        self,
+        dataset: ProbeDataset,
+        names: Sequence[str],
+        batch_size: int = 8,
+        rows: np.ndarray | None = None,
     ) -> dict[FeatureKey, Features]:
-        """Features of a whole dataset (the early-stopping slice is traced this way)."""
+        """Features of a whole dataset (the early-stopping slice is traced this way);
+        ``rows``: the training-set row of each of its documents (it is a subset)."""
         parts: dict[FeatureKey, list[PendingFeatures]] = {}
         for i, batch in enumerate(batches(dataset, batch_size, by_length=True)):
-            for key, features in self.extract(batch, names, f"batch {i}").items():
+            docs = None if rows is None else rows[batch["index"].numpy()]
+            for key, features in self.extract(batch, names, f"batch {i}", docs=docs).items():
                 parts.setdefault(key, []).append(features)
         return {key: gather(p) for key, p in parts.items()}
 
@@ -123,7 +179,9 @@ class ProbeModule(L.LightningModule):
         union = self.bank.heldout_plan(len(dataset), seed)
         features: dict[FeatureKey, Features] = {}
         if len(union):
-            features = self.extract_dataset(dataset.subset(union), list(self.configs), batch_size)
+            features = self.extract_dataset(
+                dataset.subset(union), list(self.configs), batch_size, rows=union
+            )
             for key, rows in features.items():  # subset rows back to training-set rows
                 features[key] = Features(rows.X, rows.y, union[rows.doc])
         self.bank.set_heldout(union, len(dataset), features)
@@ -216,7 +274,7 @@ class ProbeModule(L.LightningModule):
         if self.bank.resumed and len(missing) and len(missing) < len(dataset):
             names = [n for n in self.configs if self.bank.key(n) in rows]
             batch_size = getattr(self.trainer.train_dataloader, "batch_size", None) or 8
-            extra = self.extract_dataset(dataset.subset(missing), names, batch_size)
+            extra = self.extract_dataset(dataset.subset(missing), names, batch_size, missing)
             for key, more in extra.items():
                 more = Features(more.X, more.y, missing[more.doc])
                 rows[key] = Features.concat([rows[key], more])
@@ -231,7 +289,9 @@ class ProbeModule(L.LightningModule):
         cached = self._eval_cache.get((stage, batch_idx))
         if cached is not None and torch.equal(cached[0], batch["index"]):
             return {"features": cached[1]}
-        features = self.extract(batch, list(self.configs), f"{stage} batch {batch_idx}")
+        features = self.extract(
+            batch, list(self.configs), f"{stage} batch {batch_idx}", split=stage
+        )
         if stage == "val":  # the validation set is scored every epoch: trace it once
             self._eval_cache[(stage, batch_idx)] = (batch["index"].clone(), features)
         return {"features": features}

@@ -193,6 +193,8 @@ class TrainSchema:
     trainer: Any = MISSING
     logger: Any = None
     callbacks: Any = None
+    # {dir, max_gb} or false: Any, so that feature_store=false can replace the whole node
+    feature_store: Any = None
 
 
 def register_configs() -> None:
@@ -293,6 +295,27 @@ def check_config(cfg: DictConfig) -> None:
             raise LmProbeError(
                 f"config key callbacks.{name}.chunk_rows={value!r}: use a whole number >= 1 "
                 f"(rows per scikit-learn call) or null"
+            )
+    store = cfg.get("feature_store")
+    if store is not None and store is not False:
+        if not OmegaConf.is_dict(store):
+            raise LmProbeError(
+                f"config key feature_store={store!r}: use false (no store) or "
+                f"{{dir: DIR, max_gb: SIZE}}"
+            )
+        for key in store:
+            if key not in ("dir", "max_gb"):
+                raise LmProbeError(
+                    f"config key feature_store.{key} is not an option of the feature store: "
+                    f"use feature_store.dir or feature_store.max_gb"
+                )
+        max_gb = store.get("max_gb")
+        if max_gb is not None and (
+            isinstance(max_gb, bool) or not isinstance(max_gb, (int, float)) or max_gb <= 0
+        ):
+            raise LmProbeError(
+                f"config key feature_store.max_gb={max_gb!r}: use a size in GB > 0 "
+                f"(or null: no cap)"
             )
     if cfg.get("on_nonfinite", "error") not in NONFINITE_POLICIES:
         raise LmProbeError(

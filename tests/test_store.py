@@ -1,0 +1,525 @@
+"""The feature store: what it stores is what the model computes, a hit reproduces the run
+without loading the model, a partial hit traces only what is missing, the key follows every
+input, and concurrent, interrupted or corrupted writes never give wrong features."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import build_gpt2, make_texts
+from test_app import compose_cfg
+
+import lmprobe.app as app
+import lmprobe.store as store_module
+from lmprobe import LmProbeError, ProbeDataset
+from lmprobe.app import build, feature_source, model_for_data, train
+from lmprobe.dataset import batches
+from lmprobe.features import FeatureKey, gather, trace_features
+from lmprobe.models import (
+    context_length,
+    forward_order,
+    load_language_model,
+    local_model_dir,
+    model_frame,
+)
+from lmprobe.store import FeatureSource, FeatureStore, base_key, entry_key
+from lmprobe.words import encode_words
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+
+
+def count_traces(monkeypatch) -> list[list[FeatureKey]]:
+    """The keys of every trace the store's pass runs (and none elsewhere may run)."""
+    calls: list[list[FeatureKey]] = []
+    original = store_module.trace_features
+
+    def counting(lm, batch, keys, *args, **kwargs):
+        calls.append(list(keys))
+        return original(lm, batch, keys, *args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a step traced the model although the store has its features")
+
+    monkeypatch.setattr(store_module, "trace_features", counting)
+    monkeypatch.setattr("lmprobe.module.trace_features", forbidden)
+    return calls
+
+
+def source_for(gpt2, directory: Path, max_gb: float | None = None) -> FeatureSource:
+    return FeatureSource(FeatureStore(directory, max_gb), {"model": "tiny"}, lambda: gpt2)
+
+
+# ----------------------------------------------------- stored values are right
+def test_stored_features_are_the_models_activations(gpt2, dataset, tmp_path):
+    """Independent reference: Hugging Face's hidden states of each document alone
+    (no padding, no nnsight), pooled by hand; and safetensors' own reader."""
+    from safetensors.numpy import load_file
+
+    key = FeatureKey("transformer.h.3.output", "mean", None)
+    token_key = FeatureKey("transformer.h.3.output", "none", None, word_pooling="first")
+    token_data = ProbeDataset(dataset.input_ids, dataset.attention_mask, dataset.attention_mask * 3)
+    source = source_for(gpt2, tmp_path / "store")
+    stored = source.prepare({"train": dataset}, [key], batch_size=16)["train"]
+    tokens = source.prepare({"train": token_data}, [token_key], batch_size=16)["train"]
+    entry, token_entry = stored.entries[key], tokens.entries[token_key]
+    hf = gpt2._module
+    for doc in (0, 7, 31):
+        real = dataset.attention_mask[doc].bool()
+        ids = dataset.input_ids[doc][real].unsqueeze(0)
+        with torch.no_grad():
+            hidden = hf(ids, output_hidden_states=True).hidden_states[4][0]  # block 3 output
+        np.testing.assert_allclose(entry.X[doc], hidden.mean(0).numpy(), atol=1e-5)
+        rows, _ = token_entry.index.rows(np.array([doc]))
+        assert token_entry.pos[rows].tolist() == real.nonzero().squeeze(1).tolist()
+        np.testing.assert_allclose(token_entry.X[rows], hidden.numpy(), atol=1e-5)
+    on_disk = load_file(entry.path)
+    np.testing.assert_array_equal(on_disk["X"], entry.X)
+    np.testing.assert_array_equal(on_disk["doc"], np.arange(len(dataset)))
+
+
+def word_dataset(tokenizer) -> ProbeDataset:
+    texts, _ = make_texts(30, seed=5)
+    sentences = [text.split() for text in texts]
+    # labels 0-2, every fourth word unlabelled (None: not a row at all)
+    labels = [
+        [None if j % 4 == 3 else (i + j) % 3 for j in range(len(s))]
+        for i, s in enumerate(sentences)
+    ]
+    enc = encode_words(tokenizer, sentences, labels)
+    return ProbeDataset(
+        enc.input_ids, enc.attention_mask, enc.labels, None, enc.word_ids, enc.word_types
+    )
+
+
+@pytest.mark.parametrize("kind", ["sequence", "tokens", "words"])
+def test_stored_rows_are_the_rows_a_trace_gives(gpt2, dataset, tmp_path, kind):
+    """Per batch, the store serves the rows, labels and documents of ``trace_features`` for
+    every kind of key (null_label rows dropped, control labels), in the same order."""
+    if kind == "sequence":
+        data = dataset
+        keys = [FeatureKey("transformer.h.2.output", "last", 1)]
+    elif kind == "tokens":
+        ids = dataset.input_ids
+        data = ProbeDataset(ids, dataset.attention_mask, (ids % 3) * dataset.attention_mask)
+        keys = [FeatureKey("transformer.h.2.output", "none", 0, word_pooling="first")]
+    else:
+        data = word_dataset(gpt2.tokenizer)
+        keys = [FeatureKey("transformer.h.2.output", "none", 2, word_pooling="mean")]
+    keys.append(keys[0]._replace(control=True))
+    data.control_labels = data.labels.flip(0)  # any labels of the same shape
+    stored = source_for(gpt2, tmp_path / "store").prepare({"train": data}, keys, 4)["train"]
+    assert len(stored.entries) == 1  # the control twin and null_label share one entry
+    order = forward_order(gpt2, ["transformer.h.2.output"])
+    for batch in batches(data, 8, group_size=16, seed=3):  # training batches, not the pass's
+        traced = trace_features(gpt2, batch, keys, order)
+        index = batch["index"].numpy()
+        for key in keys:
+            want = gather([traced[key]])
+            got = gather([stored.features(key, index, index, "b", "error")])
+            np.testing.assert_array_equal(got.doc, want.doc)
+            np.testing.assert_array_equal(got.y, want.y)
+            assert got.y.dtype == want.y.dtype
+            np.testing.assert_allclose(got.X, want.X, atol=1e-5)
+            assert len(want.y) > 0
+
+
+# ------------------------------------------------------------- runs of the app
+@pytest.fixture()
+def reviews_csv(tmp_path):
+    texts, labels = make_texts(160, seed=4)
+    path = tmp_path / "reviews.csv"
+    pd.DataFrame({"text": texts, "label": ["pos" if y else "neg" for y in labels]}).to_csv(
+        path, index=False
+    )
+    return path
+
+
+@pytest.fixture()
+def store_cfg(tmp_path, tiny_model_dir, reviews_csv):
+    def cfg(run: str, *overrides: str):
+        return compose_cfg(
+            tmp_path / run,
+            [
+                "probes=gpt2_layers",
+                f"model.name_or_path={tiny_model_dir}",
+                "model.device=cpu",
+                "data=csv",
+                f"data.path={reviews_csv}",
+                "data.batch_size=8",
+                "data.val_size=0.2",
+                "trainer.max_epochs=2",
+                "trainer.enable_progress_bar=false",
+                "logger=csv",
+                *overrides,
+            ],
+        )
+
+    return cfg
+
+
+def no_model(monkeypatch) -> None:
+    """Loading the model's weights in any way fails from here on."""
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(app, "_loaded_models", {})
+    monkeypatch.setattr(app, "_frames", {})
+    monkeypatch.setattr(app, "load_model", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_a_store_hit_reproduces_the_run_without_the_model(
+    store_cfg, tmp_path, monkeypatch, feature_store_dir
+):
+    train(store_cfg("first"))
+    entries = sorted(feature_store_dir.glob("*.safetensors"))
+    assert len(entries) == 12 * 3  # 12 sites x train, val, test
+    no_model(monkeypatch)
+    calls = count_traces(monkeypatch)
+    train(store_cfg("second"))
+    assert calls == []
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert (first / "metrics.csv").read_bytes() == (second / "metrics.csv").read_bytes()
+    files = sorted(p.relative_to(first / "probes") for p in (first / "probes").rglob("*"))
+    assert files and files == sorted(
+        p.relative_to(second / "probes") for p in (second / "probes").rglob("*")
+    )
+    for name in files:  # the probes' coefficients, byte for byte
+        assert (first / "probes" / name).read_bytes() == (second / "probes" / name).read_bytes()
+    assert sorted(feature_store_dir.glob("*.safetensors")) == entries
+
+
+def test_a_partial_hit_traces_only_the_missing_site(store_cfg, tmp_path, monkeypatch):
+    two = "probes.submodules=[transformer.h.0.output,transformer.h.1.output]"
+    three = (
+        "probes.submodules=[transformer.h.0.output,transformer.h.1.output,transformer.h.2.output]"
+    )
+    first = train(store_cfg("first", two))
+    calls = count_traces(monkeypatch)
+    second = train(store_cfg("second", three))
+    new = FeatureKey("transformer.h.2.output", "mean", None)
+    assert calls and all(keys == [new] for keys in calls)
+    # one trace per batch of each split: 160 rows, 20% test, 20% val, batches of 8
+    assert len(calls) == sum(-(-n // 8) for n in (96, 32, 32))
+    same = [c for c in first.columns if c != "p_vs_best"]  # p_vs_best: against all probes
+    pd.testing.assert_frame_equal(first[same], second.loc[first.index, same])
+
+
+def test_feature_store_false_traces_and_writes_nothing(store_cfg, feature_store_dir):
+    cfg = store_cfg("run", "feature_store=false", "trainer.max_epochs=1")
+    assert feature_source(cfg) is None
+    train(cfg)
+    assert not feature_store_dir.exists()
+
+
+def test_feature_store_dir_and_size_cap_are_config_keys(store_cfg, tmp_path):
+    cfg = store_cfg("run", f"feature_store.dir={tmp_path / 'elsewhere'}", "feature_store.max_gb=1")
+    source = feature_source(cfg)
+    assert source.store.directory == tmp_path / "elsewhere" and source.store.max_gb == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("feature_store.max_gb=0", "feature_store.max_gb=0: use a size in GB > 0"),
+        ("+feature_store.size=3", "feature_store.size is not an option"),
+        ("feature_store=yes", "feature_store='yes': use false"),
+    ],
+)
+def test_bad_feature_store_options_are_one_line_errors(store_cfg, override, message):
+    with pytest.raises(LmProbeError, match=message):
+        train(store_cfg("run", override))
+
+
+def test_the_frame_tokenizes_as_the_loaded_model(tiny_model_dir):
+    frame = model_frame(local_model_dir(str(tiny_model_dir)))
+    lm = load_language_model(str(tiny_model_dir))
+    assert all(p.device.type == "meta" for p in frame._module.parameters())
+    texts = ["the movie", "a really quite lovely day and it was so good"]
+    a = frame.tokenizer(texts, padding=True, return_tensors="pt")
+    b = lm.tokenizer(texts, padding=True, return_tensors="pt")
+    assert frame.tokenizer.padding_side == lm.tokenizer.padding_side == "left"
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert torch.equal(a["attention_mask"], b["attention_mask"])
+    assert context_length(frame) == context_length(lm) == 128
+
+
+# ---------------------------------------------------------------- the key
+@pytest.fixture()
+def rich_csv(tmp_path):
+    """Three unbalanced labels, a source column and a second text column."""
+    texts, labels = make_texts(150, seed=8)
+    path = tmp_path / "rich.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "other", "label", "source"])
+        for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
+            name = ["neg", "pos", "mixed"][2 if i % 5 == 0 else label]
+            writer.writerow([text, text.upper(), name, "a" if i % 3 else "b"])
+    return path
+
+
+def run_keys(cfg) -> dict[tuple[str, str], str]:
+    """(split, site) -> entry key of the run ``cfg`` describes (what ``train`` would use)."""
+    source = feature_source(cfg)
+    lm = model_for_data(cfg.model, source)
+    datamodule = build(
+        cfg.data, tokenizer=lm.tokenizer, model_max_length=context_length(lm), _convert_="all"
+    )
+    datamodule.setup("fit")
+    configs = build(cfg.probes, model=lm, classes=sorted(datamodule.label_names), _convert_="all")
+    keys = [FeatureKey.of(c) for c in configs]
+    found = {}
+    for split in ("train", "val", "test"):
+        dataset = getattr(datamodule, f"{split}_set")
+        if dataset is not None:
+            for key, name in source.keys(dataset, keys).items():
+                found[(split, f"{key.submodule}/{key.pooling}")] = name
+    return found
+
+
+def saved_model(path: Path, tokenizer, seed: int = 0) -> Path:
+    build_gpt2(tokenizer, seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def key_cfg(tmp_path, rich_csv, base_tokenizer):
+    model = saved_model(tmp_path / "model", base_tokenizer)
+
+    def cfg(*overrides: str):
+        return compose_cfg(
+            tmp_path / "run",
+            [
+                "probes=gpt2_layers",
+                "probes.submodules=[transformer.h.0.output,transformer.h.1.output]",
+                f"model.name_or_path={model}",
+                "model.device=cpu",
+                "data=csv",
+                f"data.path={rich_csv}",
+                "data.max_length=64",
+                *overrides,
+            ],
+        )
+
+    return cfg, model
+
+
+# Each changes what the model reads (or how): the key of the training split must change.
+KEY_INPUTS = {
+    "data.sample_size": ["data.sample_size=100"],
+    "data.exclude": ["data.exclude={source: [b]}"],
+    "data.include": ["data.include={label: [neg, pos]}"],
+    "data.balance": ["data.balance=true"],
+    "data.test_size": ["data.test_size=0.3"],
+    "data.val_size": ["data.val_size=0.2"],
+    "data.text_column": ["data.text_column=other"],
+    "data.seed (split seed)": ["data.seed=1"],
+    "data.max_length": ["data.max_length=5"],
+    "model.dtype": ["model.dtype=float64"],
+    "probes.pooling": ["probes.pooling=last"],
+}
+
+
+@pytest.mark.parametrize("name", list(KEY_INPUTS))
+def test_the_key_changes_with_each_input(key_cfg, name):
+    cfg, _ = key_cfg
+    base, changed = run_keys(cfg()), run_keys(cfg(*KEY_INPUTS[name]))
+    site = "transformer.h.0.output"
+    before = base[("train", f"{site}/mean")]
+    after = [v for (split, s), v in changed.items() if split == "train" and s.startswith(site)]
+    assert after and before not in after
+
+
+def test_the_key_changes_with_the_submodule(key_cfg):
+    cfg, _ = key_cfg
+    base = run_keys(cfg())
+    assert (
+        base[("train", "transformer.h.0.output/mean")]
+        != base[("train", "transformer.h.1.output/mean")]
+    )
+    other = run_keys(cfg("probes.submodules=[transformer.h.0.input]"))
+    assert not set(other.values()) & set(base.values())
+
+
+def test_the_key_changes_with_the_data_file_content(key_cfg, rich_csv):
+    cfg, _ = key_cfg
+    base = run_keys(cfg())
+    lines = rich_csv.read_text(encoding="utf-8").splitlines()
+    lines[1] = lines[1].replace("the", "a", 1) if "the" in lines[1] else "lovely " + lines[1]
+    rich_csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    changed = run_keys(cfg())
+    assert any(changed[k] != base[k] for k in base if k[0] != "val")
+
+
+def test_the_key_changes_with_the_model_and_its_weights(key_cfg, tmp_path, base_tokenizer):
+    cfg, model = key_cfg
+    base = run_keys(cfg())
+    other = saved_model(tmp_path / "other", base_tokenizer, seed=1)
+    assert not set(run_keys(cfg(f"model.name_or_path={other}")).values()) & set(base.values())
+    # the same directory, new weights of the same size
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    shutil.copy(other / "model.safetensors", weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert not set(run_keys(cfg()).values()) & set(base.values())
+
+
+def test_the_key_changes_with_the_tokenizer(key_cfg, tmp_path):
+    from conftest import build_tokenizer
+
+    cfg, model = key_cfg
+    base = run_keys(cfg())
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["movie"])  # a word the data uses: other ids, same model
+    tokenizer.save_pretrained(model)
+    changed = run_keys(cfg())
+    assert not set(changed.values()) & set(base.values())
+
+
+def test_the_key_ignores_what_does_not_change_features(key_cfg):
+    """What a sweep varies over probes and training reuses the stored features."""
+    cfg, _ = key_cfg
+    base = run_keys(cfg())
+    for overrides in (
+        ["+probes.model_kwargs={alpha: 0.1}"],
+        ["probes.heldout_size=0.3", "probes.early_stopping=false"],
+        ["trainer.max_epochs=5", "data.batch_size=4", "control=true"],
+        ["data.label_map={mixed: a, neg: b, pos: c}"],  # new names, same numbering
+    ):
+        assert run_keys(cfg(*overrides)) == base, overrides
+
+
+# ------------------------------------------------------- writers and corruption
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from lmprobe.store import FeatureStore
+
+    store = FeatureStore(sys.argv[1], None)
+    doc, pos = np.repeat(np.arange(50), 3), np.tile(np.arange(3), 50)
+    X = np.arange(150 * 64, dtype=np.float32).reshape(150, 64)
+    for _ in range(int(sys.argv[2])):
+        writer = store.writer("a" * 64, {"test": 1}, doc, pos, 50)
+        for first in (40, 0, 20, 10, 30):  # batches in any order
+            docs = np.arange(first, first + 10)
+            rows = np.flatnonzero(np.isin(doc, docs))
+            writer.fill(docs, X[rows], doc[rows], pos[rows])
+        writer.commit()
+    """
+)
+
+
+def test_concurrent_writers_leave_one_valid_entry(tmp_path, caplog):
+    directory = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    writers = [
+        subprocess.Popen([sys.executable, "-c", CHILD, str(directory), "40"], env=env)
+        for _ in range(2)
+    ]
+    store = FeatureStore(directory, None)
+    doc, pos = np.repeat(np.arange(50), 3), np.tile(np.arange(3), 50)
+    expected = np.arange(150 * 64, dtype=np.float32).reshape(150, 64)
+    seen = 0
+    with caplog.at_level(logging.WARNING, logger="lmprobe"):
+        while any(w.poll() is None for w in writers):  # read while they write
+            entry = store.open("a" * 64, doc, pos, 50)
+            if entry is not None:
+                np.testing.assert_array_equal(entry.X, expected)
+                seen += 1
+    assert [w.returncode for w in writers] == [0, 0]
+    assert "unusable" not in caplog.text  # no reader ever met a half-written entry
+    entry = store.open("a" * 64, doc, pos, 50)
+    np.testing.assert_array_equal(entry.X, expected)
+    assert [p.name for p in directory.iterdir()] == ["a" * 64 + ".safetensors"]  # no temp
+    assert seen > 0
+
+
+def test_an_unfinished_entry_is_never_read(tmp_path):
+    store = FeatureStore(tmp_path / "store", None)
+    doc, pos = np.arange(4), np.full(4, -1)
+    writer = store.writer("b" * 64, {}, doc, pos, 4)
+    writer.fill(np.arange(2), np.ones((2, 3), np.float32), np.arange(2), None)
+    assert store.open("b" * 64, doc, pos, 4) is None  # half written: not there
+    with pytest.raises(LmProbeError, match="missing 2 rows"):
+        writer.commit()
+    writer.abort()
+    assert list((tmp_path / "store").iterdir()) == []
+
+
+def corrupt(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[:-100]))
+    elif how == "flipped byte":
+        data[len(data) // 2] ^= 0x40  # inside X
+        path.write_bytes(bytes(data))
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "other key":  # a valid entry under another entry's name
+        other = next(p for p in path.parent.glob("*.safetensors") if p != path)
+        shutil.copy(other, path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped byte", "empty", "other key"])
+def test_a_corrupt_entry_is_computed_again(gpt2, dataset, tmp_path, monkeypatch, caplog, how):
+    keys = [
+        FeatureKey("transformer.h.1.output", "mean", None),
+        FeatureKey("transformer.h.5.output", "mean", None),
+    ]
+    source = source_for(gpt2, tmp_path / "store")
+    first = source.prepare({"train": dataset}, keys)["train"]
+    reference = {k: np.array(e.X) for k, e in first.entries.items()}
+    path = first.entries[keys[0]].path
+    corrupt(path, how)
+    calls = count_traces(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="lmprobe"):
+        again = source.prepare({"train": dataset}, keys)["train"]
+    assert f"{path} is unusable" in caplog.text
+    assert calls and all(k == [keys[0]] for k in calls)  # that entry only
+    for key in keys:
+        np.testing.assert_array_equal(again.entries[key].X, reference[key])
+
+
+def test_eviction_keeps_the_store_under_its_cap(tmp_path):
+    store = FeatureStore(tmp_path / "store", max_gb=None)
+    doc, pos = np.arange(10), np.full(10, -1)
+    paths = []
+    for i, name in enumerate("cdef"):
+        writer = store.writer(name * 64, {}, doc, pos, 10)
+        writer.fill(doc, np.full((10, 40), i, np.float32), doc, None)
+        paths.append(writer.commit())
+        os.utime(paths[-1], (1000 + i, 1000 + i))  # c oldest ... f newest
+    os.utime(paths[0], (5000, 5000))  # c used last
+    store.max_gb = 2.5 * paths[0].stat().st_size / 2**30  # room for 2.5 entries
+    stale = store.directory / ".dead.tmp"
+    stale.write_bytes(b"x")
+    os.utime(stale, (0, 0))
+    store.evict(keep=[paths[1]])  # d is in use by this run: kept though old
+    assert sorted(p.name[0] for p in store.directory.iterdir()) == ["c", "d"]
+
+
+def test_base_keys_share_entries_and_name_their_inputs():
+    key = FeatureKey("transformer.h.0.output", "none", 0, True, "mean")
+    assert base_key(key) == FeatureKey("transformer.h.0.output", "none", None, False, "mean")
+    name, fields = entry_key({"m": 1}, "data", key)
+    assert name == entry_key({"m": 1}, "data", base_key(key))[0]
+    assert fields["submodule"] == "transformer.h.0.output" and fields["data"] == "data"
+    seq = FeatureKey("transformer.h.0.output", "mean", None, word_pooling="mean")
+    assert entry_key({}, "d", seq)[0] == entry_key({}, "d", seq._replace(word_pooling="first"))[0]
