@@ -350,9 +350,9 @@ def test_training_batches_leave_the_heldout_slice_out_and_stay_full(gpt2, datase
     traced: list[int] = []
     extract = ProbeModule.extract
 
-    def counting(self, batch, names, label="batch", all_positions=False):
+    def counting(self, batch, names, *args, **kwargs):
         traced.append(len(batch["index"]))
-        return extract(self, batch, names, label, all_positions)
+        return extract(self, batch, names, *args, **kwargs)
 
     monkeypatch.setattr(ProbeModule, "extract", counting)
     n, batch_size, seed = len(dataset), 8, 3
