@@ -113,10 +113,11 @@ def test_default_probes_match_logistic_regression_cv_on_the_tiny_model(gpt2, bas
     print(runner.metrics[["alpha", "steps", "stopped_early", "refit"]])
     assert runner.metrics["refit"].all()
     # KNOWN GAP (issue 9): this toy task is nearly separable; the reference's best C means
-    # alpha ~1e-4, where averaged SGD is still far from its optimum after 30 epochs, so the
-    # slice picks 0.01 and deep layers land up to 5 points under the reference (the old
-    # defaults: up to 14). The bound is what holds today; the goal is 0.02.
-    check_against_reference(accuracy, reference, tolerance=0.06)
+    # alpha ~2e-5, and averaged SGD at the grid's smallest alphas is still short of its
+    # optimum after 30 epochs: the deep layers land 2-3 points under the reference
+    # (0.988/0.988/0.963/0.950 against 0.995/0.993/0.983/0.978; the old defaults: up to 14
+    # points under). The bound is what holds today; the goal is 0.02.
+    check_against_reference(accuracy, reference, tolerance=0.04)
 
 
 def test_refit_trains_the_chosen_alpha_on_every_row_as_documented():

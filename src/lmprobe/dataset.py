@@ -296,24 +296,28 @@ class LengthGroupedBatches(Sampler[list[int]]):
             kept = kept[~np.isin(kept, leave_out)]
         # documents per group, in whole batches
         size = batch_size * (1 if group_size is None else max(1, -(-group_size // batch_size)))
-        self.batches: list[list[int]] = []
+        # The documents in traced order and where each batch starts: numpy, not lists of
+        # Python ints (tens of bytes a document on a data set of millions of rows).
+        groups, starts = [], []
         self.group_ends: set[int] = set()
         for start in range(0, len(kept), size):
             group = kept[start : start + size]
-            group = group[np.argsort(-lengths[group], kind="stable")]
-            for first in range(0, len(group), batch_size):
-                self.batches.append(group[first : first + batch_size].tolist())
-            self.group_ends.add(len(self.batches) - 1)
+            groups.append(group[np.argsort(-lengths[group], kind="stable")])
+            starts.extend(range(start, start + len(group), batch_size))
+            self.group_ends.add(len(starts) - 1)
+        self._docs = np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
+        self._bounds = np.append(np.asarray(starts, dtype=np.int64), len(kept))
         self.skip = 0
 
     def __iter__(self):
         # a generator: ``skip`` is read at the first batch, after Lightning's epoch-start
         # hooks (Lightning creates the iterator before them)
         skip, self.skip = self.skip, 0
-        yield from self.batches[skip:]
+        for i in range(skip, len(self)):
+            yield self._docs[self._bounds[i] : self._bounds[i + 1]].tolist()
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self._bounds) - 1
 
 
 def batches(
