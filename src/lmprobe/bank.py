@@ -20,13 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import log_loss
 
 from lmprobe.config import ProbeConfig
 from lmprobe.errors import LmProbeError
 from lmprobe.features import FeatureKey, Features, PendingFeatures, gather
 from lmprobe.io import probe_from_tensors, probe_to_tensors
-from lmprobe.metrics import column_of, metric_columns
+from lmprobe.metrics import column_of, metric_columns, row_log_loss
 from lmprobe.probes import Probe, make_probe, resolve_probe_kind
 from lmprobe.uncertainty import bootstrap, paired_p_values
 
@@ -373,7 +372,8 @@ class ProbeBank:
                 bits = uniform
             elif hasattr(probe, "predict_proba"):
                 proba = probe.predict_proba(X)
-                bits = float(log_loss(y, proba, labels=classes, normalize=False)) / math.log(2)
+                column = column_of(np.asarray(classes), y)
+                bits = float(row_log_loss(proba, column).sum()) / math.log(2)
             else:  # a kind without probabilities has no code length
                 bits = math.nan
             self.code_bits[name] += bits
