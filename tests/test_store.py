@@ -523,3 +523,30 @@ def test_base_keys_share_entries_and_name_their_inputs():
     assert fields["submodule"] == "transformer.h.0.output" and fields["data"] == "data"
     seq = FeatureKey("transformer.h.0.output", "mean", None, word_pooling="mean")
     assert entry_key({}, "d", seq)[0] == entry_key({}, "d", seq._replace(word_pooling="first"))[0]
+
+
+def test_a_streamed_split_is_keyed_without_padding_it_in_memory(tmp_path, monkeypatch):
+    """Files read a chunk at a time give a ``PackedDataset``: its key comes from the token
+    file, never from ``input_ids`` (every document padded in memory), and still follows the
+    documents: the same file gives the same key, another text or split another one."""
+    from conftest import build_tokenizer
+
+    from lmprobe import ProbeDataModule
+    from lmprobe.packed import PackedDataset
+    from lmprobe.store import dataset_digest
+
+    texts, labels = make_texts(40)
+    digests = {}
+    for name, rows in [("a", texts), ("b", texts), ("c", [texts[0] + " great", *texts[1:]])]:
+        path = tmp_path / f"{name}.csv"
+        pd.DataFrame({"text": rows, "label": labels}).to_csv(path, index=False)
+        dm = ProbeDataModule(path=str(path), tokenizer=build_tokenizer(), test_size=0.25)
+        dm.setup()
+        assert isinstance(dm.train_set, PackedDataset)
+        with monkeypatch.context() as patch:
+            for attribute in ("input_ids", "attention_mask"):
+                patch.setattr(PackedDataset, attribute, property(lambda self: 1 / 0))
+            digests[name] = [dataset_digest(dm.train_set), dataset_digest(dm.test_set)]
+    assert digests["a"] == digests["b"]
+    assert digests["a"][0] != digests["a"][1]  # another split, other documents
+    assert digests["a"] != digests["c"]  # one text changed

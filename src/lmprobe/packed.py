@@ -222,3 +222,13 @@ class PackedDataset(Dataset):
         """What identifies the data (a run's fingerprint): every token written, where each
         document's tokens are, and the labels; hashed without reading the rows one by one."""
         return (self.store.digest(), self.starts.tobytes(), self.lengths.tobytes(), self.labels)
+
+    def documents_digest(self) -> str:
+        """What the model reads, hashed (the feature store's key: labels left out), without
+        padding every document in memory as ``input_ids`` would: the token file's digest,
+        where each document's tokens are, and the padding side."""
+        h = hashlib.sha256()
+        h.update(f"packed {self.store.digest()} {self.padding_side}\n".encode())
+        h.update(np.ascontiguousarray(self.starts, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(self.lengths, dtype=np.int64).tobytes())
+        return h.hexdigest()

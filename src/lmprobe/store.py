@@ -129,7 +129,12 @@ def model_identity(spec: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def dataset_digest(dataset: ProbeDataset) -> str:
-    """The documents the model reads: token ids, attention mask, word ids (row order too)."""
+    """The documents the model reads: token ids, attention mask, word ids (row order too).
+    A dataset that can say so without padding everything in memory (``PackedDataset``)
+    hashes its own documents."""
+    own = getattr(dataset, "documents_digest", None)
+    if own is not None:
+        return own()
     h = hashlib.sha256()
     tensors = {"input_ids": dataset.input_ids, "attention_mask": dataset.attention_mask}
     if dataset.word_ids is not None:
