@@ -525,10 +525,13 @@ def test_base_keys_share_entries_and_name_their_inputs():
     assert entry_key({}, "d", seq)[0] == entry_key({}, "d", seq._replace(word_pooling="first"))[0]
 
 
-def test_a_streamed_split_is_keyed_without_padding_it_in_memory(tmp_path, monkeypatch):
+def test_a_streamed_split_is_keyed_and_stored_without_padding_it_in_memory(
+    gpt2, tmp_path, monkeypatch
+):
     """Files read a chunk at a time give a ``PackedDataset``: its key comes from the token
     file, never from ``input_ids`` (every document padded in memory), and still follows the
-    documents: the same file gives the same key, another text or split another one."""
+    documents: the same file gives the same key, another text or split another one. Filling
+    the store does not pad it in memory either, and stores what the padded dataset gives."""
     from conftest import build_tokenizer
 
     from lmprobe import ProbeDataModule
@@ -547,6 +550,17 @@ def test_a_streamed_split_is_keyed_without_padding_it_in_memory(tmp_path, monkey
             for attribute in ("input_ids", "attention_mask"):
                 patch.setattr(PackedDataset, attribute, property(lambda self: 1 / 0))
             digests[name] = [dataset_digest(dm.train_set), dataset_digest(dm.test_set)]
+            if name == "a":
+                key = FeatureKey("transformer.h.3.output", "mean", None)
+                source = source_for(gpt2, tmp_path / "streamed")
+                streamed = source.prepare({"train": dm.train_set}, [key], batch_size=8)
+        if name == "a":
+            train = dm.train_set
+            padded = ProbeDataset(train.input_ids, train.attention_mask, train.labels)
+            reference = source_for(gpt2, tmp_path / "padded").prepare({"train": padded}, [key])
+            np.testing.assert_allclose(
+                streamed["train"].entries[key].X, reference["train"].entries[key].X, atol=1e-5
+            )
     assert digests["a"] == digests["b"]
     assert digests["a"][0] != digests["a"][1]  # another split, other documents
     assert digests["a"] != digests["c"]  # one text changed

@@ -35,6 +35,7 @@ opened: a truncated or altered entry is logged, deleted and computed again, neve
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -607,11 +608,16 @@ class FeatureSource:
         labels = dataset.labels
         if labels.dim() == 2:
             positions = torch.arange(labels.shape[1]).expand(len(dataset), -1)
+            view = ProbeDataset(
+                dataset.input_ids, dataset.attention_mask, positions, word_ids=dataset.word_ids
+            )
         else:
-            positions = torch.zeros(len(dataset), dtype=torch.long)
-        view = ProbeDataset(
-            dataset.input_ids, dataset.attention_mask, positions, word_ids=dataset.word_ids
-        )
+            # one row per document, whatever its label: the same documents with one label
+            # each, not a copy of every document padded in memory (``input_ids`` of a
+            # streamed ``PackedDataset``), so filling the store keeps memory flat
+            view = copy.copy(dataset)
+            view.labels = torch.zeros(len(dataset), dtype=torch.long)
+            view.control_labels = None
         try:
             for i, batch in enumerate(batches(view, batch_size, by_length=True)):
                 pending = trace_features(
