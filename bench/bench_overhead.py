@@ -174,6 +174,21 @@ def measure(cases: dict, repeats: int, device) -> tuple[dict[str, list[float]], 
     return samples, peak
 
 
+def profile_case(fn, path: Path, title: str, top: int = 45) -> None:
+    """Append a cProfile of one more run of ``fn`` to ``path`` (cumulative time, the
+    ``top`` heaviest calls): where the time over the floor goes, read off the same run."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    with path.open("a") as out:
+        out.write(f"==== {title}\n{text.getvalue()}\n")
+
+
 def run_config(name: str, args) -> Iterator[dict]:
     """The rows of one configuration, one setting (batch size, dtype) at a time."""
     from nnsight import TransformersModel
@@ -222,6 +237,8 @@ def run_config(name: str, args) -> Iterator[dict]:
             }
             base = "floor"
         samples, peak = measure(cases, args.repeats, device)
+        if args.profile is not None and "lmprobe" in cases:
+            profile_case(cases["lmprobe"], args.profile, f"{name} batch {batch_size} {dtype}")
         medians = {k: statistics.median(v) for k, v in samples.items()}
         syncs = {}
         if torch.device(device).type == "cuda":
@@ -270,6 +287,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--device", default=None, help="gpu: run its cases on this device (e.g. cpu, smoke test)"
+    )
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="append a cProfile of one lmprobe run here"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
