@@ -165,3 +165,49 @@ def test_embeddings_probe_reads_the_first_blocks_input(gpt2, hf_gpt2, tokenizer)
             hidden = hf_gpt2(input_ids=ids, output_hidden_states=True).hidden_states[0]
         expected.append(hidden[0].mean(0))
     np.testing.assert_allclose(got, torch.stack(expected).numpy(), atol=1e-5)
+
+
+def test_a_trace_hands_off_only_on_the_probed_paths_and_puts_the_rest_back(gpt2, hf_gpt2):
+    """lmprobe.handoffs: inside lmprobe's trace a module off every probed path runs without
+    nnsight's handoffs, the probed module and the siblings along its path keep them, and
+    the trace still stops at the deepest site; afterwards a user's own trace reads any
+    module again. The features still equal a plain HF forward (the tests above)."""
+    from nnsight.intervention.source import STATE
+
+    watched = {
+        "transformer.h.2": True,  # the probed module
+        "transformer.h.1": True,  # a sibling along its path
+        "transformer.h.3": True,  # the trace stops before this one runs at all
+        "transformer.ln_f": True,  # a sibling of an ancestor (nor this one)
+        "transformer.h.1.mlp": False,  # inside another block
+        "transformer.h.2.attn": False,  # inside the probed module
+        "transformer.h.2.mlp.c_fc": False,
+    }
+    runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.2.output", [0, 1])])
+    active: dict[str, list[bool]] = {name: [] for name in watched}
+    handles = []
+    for name in watched:
+
+        def hook(module, _args, name=name):
+            active[name].append(module.__dict__[STATE].active()[0] is not None)
+
+        handles.append(hf_gpt2.get_submodule(name).register_forward_pre_hook(hook))
+    enc = gpt2.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    try:
+        runner.get_probe_features(enc["input_ids"], enc["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    calls = len(active["transformer.h.2"])
+    assert calls >= 1
+    for name, hands_off in watched.items():
+        if name not in ("transformer.h.3", "transformer.ln_f"):
+            assert active[name] == [hands_off] * calls, name
+    # the trace stopped at the deepest site: nothing after it ran (lm_head: see above)
+    assert active["transformer.h.3"] == active["transformer.ln_f"] == []
+    # the user's own trace of a module lmprobe quietened reads it as before
+    with torch.no_grad(), gpt2.trace(enc["input_ids"]):
+        inner = gpt2.transformer.h[1].mlp.output.save()
+    expected = reference(hf_gpt2, gpt2.tokenizer, TEXTS[1], "transformer.h.1.mlp.output")
+    real = enc["attention_mask"][1].bool()
+    torch.testing.assert_close(inner[1][real], expected, atol=1e-5, rtol=0)

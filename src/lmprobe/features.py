@@ -3,6 +3,7 @@ pooling on the model's device, and an early stop after the deepest site needed."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -14,7 +15,8 @@ import torch
 from lmprobe.config import ProbeConfig
 from lmprobe.dataset import words_present
 from lmprobe.errors import LmProbeError, NonFiniteActivationError
-from lmprobe.models import envoy_at, input_device
+from lmprobe.handoffs import handoffs_only_at
+from lmprobe.models import envoy_at, input_device, torch_module
 from lmprobe.poolings import POOLINGS, TOKEN_LEVEL, WORD_POOLINGS
 
 log = logging.getLogger("lmprobe")
@@ -308,7 +310,11 @@ def trace_features(
     sites = sorted(by_site, key=order.__getitem__)
     saved: dict[FeatureKey, torch.Tensor] = {}
     trace_kwargs = {"remote": True} if remote else {}
-    with torch.no_grad(), lm.trace(inputs, **trace_kwargs) as tracer:
+    # Locally, only the probed modules' paths hand off to nnsight (lmprobe.handoffs);
+    # a remote model runs elsewhere, with its own modules.
+    paths = [] if remote else [site.rpartition(".")[0] for site in sites]
+    quiet = contextlib.nullcontext() if remote else handoffs_only_at(torch_module(lm), paths)
+    with torch.no_grad(), quiet, lm.trace(inputs, **trace_kwargs) as tracer:
         for site in sites:
             module_path, _, kind = site.rpartition(".")
             envoy = envoy_at(lm, module_path)
