@@ -104,6 +104,18 @@ def probe_run(runner: ProbeRunner, train, test, batch_size: int, device) -> floa
     return time.perf_counter() - start
 
 
+def every_handoff(runner: ProbeRunner, train, test, batch_size: int, device) -> float:
+    """``probe_run`` with nnsight's handoffs left on at every module (what lmprobe did
+    before ``lmprobe.handoffs``): the same run, for a side-by-side ratio."""
+    import lmprobe.handoffs as handoffs
+
+    state, handoffs._STATE = handoffs._STATE, None
+    try:
+        return probe_run(runner, train, test, batch_size, device)
+    finally:
+        handoffs._STATE = state
+
+
 def layer_probes(n_layer: int, control: bool = False) -> list[ProbeConfig]:
     return [
         ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False, control=control)
@@ -235,6 +247,10 @@ def run_config(name: str, args) -> Iterator[dict]:
                 ),
                 "lmprobe": partial(probe_run, runner, train, test, batch_size, device),
             }
+            if args.every_handoff:
+                cases["lmprobe every handoff"] = partial(
+                    every_handoff, runner, train, test, batch_size, device
+                )
             base = "floor"
         samples, peak = measure(cases, args.repeats, device)
         if args.profile is not None and "lmprobe" in cases:
@@ -289,13 +305,18 @@ def main() -> None:
         "--device", default=None, help="gpu: run its cases on this device (e.g. cpu, smoke test)"
     )
     parser.add_argument(
+        "--every-handoff",
+        action="store_true",
+        help="cpu/gpu: also run lmprobe with nnsight's handoffs at every module",
+    )
+    parser.add_argument(
         "--profile", type=Path, default=None, help="append a cProfile of one lmprobe run here"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     args = parser.parse_args()
     print(f"machine: {machine()}; torch {torch.__version__}")
     print(
-        f"{'config':7} {'case':14} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} "
+        f"{'config':7} {'case':21} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} "
         f"{'peak MiB':>9} {'peak x':>6} {'syncs/batch':>11}",
         flush=True,
     )
@@ -309,7 +330,7 @@ def main() -> None:
             peak = f"{row['peak_mib']:9.0f} {row['peak_ratio']:6.2f}" if row["peak_mib"] else "-"
             syncs = row["syncs_per_batch"]
             print(
-                f"{row['config']:7} {row['case']:14} {row['batch_size']:5d} {row['dtype']:9} "
+                f"{row['config']:7} {row['case']:21} {row['batch_size']:5d} {row['dtype']:9} "
                 f"{row['median_s']:9.3f} {row['ratio']:6.2f} {peak:>16} "
                 f"{'-' if syncs is None else f'{syncs:.2f}':>11}",
                 flush=True,
