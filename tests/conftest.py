@@ -24,6 +24,25 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # so no training rows are held out (tests that count rows or replay the updates).
 ONE_ALPHA = {"model_kwargs": {"alpha": 1e-2}}
 
+
+def reference_sgd(alpha: float, random_state: int | None):
+    """What a classifier probe's estimator of one ``alpha`` does, written from the docs:
+    averaged logistic SGD whose every ``partial_fit`` on ``d`` standardised features, after
+    ``seen`` rows, runs at the constant step ``1 / (d / 4 + alpha * (1 + seen))``."""
+    from sklearn.linear_model import SGDClassifier
+
+    class ReferenceSGD(SGDClassifier):
+        def partial_fit(self, X, y, classes=None, sample_weight=None):
+            seen = getattr(self, "rows_seen", 0)
+            self.set_params(
+                learning_rate="constant", eta0=1 / (X.shape[1] / 4 + alpha * (1 + seen))
+            )
+            self.rows_seen = seen + len(y)
+            return super().partial_fit(X, y, classes=classes, sample_weight=sample_weight)
+
+    return ReferenceSGD(loss="log_loss", alpha=alpha, average=True, random_state=random_state)
+
+
 POSITIVE = ["good", "great", "lovely", "excellent", "happy", "fine", "superb", "nice"]
 NEGATIVE = ["bad", "awful", "terrible", "poor", "sad", "ugly", "horrible", "nasty"]
 FILLER = ["the", "movie", "food", "was", "really", "quite", "a", "day", "and", "it", "so"]

@@ -72,7 +72,9 @@ def test_callback_order_does_not_matter(gpt2, dataset):
     stops at the same steps and reports the same metrics."""
     train_set, test_set = dataset.tt_split(test_size=0.3, seed=1)
     configs = [
-        ProbeConfig(SITE, [0, 1], patience=6, warmup_steps=0, model_kwargs={"alpha": 0.05}),
+        ProbeConfig(
+            SITE, [0, 1], patience=6, warmup_steps=0, threshold=0.01, model_kwargs={"alpha": 0.05}
+        ),
         ProbeConfig("transformer.h.6.output", [0, 1], early_stopping=False, name="six"),
     ]
     results = []

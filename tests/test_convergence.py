@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_texts
-from sklearn.linear_model import LogisticRegressionCV, SGDClassifier
+from conftest import make_texts, reference_sgd
+from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import log_loss
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -49,10 +49,7 @@ def test_alpha_grid_trains_each_alpha_like_sklearn_and_chooses_on_heldout_rows(t
     probe = LinearProbe(classes, random_state=4)
     assert probe.alphas == list(DEFAULT_ALPHAS)
     scaler = StandardScaler()
-    references = [
-        SGDClassifier(loss="log_loss", alpha=a, average=True, random_state=4)
-        for a in DEFAULT_ALPHAS
-    ]
+    references = [reference_sgd(a, 4) for a in DEFAULT_ALPHAS]
     for _ in range(3):
         for rows in np.array_split(np.arange(500), 4):
             probe.partial_fit(X[rows], y[rows])
@@ -112,12 +109,7 @@ def test_default_probes_match_logistic_regression_cv_on_the_tiny_model(gpt2, bas
     print({s: (round(accuracy[s], 3), round(reference[s], 3)) for s in sites})
     print(runner.metrics[["alpha", "steps", "stopped_early", "refit"]])
     assert runner.metrics["refit"].all()
-    # KNOWN GAP (issue 9): this toy task is nearly separable; the reference's best C means
-    # alpha ~2e-5, and averaged SGD at the grid's smallest alphas is still short of its
-    # optimum after 30 epochs: the deep layers land 2-3 points under the reference
-    # (0.988/0.988/0.963/0.950 against 0.995/0.993/0.983/0.978; the old defaults: up to 14
-    # points under). The bound is what holds today; the goal is 0.02.
-    check_against_reference(accuracy, reference, tolerance=0.04)
+    check_against_reference(accuracy, reference)
 
 
 def test_refit_trains_the_chosen_alpha_on_every_row_as_documented():
@@ -143,7 +135,7 @@ def test_refit_trains_the_chosen_alpha_on_every_row_as_documented():
     assert not bank.refit(config.name, kept.select_docs(train[:-1]), 300, chunk_rows=64)
     assert bank.refit(config.name, kept, 300, chunk_rows=64)
     scaler = StandardScaler()
-    sgd = SGDClassifier(loss="log_loss", alpha=chosen, average=True, random_state=5)
+    sgd = reference_sgd(chosen, 5)
     for epoch in range(3):
         perm = np.random.default_rng((5, epoch)).permutation(300)
         for start in range(0, 300, 64):

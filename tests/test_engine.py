@@ -6,9 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ONE_ALPHA
+from conftest import ONE_ALPHA, reference_sgd
 from sklearn import metrics as skm
-from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import LinearProbe, ProbeConfig, ProbeDataset, ProbeRunner
@@ -68,7 +67,7 @@ def test_probe_equals_sklearn_sgd_on_same_features(gpt2, dataset):
     X = runner.get_probe_features(docs["input_ids"], docs["attention_mask"])[config.name]
     y = docs["labels"].numpy()
     scaler = StandardScaler()
-    sgd = SGDClassifier(loss="log_loss", alpha=0.01, average=True, random_state=7)
+    sgd = reference_sgd(0.01, 7)
     order = np.random.default_rng(7).permutation(len(y))  # the seeded training order
     for start in range(0, len(y), 16):
         rows = order[start : start + 16]

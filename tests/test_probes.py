@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import reference_sgd
 from sklearn.base import clone
-from sklearn.linear_model import SGDClassifier
 from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 
@@ -24,7 +24,7 @@ def test_partial_fit_returns_self_and_matches_scaler_plus_sgd():
     probe = LinearProbe(classes=[0, 1, 2], random_state=0, model_kwargs={"alpha": 1e-3})
     scaler, sgd = (
         StandardScaler(),
-        SGDClassifier(loss="log_loss", alpha=1e-3, average=True, random_state=0),
+        reference_sgd(1e-3, 0),
     )
     for rows in np.array_split(np.arange(len(y)), 5):
         assert probe.partial_fit(X[rows], y[rows]) is probe

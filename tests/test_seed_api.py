@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import reference_sgd
 from sklearn import metrics as skm
-from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import FeatureExtractor, LinearProbe, ProbeConfig, ProbeDataset, ProbeRunner
@@ -286,7 +286,7 @@ def test_take_step_is_one_partial_fit(gpt2, data):
     y = ds.labels.numpy()[:64]
     scaler = StandardScaler()
     # no held-out rows have chosen an alpha: the grid's middle one predicts
-    sgd = SGDClassifier(loss="log_loss", average=True, alpha=1e-2, random_state=probe.random_state)
+    sgd = reference_sgd(1e-2, probe.random_state)
     for rows in (slice(0, 32), slice(32, 64)):
         assert probe.take_step(X[rows], y[rows]) is probe
         scaler.partial_fit(X[rows])
@@ -310,7 +310,7 @@ def test_take_step_token_level_flattens_and_drops_null_label(gpt2, data):
     keep = y.reshape(-1) != -100
     rows, labels = X.reshape(-1, X.shape[-1])[keep], y.reshape(-1)[keep]
     scaler = StandardScaler().partial_fit(rows)
-    sgd = SGDClassifier(loss="log_loss", average=True, alpha=1e-2, random_state=probe.random_state)
+    sgd = reference_sgd(1e-2, probe.random_state)
     sgd.partial_fit(scaler.transform(rows), labels, classes=sorted(classes))
     assert probe.n_samples_seen_ == int(mask.sum())
     np.testing.assert_allclose(probe.predict_proba(rows), sgd.predict_proba(scaler.transform(rows)))

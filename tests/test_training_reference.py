@@ -13,9 +13,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_ALPHA
+from conftest import ONE_ALPHA, reference_sgd
 from lightning.pytorch.callbacks import Callback
-from sklearn.linear_model import SGDClassifier
 from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 
@@ -56,7 +55,7 @@ def replay(
     size = batch_size * (1 if chunk_rows is None else math.ceil(chunk_rows / batch_size))
     groups = [kept[start : start + size] for start in range(0, len(kept), size)]
     scaler = StandardScaler()
-    sgd = SGDClassifier(loss="log_loss", average=True, random_state=seed, **config.model_kwargs)
+    sgd = reference_sgd(config.model_kwargs["alpha"], seed)
     classes = np.unique(config.classes)
     best, best_step, steps, losses, batches_seen = math.inf, 0, 0, [], 0
 
@@ -185,7 +184,7 @@ def test_grouped_tracing_feeds_the_random_order_and_learns_the_reference(
     order = np.random.default_rng(2).permutation(len(y))
     np.testing.assert_allclose(np.concatenate([c[0] for c in chunked[:4]]), X[order], atol=1e-5)
     scaler = StandardScaler()
-    sgd = SGDClassifier(loss="log_loss", alpha=1e-4, average=True, random_state=2)
+    sgd = reference_sgd(1e-4, 2)
     for _epoch in range(2):
         for start in range(0, len(y), 32):
             rows = order[start : start + 32]

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import reference_sgd
 from sklearn import metrics as skm
-from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
@@ -121,7 +121,7 @@ def test_online_code_length_equals_a_sum_by_hand(gpt2, dataset):
     order = np.random.default_rng(6).permutation(len(y))
     scaler, sgd = (
         StandardScaler(),
-        SGDClassifier(loss="log_loss", alpha=0.05, average=True, random_state=6),
+        reference_sgd(0.05, 6),
     )
     bits = 0.0
     for start in range(0, len(y), 24):  # one epoch: later epochs are not part of the code
