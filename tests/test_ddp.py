@@ -1,0 +1,92 @@
+"""Several processes (``trainer.strategy=ddp``): two CPU ranks over gloo give the metrics of one
+process on the same global batches and seed."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import make_texts
+
+from lmprobe import LmProbeError, ProbeConfig, ProbeRunner
+from lmprobe.distributed import requested
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def csv_file(tmp_path_factory):
+    texts, labels = make_texts(120, seed=4)
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for text, label in zip(texts, labels, strict=True):
+            writer.writerow([text, "positive" if label else "negative"])
+    return path
+
+
+def run_train(run_dir: Path, model_dir: Path, data: Path, *overrides: str) -> pd.DataFrame:
+    """``python train.py`` on the tiny model, as a user would run it; its metrics.csv."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "probes=gpt2_layers",
+            f"model.name_or_path={model_dir}",
+            "model.device=cpu",
+            "data=csv",
+            f"data.path={data}",
+            "data.batch_size=16",
+            "logger=none",
+            "feature_store=false",
+            f"hydra.run.dir={run_dir}",
+            "trainer.max_epochs=2",
+            "trainer.enable_progress_bar=false",
+            "trainer.accelerator=cpu",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=run_dir.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return pd.read_csv(run_dir / "metrics.csv", index_col="probe")
+
+
+def test_two_cpu_ranks_give_the_metrics_of_one_process(tmp_path, tiny_model_dir, csv_file):
+    one = run_train(tmp_path / "one", tiny_model_dir, csv_file)
+    two = run_train(
+        tmp_path / "two",
+        tiny_model_dir,
+        csv_file,
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    )
+    assert len(one) == 12 and one["steps"].min() > 0
+    # Rank 0 alone wrote the run's outputs: every probe, from whichever rank owned it.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix == ".csv") == sorted(
+        p.name for p in (tmp_path / "one").iterdir() if p.suffix == ".csv"
+    )
+    pd.testing.assert_index_equal(one.index, two.index)
+    pd.testing.assert_frame_equal(one, two, check_exact=False, rtol=1e-5, atol=1e-7)
+
+
+def test_unsupported_multi_process_settings_are_one_line_errors(gpt2, dataset):
+    assert requested({"strategy": "ddp", "devices": 1})
+    assert requested({"devices": 2})
+    assert requested({"devices": 1, "num_nodes": 2})
+    assert not requested({"devices": 1})
+    with pytest.raises(LmProbeError, match="strategy=ddp only"):
+        requested({"strategy": "ddp_spawn", "devices": 2})
+    runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output", classes=[0, 1])])
+    with pytest.raises(LmProbeError, match="ProbeRunner runs in one process"):
+        runner.fit_probes(dataset, None, num_epoch=1, strategy="ddp", devices=2)
