@@ -12,9 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import make_texts
+from omegaconf import OmegaConf
+from test_app import compose_cfg
 
 from lmprobe import LmProbeError, ProbeConfig, ProbeRunner
-from lmprobe.distributed import requested
+from lmprobe.app import train
+from lmprobe.distributed import check_supported, is_rank_zero, requested
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +34,11 @@ def csv_file(tmp_path_factory):
     return path
 
 
-def run_train(run_dir: Path, model_dir: Path, data: Path, *overrides: str) -> pd.DataFrame:
-    """``python train.py`` on the tiny model, as a user would run it; its metrics.csv."""
+def run_train(
+    run_dir: Path, model_dir: Path, data: Path, *overrides: str
+) -> tuple[pd.DataFrame, str]:
+    """``python train.py`` on the tiny model, as a user would run it; its metrics.csv and
+    its log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [
@@ -45,7 +51,6 @@ def run_train(run_dir: Path, model_dir: Path, data: Path, *overrides: str) -> pd
             f"data.path={data}",
             "data.batch_size=16",
             "logger=none",
-            "feature_store=false",
             f"hydra.run.dir={run_dir}",
             "trainer.max_epochs=4",
             # most probes stop early, at different steps (the ranks must agree on when
@@ -63,18 +68,23 @@ def run_train(run_dir: Path, model_dir: Path, data: Path, *overrides: str) -> pd
         cwd=run_dir.parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return pd.read_csv(run_dir / "metrics.csv", index_col="probe")
+    return pd.read_csv(run_dir / "metrics.csv", index_col="probe"), result.stdout + result.stderr
 
 
-def test_two_cpu_ranks_give_the_metrics_of_one_process(tmp_path, tiny_model_dir, csv_file):
-    one = run_train(tmp_path / "one", tiny_model_dir, csv_file)
-    two = run_train(
+def test_two_cpu_ranks_give_the_metrics_of_one_process(
+    tmp_path, tiny_model_dir, csv_file, feature_store_dir
+):
+    one, _ = run_train(tmp_path / "one", tiny_model_dir, csv_file, "feature_store=false")
+    two, log = run_train(
         tmp_path / "two",
         tiny_model_dir,
         csv_file,
         "trainer.devices=2",
         "trainer.strategy=ddp",
     )
+    # the store (on by default) is bypassed, and says so: every rank traced its share
+    assert "feature store: not used with trainer.strategy=ddp" in log
+    assert not any(feature_store_dir.rglob("*.safetensors"))
     assert len(one) == 12 and one["steps"].min() > 0
     assert 0 < one["stopped_early"].sum() < 12  # probes stop at different steps
     # Rank 0 alone wrote the run's outputs: every probe, from whichever rank owned it.
@@ -100,3 +110,54 @@ def test_unsupported_multi_process_settings_are_one_line_errors(gpt2, dataset):
     runner = ProbeRunner(gpt2, [ProbeConfig("transformer.h.1.output", classes=[0, 1])])
     with pytest.raises(LmProbeError, match="ProbeRunner runs in one process"):
         runner.fit_probes(dataset, None, num_epoch=1, strategy="ddp", devices=2)
+
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+@pytest.mark.parametrize(
+    ("env", "zero"),
+    [
+        ({}, True),
+        ({"LOCAL_RANK": "1"}, False),  # a rank Lightning started on this node
+        ({"LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False),  # ... inside a batch job
+        ({"NODE_RANK": "1"}, False),  # the first process of another node
+        ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True),
+        ({"RANK": "0", "LOCAL_RANK": "0"}, True),  # torchrun
+        ({"RANK": "3", "LOCAL_RANK": "0"}, False),
+        ({"SLURM_PROCID": "2"}, False),  # srun
+    ],
+)
+def test_rank_zero_is_known_before_the_trainer(monkeypatch, env, zero):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert is_rank_zero() is zero
+
+
+def test_a_sweep_with_ddp_is_refused():
+    with pytest.raises(LmProbeError, match="in a sweep"):
+        check_supported(OmegaConf.create({"trainer": {"strategy": "ddp"}}), multirun=True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.strategy=ddp", "ckpt_path=last.ckpt"], "resuming a multi-process run"),
+        (["trainer.devices=2", "baseline=random_init"], "baseline='random_init' with"),
+        (["trainer.devices=2", "model.device_map=auto"], "model.device_map='auto' with"),
+        (["trainer.devices=2", "trainer.strategy=fsdp"], "strategy=ddp only"),
+    ],
+)
+def test_the_app_refuses_what_ddp_cannot_do_before_model_work(
+    tmp_path, tiny_model_dir, csv_file, overrides, message
+):
+    cfg = compose_cfg(
+        tmp_path / "run",
+        ["probes=gpt2_layers", f"model.name_or_path={tiny_model_dir}", "data=csv"]
+        + [f"data.path={csv_file}", *overrides],
+    )
+    with pytest.raises(LmProbeError, match=message):
+        train(cfg)
+    assert not (tmp_path / "run" / "metrics.csv").exists()

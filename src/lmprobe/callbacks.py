@@ -151,6 +151,11 @@ class ProbeEarlyStopping(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         self._log_losses(trainer, pl_module)
 
+    def on_test_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        # Several processes: the curves of probes other ranks trained reached rank 0 (the
+        # one that logs) at the end of training (a no-op in one process: all logged)
+        self._log_losses(trainer, pl_module)
+
     def _log_losses(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         """Each new held-out loss, at the probe's own step: a curve per probe. (Straight to
         the loggers: Lightning's ``self.log`` steps with optimizer steps, and there are none.)"""

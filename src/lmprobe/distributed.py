@@ -76,12 +76,16 @@ def requested(trainer: Mapping[str, Any]) -> bool:
 
 def is_rank_zero() -> bool:
     """Whether this process is global rank 0, before the Trainer exists (true in a
-    one-process run): the processes Lightning starts for ``strategy=ddp`` get LOCAL_RANK
-    and NODE_RANK; torchrun sets RANK."""
+    one-process run). torchrun sets RANK; the processes Lightning starts for
+    ``strategy=ddp`` get LOCAL_RANK and NODE_RANK (and may inherit a batch job's
+    SLURM_PROCID, so that is read last); SLURM's srun sets SLURM_PROCID."""
     if os.environ.get("RANK", "").isdigit():
         return int(os.environ["RANK"]) == 0
-    node = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0"))
-    return node in ("", "0") and local_rank() == 0
+    if os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) not in ("", "0"):
+        return False
+    if "LOCAL_RANK" in os.environ:
+        return local_rank() == 0
+    return os.environ.get("SLURM_PROCID", "0") in ("", "0")
 
 
 def local_rank() -> int:
