@@ -17,7 +17,7 @@ from test_app import compose_cfg
 
 from lmprobe import LmProbeError, ProbeConfig, ProbeRunner
 from lmprobe.app import train
-from lmprobe.distributed import check_supported, is_rank_zero, requested
+from lmprobe.distributed import Shards, check_supported, is_rank_zero, requested
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,3 +161,69 @@ def test_the_app_refuses_what_ddp_cannot_do_before_model_work(
     with pytest.raises(LmProbeError, match=message):
         train(cfg)
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def _route_on_rank(rank: int, world: int, address: str, out: str) -> None:
+    """One rank of ``test_routing_across_two_ranks`` (a spawned process)."""
+    import pickle
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from lmprobe.errors import NonFiniteActivationError
+    from lmprobe.features import FeatureKey, PendingFeatures
+
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
+    shards = Shards(rank, world, ["b.output", "a.output", "b.output"])
+    key_a, key_b = FeatureKey("a.output", "mean", None), FeatureKey("b.output", "mean", None)
+    seen: dict[str, object] = {"owner": shards.owner}
+    batch = {"index": torch.arange(5), "attention_mask": torch.ones(5, 3, dtype=torch.long)}
+    batch["input_ids"] = torch.zeros(5, 3, dtype=torch.long)
+    seen["share"] = shards.share(batch)["index"].tolist()
+    seen["tiny"] = shards.share({k: v[:1] for k, v in batch.items()})
+
+    def rows(key: FeatureKey, docs: list[int], bad: bool = False) -> PendingFeatures:
+        X = torch.tensor([[float(d), 1.0] for d in docs])
+        if bad:
+            X[0, 0] = float("nan")
+        return PendingFeatures(X, np.asarray(docs) % 2, np.asarray(docs), key.submodule)
+
+    mine = [10 * rank, 10 * rank + 1]  # this rank's share, in the global order
+    routed = shards.route({key_a: rows(key_a, mine), key_b: rows(key_b, mine[:1])})
+    seen["routed"] = {
+        k.submodule: (v.host().doc.tolist(), v.host().X[:, 0].tolist()) for k, v in routed.items()
+    }
+    seen["empty"] = {k.submodule: v.host().doc.tolist() for k, v in shards.route({}).items()}
+    try:
+        shards.route({key_a: rows(key_a, mine, bad=rank == 1)})
+    except NonFiniteActivationError as err:
+        seen["error"] = str(err)
+    seen["agree"] = (shards.agree(True), shards.agree(rank == 0))
+    with open(f"{out}.{rank}", "wb") as handle:
+        pickle.dump(seen, handle)
+    dist.destroy_process_group()
+
+
+def test_routing_across_two_ranks(tmp_path):
+    """Each site's rows reach its owner only, every rank's share in rank order; a non-finite
+    row on one rank stops both (no rank waits forever for the other)."""
+    import pickle
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "seen")
+    mp.spawn(_route_on_rank, args=(2, f"tcp://127.0.0.1:{port}", out), nprocs=2)
+    seen = [pickle.loads(Path(f"{out}.{rank}").read_bytes()) for rank in range(2)]
+    assert seen[0]["owner"] == {"a.output": 0, "b.output": 1}  # sorted by name, dealt in turn
+    assert [s["share"] for s in seen] == [[0, 1], [2, 3, 4]]  # contiguous, in rank order
+    assert seen[0]["tiny"] is None and seen[1]["tiny"]["index"].tolist() == [0]
+    assert seen[0]["routed"] == {"a.output": ([0, 1, 10, 11], [0.0, 1.0, 10.0, 11.0])}
+    assert seen[1]["routed"] == {"b.output": ([0, 10], [0.0, 10.0])}
+    assert [s["empty"] for s in seen] == [{}, {}]
+    assert all("non-finite activations" in s["error"] for s in seen)
+    assert [s["agree"] for s in seen] == [(True, False), (True, False)]

@@ -140,36 +140,50 @@ def check_supported(cfg: Any, multirun: bool) -> None:
 
 
 # --------------------------------------------------------------------- collectives
-def _device() -> torch.device:
-    """Where this rank's collective buffers live (NCCL only moves device memory)."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+_host_groups: dict[int, Any] = {}
 
 
-def all_to_all_bytes(payloads: list[bytes]) -> list[bytes]:
+def host_group() -> Any:
+    """A gloo process group over the ranks (the default group itself when it is gloo): the
+    pooled rows, scores and probes live on the host (the probes are scikit-learn's), so
+    they travel between hosts as they are, never through GPU memory for NCCL. Made once
+    per process group, by every rank in the same order (``Shards`` is made on every rank)."""
+    default = dist.group.WORLD
+    if dist.get_backend() == "gloo":
+        return default
+    key = id(default)
+    if key not in _host_groups:
+        _host_groups[key] = dist.new_group(backend="gloo")
+    return _host_groups[key]
+
+
+def all_to_all_bytes(payloads: list[bytes], group: Any = None) -> list[memoryview]:
     """``payloads[d]`` goes to rank ``d``; returns what every rank sent here, in rank order."""
+    group = group or host_group()
     world = len(payloads)
-    device = _device()
-    sizes = torch.tensor([len(p) for p in payloads], dtype=torch.int64, device=device)
-    incoming = torch.empty(world, dtype=torch.int64, device=device)
-    dist.all_to_all_single(incoming, sizes)
-    sent = torch.frombuffer(bytearray(b"".join(payloads)) or bytearray(1), dtype=torch.uint8)
-    sent = sent[: int(sizes.sum())].to(device)
+    sizes = torch.tensor([len(p) for p in payloads], dtype=torch.int64)
+    incoming = torch.empty(world, dtype=torch.int64)
+    dist.all_to_all_single(incoming, sizes, group=group)
+    sent = torch.frombuffer(bytearray().join(payloads) or bytearray(1), dtype=torch.uint8)
     counts = incoming.tolist()
-    received = torch.empty(sum(counts), dtype=torch.uint8, device=device)
+    received = torch.empty(max(sum(counts), 1), dtype=torch.uint8)
     dist.all_to_all_single(
-        received, sent, output_split_sizes=counts, input_split_sizes=sizes.tolist()
+        received[: sum(counts)],
+        sent[: int(sizes.sum())],
+        output_split_sizes=counts,
+        input_split_sizes=sizes.tolist(),
+        group=group,
     )
-    data = received.cpu().numpy().tobytes()
+    data = memoryview(received.numpy())
     bounds = np.cumsum([0, *counts])
     return [data[bounds[i] : bounds[i + 1]] for i in range(world)]
 
 
-def all_gather(value: Any) -> list[Any]:
+def all_gather(value: Any, group: Any = None) -> list[Any]:
     """``value`` of every rank, in rank order."""
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    group = group or host_group()
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
     return out
 
 
@@ -180,6 +194,7 @@ class Shards:
     def __init__(self, rank: int, world: int, sites: list[str]) -> None:
         self.rank = rank
         self.world = world
+        self.group = host_group()
         self.owner = {site: i % world for i, site in enumerate(sorted(set(sites)))}
 
     def owns(self, key: FeatureKey) -> bool:
@@ -217,7 +232,9 @@ class Shards:
             payload["error"] = error
         received = [
             pickle.loads(data)
-            for data in all_to_all_bytes([pickle.dumps(p, protocol=5) for p in outgoing])
+            for data in all_to_all_bytes(
+                [pickle.dumps(p, protocol=5) for p in outgoing], self.group
+            )
         ]
         errors = [p["error"] for p in received if p["error"]]
         if errors:
@@ -236,8 +253,8 @@ class Shards:
 
     def agree(self, value: bool) -> bool:
         """True on every rank when ``value`` is true on every rank."""
-        flag = torch.tensor([int(value)], dtype=torch.int64, device=_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        flag = torch.tensor([int(value)], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
 
 
@@ -264,7 +281,7 @@ def owned_names(bank: Any, shards: Shards) -> list[str]:
 def sync_live(bank: Any, shards: Shards) -> None:
     """Every rank's view of which probes still train: each probe's owner decides."""
     mine = sorted(bank.live & set(owned_names(bank, shards)))
-    bank.live = {name for names in all_gather(mine) for name in names}
+    bank.live = {name for names in all_gather(mine, shards.group) for name in names}
 
 
 def sync_bank(bank: Any, shards: Shards) -> None:
@@ -272,7 +289,7 @@ def sync_bank(bank: Any, shards: Shards) -> None:
     tables and the saved probes need them all)."""
     names = owned_names(bank, shards)
     state = {field: {n: getattr(bank, field)[n] for n in names} for field in _PER_PROBE}
-    for rank, theirs in enumerate(all_gather(state)):
+    for rank, theirs in enumerate(all_gather(state, shards.group)):
         if rank == shards.rank:  # keep this rank's own objects
             continue
         for field, values in theirs.items():
@@ -285,6 +302,6 @@ def sync_scores(bank: Any, stage: str, shards: Shards) -> None:
     the bootstrap and ``p_vs_best`` are computed over all probes."""
     names = set(owned_names(bank, shards))
     mine = {k: v for k, v in bank._scores.items() if k[0] == stage and k[1] in names}
-    for rank, theirs in enumerate(all_gather(mine)):
+    for rank, theirs in enumerate(all_gather(mine, shards.group)):
         if rank != shards.rank:
             bank._scores.update(theirs)
