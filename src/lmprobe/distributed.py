@@ -8,10 +8,10 @@ the site's owner (sites sorted by name, dealt round-robin). After each trace the
 of a site go only to its owner (``Shards.route``: one ``all_to_all``, received in rank
 order), so each probe sees the global batch in the order one process would, and the rows a
 rank sends or receives per step fall as ranks are added. The ranks agree on which probes
-still train (``sync_live``) at each point the bank may retire one; after training and
-before each table, the owners' probe state and scores are gathered to every rank
-(``sync_bank``, ``sync_scores``), so bootstrap intervals and ``p_vs_best`` see every
-probe's predictions on the same rows. Rank 0 alone writes the outputs.
+still train (``sync_live``) at each point the bank may retire one. After training, each
+probe's state goes from its owner to every rank (``sync_bank``); before each table, every
+probe's scores go to rank 0 (``sync_scores``), so bootstrap intervals and ``p_vs_best`` see
+every probe's predictions on the same rows. Rank 0 alone writes the outputs.
 
 The LM is not a parameter of the module: nothing is wrapped in ``DistributedDataParallel``
 (``ProbeDDPStrategy``); there are no gradients to reduce.
@@ -298,10 +298,13 @@ def sync_bank(bank: Any, shards: Shards) -> None:
 
 
 def sync_scores(bank: Any, stage: str, shards: Shards) -> None:
-    """Every probe's scores of ``stage`` (what its owner scored) on every rank, so the table,
-    the bootstrap and ``p_vs_best`` are computed over all probes."""
+    """Every probe's scores of ``stage`` (what its owner scored, every row) on rank 0, which
+    computes the table, the bootstrap and ``p_vs_best`` over all probes and writes them
+    (the other ranks' tables hold their own probes' scores only, and are not used)."""
     names = set(owned_names(bank, shards))
     mine = {k: v for k, v in bank._scores.items() if k[0] == stage and k[1] in names}
-    for rank, theirs in enumerate(all_gather(mine, shards.group)):
+    everyone: list[Any] | None = [None] * shards.world if shards.rank == 0 else None
+    dist.gather_object(mine, everyone, dst=0, group=shards.group)
+    for rank, theirs in enumerate(everyone or []):
         if rank != shards.rank:
             bank._scores.update(theirs)
