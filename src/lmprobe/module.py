@@ -182,7 +182,11 @@ class ProbeModule(L.LightningModule):
         if self.shards is None:
             return self.extract(batch, names, label, split=split, docs=docs)
         share = self.shards.share(batch)
-        features = {} if share is None else self.extract(share, names, label, split=split)
+        features = {}
+        if share is not None:
+            if docs is not None:  # the share's rows of the split (the feature store's)
+                docs = docs[slice(*self.shards.bounds(len(batch["index"])))]
+            features = self.extract(share, names, label, split=split, docs=docs)
         return self.shards.route(features, label)
 
     def sync_live(self) -> None:
@@ -196,7 +200,7 @@ class ProbeModule(L.LightningModule):
             sync_bank(self.bank, self.shards)
 
     def sync_scores(self, stage: str) -> None:
-        """Multi-process: every probe's scores of ``stage``, from its owner, on every rank."""
+        """Multi-process: every probe's scores of ``stage``, from its owner, on rank 0."""
         if self.shards is not None:
             sync_scores(self.bank, stage, self.shards)
 
