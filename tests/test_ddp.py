@@ -179,7 +179,7 @@ def test_a_sweep_with_ddp_is_refused():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["trainer.strategy=ddp", "ckpt_path=last.ckpt"], "resuming a multi-process run"),
+        (["trainer.strategy=ddp", "ckpt_path=last.ckpt"], "resuming is for one-process runs"),
         (["trainer.devices=2", "baseline=random_init"], "baseline='random_init' with"),
         (["trainer.devices=2", "model.device_map=auto"], "model.device_map='auto' with"),
         (["trainer.devices=2", "trainer.strategy=fsdp"], "strategy=ddp only"),

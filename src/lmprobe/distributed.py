@@ -31,7 +31,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
 from lmprobe.errors import LmProbeError, NonFiniteActivationError
-from lmprobe.features import FeatureKey, Features, PendingFeatures
+from lmprobe.features import FeatureKey, Features, PendingFeatures, settle
 
 log = logging.getLogger("lmprobe")
 
@@ -119,8 +119,8 @@ def check_supported(cfg: Any, multirun: bool) -> None:
         )
     if cfg.get("ckpt_path"):
         raise LmProbeError(
-            f"ckpt_path={cfg.ckpt_path!r} with trainer.strategy=ddp: resuming a multi-process "
-            f"run is not supported; resume with trainer.devices=1, or start afresh"
+            f"ckpt_path={cfg.ckpt_path!r} with trainer.strategy=ddp: resuming is for one-process "
+            f"runs; resume with trainer.devices=1, or start afresh without ckpt_path"
         )
     if cfg.get("baseline"):
         raise LmProbeError(
@@ -221,6 +221,7 @@ class Shards:
         trace met non-finite activations (``on_nonfinite=error``) makes every rank raise."""
         outgoing: list[dict[str, Any]] = [{"rows": {}, "error": None} for _ in range(self.world)]
         error = None
+        settle(list(features.values()))  # one device-to-host copy (one wait) per device
         for key, part in features.items():
             try:
                 rows = part.host()
