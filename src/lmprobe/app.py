@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lmprobe import distributed
 from lmprobe.baselines import merge_baseline
 from lmprobe.engine import baseline_table, fit_and_test, show_lmprobe_log
 from lmprobe.errors import LmProbeError, RunInterrupted
@@ -93,6 +94,12 @@ def feature_source(cfg: DictConfig) -> FeatureSource | None:
     """The run's feature store (``feature_store`` in the config; false: none)."""
     options = cfg.get("feature_store")
     if options is None or options is False:
+        return None
+    if distributed.requested(cfg.trainer):
+        log.info(
+            "feature store: not used with trainer.strategy=ddp (each rank traces its share "
+            "of every batch; nothing is read from or written to the store)"
+        )
         return None
     if not OmegaConf.is_dict(options):
         raise LmProbeError(
@@ -197,6 +204,13 @@ class RunOutputs(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: ProbeModule, exception: BaseException):
         bank = pl_module.bank
+        if pl_module.shards is not None:  # each rank holds only its own probes' state
+            if trainer.is_global_zero:
+                log.warning(
+                    "run stopped (%s): a multi-process run keeps no partial results",
+                    type(exception).__name__,
+                )
+            return
         if not any(bank.steps.values()):
             return  # stopped before any probe saw data (e.g. a bad label): nothing to keep
         table = bank.tables.get("test")
@@ -221,6 +235,11 @@ def train(cfg: DictConfig) -> pd.DataFrame:
     show_lmprobe_log()
     check_config(cfg)
     out = output_dir(cfg)
+    if distributed.requested(cfg.trainer):
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        distributed.check_supported(cfg, multirun)
+        if not distributed.is_rank_zero():  # rank 0 holds the run directory and writes
+            return _train(cfg, out)
     # locked for this run, and no earlier run's results left to mix with this one's
     with claim_run_dir(out, bool(cfg.get("overwrite", False)), cfg.get("ckpt_path")):
         return _train(cfg, out)
@@ -273,6 +292,8 @@ def _train(cfg: DictConfig, out: Path) -> pd.DataFrame:
             f"run interrupted; partial results in {out}; resume with ckpt_path={out / 'last.ckpt'}"
         ) from err
 
+    if not trainer.is_global_zero:  # rank 0 gathered every probe and writes the outputs
+        return table
     if cfg.get("baseline"):
 
         def trainer_for(other: ProbeModule) -> L.Trainer:

@@ -475,6 +475,12 @@ class ProbeBank:
                 scores = self._scores[(stage, name)] = probe.new_scores()
             scores.add(probe, rows.X, rows.y, rows.doc)
 
+    def flush_scoring(self, stage: str, drop_failed: bool = False) -> None:
+        """Score the rows of ``stage`` still buffered (the end of a scoring pass)."""
+        buffer = self._score_rows.pop(stage, None)
+        for key in buffer.names() if buffer else []:
+            self._score(stage, key, buffer.take(key, drop_failed))
+
     def finish_scoring(
         self, stage: str, drop_failed: bool = False, n_resamples: int = 0
     ) -> pd.DataFrame:
@@ -482,9 +488,7 @@ class ProbeBank:
         nothing (an interrupted pass). With ``n_resamples``, classifier probes also get 95%
         bootstrap intervals (``<metric>_low``/``_high``) and ``p_vs_best`` (see
         ``lmprobe.uncertainty``). Resets the pass."""
-        buffer = self._score_rows.pop(stage, None)
-        for key in buffer.names() if buffer else []:
-            self._score(stage, key, buffer.take(key, drop_failed))
+        self.flush_scoring(stage, drop_failed)
         rows, scored, n_classes, per_class = {}, {}, {}, []
         for name, config in self.configs.items():
             task = resolve_probe_kind(config.kind).task

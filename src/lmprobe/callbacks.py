@@ -80,6 +80,7 @@ class ProbeUpdater(Callback):
         # train on the rows still buffered first, so "val" scores the probes as they are.
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             pl_module.bank.flush()
+            pl_module.sync_live()  # ranks: the probes that flush retired
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         pl_module.bank.flush()
@@ -88,6 +89,7 @@ class ProbeUpdater(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         # What the held-out slice chose is final: train the final probes on all the rows
         pl_module.refit_probes(self.chunk_rows or DEFAULT_CHUNK_ROWS)
+        pl_module.sync_bank()  # ranks: every probe's final state on every rank
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: ProbeModule, exception: BaseException
@@ -101,6 +103,7 @@ class ProbeUpdater(Callback):
 
     @staticmethod
     def _stop_when_done(trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        pl_module.sync_live()  # ranks: one decision, taken from each probe's owner
         if pl_module.bank.done:
             trainer.should_stop = True
 
@@ -148,6 +151,11 @@ class ProbeEarlyStopping(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         self._log_losses(trainer, pl_module)
 
+    def on_test_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        # Several processes: the curves of probes other ranks trained reached rank 0 (the
+        # one that logs) at the end of training (a no-op in one process: all logged)
+        self._log_losses(trainer, pl_module)
+
     def _log_losses(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         """Each new held-out loss, at the probe's own step: a curve per probe. (Straight to
         the loggers: Lightning's ``self.log`` steps with optimizer steps, and there are none.)"""
@@ -193,6 +201,8 @@ class ProbeMetrics(Callback):
 
     def _finish(self, stage: str, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         resamples = self.bootstrap if stage == "test" else 0
+        pl_module.bank.flush_scoring(stage)
+        pl_module.sync_scores(stage)  # ranks: every probe's scores, from its owner
         table = pl_module.bank.finish_scoring(stage, n_resamples=resamples)
         if trainer.sanity_checking:
             return

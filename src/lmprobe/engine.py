@@ -14,6 +14,7 @@ import torch
 
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
 from lmprobe.callbacks import ProbeEarlyStopping, ProbeMetrics, ProbeUpdater
+from lmprobe.distributed import make_strategy, requested
 from lmprobe.errors import LmProbeError
 from lmprobe.models import input_device
 from lmprobe.module import ProbeModule
@@ -64,11 +65,16 @@ def accelerator_for(module: ProbeModule) -> str:
 
 def make_trainer(module: ProbeModule | None = None, **kwargs: Any) -> L.Trainer:
     """A ``Trainer`` with ``TRAINER_DEFAULTS`` under ``kwargs``; ``accelerator="auto"`` (or
-    none) follows the LM's device when ``module`` is given."""
+    none) follows the LM's device when ``module`` is given. Several processes
+    (``strategy="ddp"``, ``devices`` or ``num_nodes`` above one) run lmprobe's DDP
+    (``lmprobe.distributed``): every rank reads the same global batches."""
     # None: Lightning's own default (what an unset key in the typed config means)
     options = {**TRAINER_DEFAULTS, **{k: v for k, v in kwargs.items() if v is not None}}
     if module is not None and options.get("accelerator", "auto") == "auto":
         options["accelerator"] = accelerator_for(module)
+    if requested(options):
+        options["strategy"] = make_strategy(options.get("accelerator"))
+        options["use_distributed_sampler"] = False  # ranks share out each global batch
     return L.Trainer(**options)
 
 

@@ -146,7 +146,10 @@ class ClassificationScores:
         self.classes = np.asarray(classes)
         if (np.sort(self.classes) != self.classes).any():
             raise ValueError(f"classes must be sorted as in predict_proba: {classes}")
-        self.confusion = tc.MulticlassConfusionMatrix(len(self.classes))
+        # sync_on_compute=False: a scores object holds every row it counts; under DDP
+        # lmprobe routes rows to each probe's owner itself (torchmetrics would add the
+        # other ranks' matrices again)
+        self.confusion = tc.MulticlassConfusionMatrix(len(self.classes), sync_on_compute=False)
         self.loss_sum = 0.0
         self.count = 0
         self.parts: list[tuple[np.ndarray, ...]] = []
@@ -242,6 +245,8 @@ class RegressionScores:
         self.metrics = torchmetrics.MetricCollection(
             {name: make() for name, make in REGRESSION_METRICS.items()}
         )
+        for metric in self.metrics.values():  # no cross-rank sums (see ClassificationScores)
+            metric.sync_on_compute = metric._to_sync = False
         # torchmetrics keeps its states in float32 unless told otherwise: sums of squared
         # errors lose digits and Spearman ranks targets rounded to float32 (ties at 1e9).
         self.metrics.set_dtype(torch.float64)

@@ -100,6 +100,8 @@ def load_language_model(
     model = name_or_path
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else None
+    if device == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # a DDP rank: its own GPU
     if is_nnsight_model(model):
         if tokenizer is not None:
             model.tokenizer = tokenizer

@@ -19,6 +19,7 @@ import torch
 from lmprobe.bank import ProbeBank
 from lmprobe.config import ProbeConfig
 from lmprobe.dataset import ProbeDataset, batches, trim_padding
+from lmprobe.distributed import Shards, sync_bank, sync_live, sync_scores
 from lmprobe.errors import LmProbeError
 from lmprobe.features import FeatureKey, Features, PendingFeatures, gather, settle, trace_features
 from lmprobe.models import accepts_position_ids, check_submodules, forward_order, torch_module
@@ -81,7 +82,17 @@ class ProbeModule(L.LightningModule):
         # (``models.model_frame``): it never traces then.
         self.feature_source: FeatureSource | None = None
         self.features: dict[str, StoredFeatures] | None = None
+        # Under trainer.strategy=ddp: this rank's share of each batch and its probes
+        # (lmprobe.distributed); None in a one-process run.
+        self.shards: Shards | None = None
         self.reset_probes()
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        self.shards = None
+        if trainer.world_size > 1:
+            sites = [c.submodule for c in self.configs.values()]
+            self.shards = Shards(trainer.global_rank, trainer.world_size, sites)
 
     @property
     def order(self) -> dict[str, int]:
@@ -158,6 +169,41 @@ class ProbeModule(L.LightningModule):
             all_positions=all_positions,
         )
 
+    def extract_shared(
+        self,
+        batch: dict[str, torch.Tensor],
+        names: Sequence[str],
+        label: str = "batch",
+        split: str = "train",
+        docs: np.ndarray | None = None,
+    ) -> dict[FeatureKey, PendingFeatures]:
+        """``extract`` of a global batch: in a multi-process run this rank traces its share
+        and gets back the rows of every rank for the sites it owns (``Shards.route``)."""
+        if self.shards is None:
+            return self.extract(batch, names, label, split=split, docs=docs)
+        share = self.shards.share(batch)
+        features = {}
+        if share is not None:
+            if docs is not None:  # the share's rows of the split (the feature store's)
+                docs = docs[slice(*self.shards.bounds(len(batch["index"])))]
+            features = self.extract(share, names, label, split=split, docs=docs)
+        return self.shards.route(features, label)
+
+    def sync_live(self) -> None:
+        """Multi-process: every rank learns which probes their owners still train."""
+        if self.shards is not None:
+            sync_live(self.bank, self.shards)
+
+    def sync_bank(self) -> None:
+        """Multi-process: every probe's trained state, from its owner, on every rank."""
+        if self.shards is not None:
+            sync_bank(self.bank, self.shards)
+
+    def sync_scores(self, stage: str) -> None:
+        """Multi-process: every probe's scores of ``stage``, from its owner, on rank 0."""
+        if self.shards is not None:
+            sync_scores(self.bank, stage, self.shards)
+
     def extract_dataset(
         self,
         dataset: ProbeDataset,
@@ -170,7 +216,8 @@ class ProbeModule(L.LightningModule):
         parts: dict[FeatureKey, list[PendingFeatures]] = {}
         for i, batch in enumerate(batches(dataset, batch_size, by_length=True)):
             docs = None if rows is None else rows[batch["index"].numpy()]
-            for key, features in self.extract(batch, names, f"batch {i}", docs=docs).items():
+            traced = self.extract_shared(batch, names, f"batch {i}", docs=docs)
+            for key, features in traced.items():
                 parts.setdefault(key, []).append(features)
         return {key: gather(p) for key, p in parts.items()}
 
@@ -222,7 +269,7 @@ class ProbeModule(L.LightningModule):
         if cached is not None and torch.equal(cached[0], batch["index"]):
             features = cached[1]
         else:
-            features = self.extract(batch, live, f"training batch {position}")
+            features = self.extract_shared(batch, live, f"training batch {position}")
             self._remember(position, batch["index"], features)
         return {"features": features}
 
@@ -243,7 +290,10 @@ class ProbeModule(L.LightningModule):
             n_batches = self.trainer.num_training_batches
             need = per_batch * (n_batches if np.isfinite(n_batches) else 1)
             budget = self.feature_cache_fraction * available_memory_bytes()
-            if need > budget:
+            fits = need <= budget
+            if self.shards is not None:  # every rank keeps them, or none (same steps)
+                fits = self.shards.agree(fits)
+            if not fits:
                 log.warning(
                     "pooled training features would need %.1f GiB (budget %.1f GiB): not "
                     "keeping them, so every epoch re-runs the model",
@@ -265,6 +315,8 @@ class ProbeModule(L.LightningModule):
                 parts.setdefault(key, []).append(rows)
         dataset = self.trainer.train_dataloader.dataset
         rows = {key: gather(p) for key, p in parts.items()}
+        if not rows:  # a rank that owns no site (more ranks than sites)
+            return []
         # A resumed run traces the documents whose features it never kept (those of the
         # batches before the interruption); otherwise a probe without every row kept (it
         # stopped in the first epoch) is left as trained: no extra pass over the data.
@@ -289,7 +341,7 @@ class ProbeModule(L.LightningModule):
         cached = self._eval_cache.get((stage, batch_idx))
         if cached is not None and torch.equal(cached[0], batch["index"]):
             return {"features": cached[1]}
-        features = self.extract(
+        features = self.extract_shared(
             batch, list(self.configs), f"{stage} batch {batch_idx}", split=stage
         )
         if stage == "val":  # the validation set is scored every epoch: trace it once

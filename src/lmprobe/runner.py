@@ -21,6 +21,7 @@ from lmprobe.baselines import check_baseline, merge_baseline
 from lmprobe.config import ProbeConfig
 from lmprobe.datamodule import ProbeDataModule
 from lmprobe.dataset import ProbeDataset, trim_padding
+from lmprobe.distributed import requested
 from lmprobe.engine import (
     baseline_table,
     fit_and_test,
@@ -106,6 +107,13 @@ class ProbeRunner:
         weights and puts their accuracy beside each probe's (``random_init_accuracy``).
         """
         check_baseline(baseline)
+        if requested(trainer_kwargs):
+            raise LmProbeError(
+                f"ProbeRunner runs in one process (got strategy="
+                f"{trainer_kwargs.get('strategy', 'auto')!r}, devices="
+                f"{trainer_kwargs.get('devices', 1)!r}); for several devices use the app: "
+                f"python train.py trainer.devices=N trainer.strategy=ddp"
+            )
         if test_set is not None:
             if eval_set is not None:
                 raise LmProbeError("give eval_set or test_set (the same thing), not both")
