@@ -237,6 +237,9 @@ def _route_on_rank(rank: int, world: int, address: str, out: str) -> None:
     seen["agree"] = (shards.agree(True), shards.agree(rank == 0))
     with open(f"{out}.{rank}", "wb") as handle:
         pickle.dump(seen, handle)
+    # both ranks done with the group before either tears it down: a rank closing its gloo
+    # pairs while the other still reads them aborted a loaded machine's run (SIGABRT)
+    dist.barrier()
     dist.destroy_process_group()
 
 
