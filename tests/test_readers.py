@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -69,3 +70,19 @@ def test_classes_of_token_labels_ignore_padding():
     ds = ProbeDataset(ids, mask, labels)
     assert ds.token_level
     assert ds.classes == {0, 1, 3}
+
+
+@pytest.mark.parametrize(
+    ("labels", "n", "seed"), [([0, 1], 40, 0), ([2, 0, 1], 7, 5), (["b", "a"], 1, 3)]
+)
+def test_balancing_draws_the_rows_pandas_groupby_sample_draws(labels, n, seed):
+    """``sample_per_class`` is pandas' ``groupby(...).sample(n, random_state=seed)`` without
+    its copy of every group: the same rows, in the same order."""
+    from lmprobe.readers import sample_per_class
+
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"_label": rng.choice(labels, 300), "x": rng.normal(size=300)})
+    frame.index = rng.permutation(1000)[:300]  # an index that is not the row position
+    expected = frame.groupby("_label", group_keys=False).sample(n=n, random_state=seed)
+    got = sample_per_class(frame, "_label", n, seed)
+    pd.testing.assert_frame_equal(got, expected)

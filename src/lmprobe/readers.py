@@ -409,13 +409,26 @@ def prepare_frame(
         if sample_size is not None:
             per_class = min(smallest, max(1, int(sample_size) // len(mapping)))
         before = len(frame)
-        frame = frame.groupby("_label", group_keys=False).sample(n=per_class, random_state=seed)
+        frame = sample_per_class(frame, "_label", per_class, seed)
         note_dropped(dropped, source, "data.balance=true", before - len(frame))
     if sample_size is not None and len(frame) > sample_size:
         note_dropped(dropped, source, f"data.sample_size={sample_size}", len(frame) - sample_size)
         frame = frame.sample(n=int(sample_size), random_state=seed)
     frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     return frame, label_names(mapping, label_map)
+
+
+def sample_per_class(frame: pd.DataFrame, column: str, n: int, seed: int) -> pd.DataFrame:
+    """``n`` rows of each value of ``column``: the rows pandas'
+    ``frame.groupby(column, group_keys=False).sample(n=n, random_state=seed)`` gives (the
+    same draws, tested), without the copy of every group that pandas makes on the way (on
+    a million rows that copy was the peak of reading a file)."""
+    draw = np.random.RandomState(seed)
+    groups = frame.groupby(column, sort=True).indices
+    picks = [
+        rows[draw.choice(len(rows), size=n, replace=False)] for _, rows in sorted(groups.items())
+    ]
+    return frame.take(np.concatenate(picks)) if picks else frame.iloc[:0]
 
 
 def select_rows(
