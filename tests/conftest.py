@@ -62,6 +62,19 @@ def make_texts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
+def write_reviews_csv(path: Path, n: int, seed: int = 4) -> Path:
+    """``n`` texts of ``make_texts`` as a CSV file with a text and a string label column."""
+    import csv
+
+    texts, labels = make_texts(n, seed=seed)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for text, label in zip(texts, labels, strict=True):
+            writer.writerow([text, "positive" if label else "negative"])
+    return path
+
+
 def build_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

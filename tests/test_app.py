@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_texts
+from conftest import make_texts, write_reviews_csv
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,14 +26,7 @@ METRIC_COLUMNS = ["loss", "accuracy", "precision", "recall", "f1", "matthews"]
 
 @pytest.fixture(scope="session")
 def csv_file(tmp_path_factory):
-    texts, labels = make_texts(160, seed=4)
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for text, label in zip(texts, labels, strict=True):
-            writer.writerow([text, "positive" if label else "negative"])
-    return path
+    return write_reviews_csv(tmp_path_factory.mktemp("data") / "reviews.csv", 160)
 
 
 def compose_cfg(run_dir: Path, overrides: list[str]):

@@ -3,7 +3,6 @@ process on the same global batches and seed."""
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_texts
+from conftest import write_reviews_csv
 from omegaconf import OmegaConf
 from test_app import compose_cfg
 
@@ -25,14 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def csv_file(tmp_path_factory):
-    texts, labels = make_texts(120, seed=4)
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for text, label in zip(texts, labels, strict=True):
-            writer.writerow([text, "positive" if label else "negative"])
-    return path
+    return write_reviews_csv(tmp_path_factory.mktemp("data") / "reviews.csv", 120)
 
 
 def run_train(
