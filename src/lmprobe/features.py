@@ -312,8 +312,11 @@ def trace_features(
     trace_kwargs = {"remote": True} if remote else {}
     # Locally, only the probed modules' paths hand off to nnsight (lmprobe.handoffs);
     # a remote model runs elsewhere, with its own modules.
-    paths = [] if remote else [site.rpartition(".")[0] for site in sites]
-    quiet = contextlib.nullcontext() if remote else handoffs_only_at(torch_module(lm), paths)
+    quiet = (
+        contextlib.nullcontext()
+        if remote
+        else handoffs_only_at(torch_module(lm), [site.rpartition(".")[0] for site in sites])
+    )
     with torch.no_grad(), quiet, lm.trace(inputs, **trace_kwargs) as tracer:
         for site in sites:
             module_path, _, kind = site.rpartition(".")

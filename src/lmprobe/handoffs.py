@@ -3,13 +3,15 @@
 nnsight 0.8 installs a controller as the ``forward`` of every module of a wrapped model. In
 a trace each module call hands its input, a skip gate and its output to the interleaver
 (three handoffs per call, ~150 module calls per GPT-2 forward), whether or not the trace
-reads that module. Probing reads a few sites, so most of that work buys nothing: on the
-``cpu`` benchmark's tiny GPT-2 it is most of what a trace costs over a bare forward.
+reads that module. Probing reads a few sites, so most of that work buys nothing. (What it
+saves is small: on the ``cpu`` benchmark's tiny GPT-2, within run-to-run noise of the
+whole run; on an H200, 1-3% of a run in three of four settings; bench/README.md.)
 
 ``handoffs_only_at`` leaves the handoffs on, for the duration of one trace, at the modules
 a trace must still see: every probed module and its ancestors, and the siblings along those
-paths (so the trace still stops at the module right after the deepest site, before the
-rest of the model and ``lm_head`` run). Every other module runs its plain body: nnsight's
+paths. nnsight 0.8.1 stops the trace at the deepest site's own handoff (tested: neither
+the next block nor ``lm_head`` runs); the siblings are kept so that a version stopping at
+the next handoff instead still stops before the rest of the model. Every other module runs its plain body: nnsight's
 controller finds no active trace for it and calls the forward directly, accelerate's
 device hooks included (``nnsight.intervention.source.run_body``). The routes are put back
 when the trace ends, so the user's own traces of the same model see every module.
