@@ -116,6 +116,79 @@ def every_handoff(runner: ProbeRunner, train, test, batch_size: int, device) -> 
         handoffs._STATE = state
 
 
+def lmprobe_batches(runner: ProbeRunner, train, test, batch_size: int, device) -> list[dict]:
+    """The batches one lmprobe run traces (held-out slice, length-grouped training batches,
+    test batches), recorded from a run: the breakdown replays them."""
+    import lmprobe.module as module
+
+    recorded, trace = [], module.trace_features
+
+    def record(lm, batch, *args, **kwargs):
+        recorded.append({k: batch[k] for k in ("input_ids", "attention_mask", "labels", "index")})
+        return trace(lm, batch, *args, **kwargs)
+
+    module.trace_features = record
+    try:
+        probe_run(runner, train, test, batch_size, device)
+    finally:
+        module.trace_features = trace
+    return recorded
+
+
+def bare_batches(model, batches: list[dict], device) -> float:
+    """``floor`` over lmprobe's own batches: the model's share of lmprobe's run (what
+    length grouping and the held-out slice leave of padding), nothing else."""
+    from lmprobe.features import position_ids_for
+
+    sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            mask = batch["attention_mask"].to(device, non_blocking=True)
+            ids = batch["input_ids"].to(device, non_blocking=True)
+            model.transformer(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask)
+            )
+    sync(device)
+    return time.perf_counter() - start
+
+
+def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) -> float:
+    """lmprobe's trace over its own batches: ``pooled=False`` saves every block's output
+    as it is (nnsight's share); ``pooled=True`` is ``trace_features`` itself, pooling and
+    moving the features to the host (pooling's share), with no probes, callbacks or
+    Lightning."""
+    import nnsight
+
+    from lmprobe.features import FeatureKey, position_ids_for, trace_features
+    from lmprobe.handoffs import handoffs_only_at
+    from lmprobe.models import torch_module
+
+    keys = [FeatureKey(f"transformer.h.{i}.output", "mean", None) for i in range(n_layer)]
+    order = {key.submodule: i for i, key in enumerate(keys)}
+    model = torch_module(lm)
+    sync(device)
+    start = time.perf_counter()
+    for batch in batches:
+        if pooled:
+            for pending in trace_features(lm, batch, keys, order).values():
+                pending.host()
+            continue
+        mask = batch["attention_mask"].to(device, non_blocking=True)
+        inputs = {
+            "input_ids": batch["input_ids"].to(device, non_blocking=True),
+            "attention_mask": mask,
+            "position_ids": position_ids_for(mask),
+        }
+        paths = [key.submodule.rpartition(".")[0] for key in keys]
+        with torch.no_grad(), handoffs_only_at(model, paths), lm.trace(inputs) as tracer:
+            for i in range(n_layer):
+                nnsight.save(lm.transformer.h[i].output)
+            tracer.stop()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def layer_probes(n_layer: int, control: bool = False) -> list[ProbeConfig]:
     return [
         ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False, control=control)
@@ -251,6 +324,12 @@ def run_config(name: str, args) -> Iterator[dict]:
                 cases["lmprobe every handoff"] = partial(
                     every_handoff, runner, train, test, batch_size, device
                 )
+            if args.breakdown:
+                own = lmprobe_batches(runner, train, test, batch_size, device)
+                n = shape["n_layer"]
+                cases["lmprobe's batches"] = partial(bare_batches, model, own, device)
+                cases["+ nnsight trace"] = partial(traced_batches, lm, own, n, device, False)
+                cases["+ pooling, to host"] = partial(traced_batches, lm, own, n, device, True)
             base = "floor"
         samples, peak = measure(cases, args.repeats, device)
         if args.profile is not None and "lmprobe" in cases:
@@ -308,6 +387,11 @@ def main() -> None:
         "--every-handoff",
         action="store_true",
         help="cpu/gpu: also run lmprobe with nnsight's handoffs at every module",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="cpu/gpu: also time lmprobe's own batches bare, traced, and traced with pooling",
     )
     parser.add_argument(
         "--profile", type=Path, default=None, help="append a cProfile of one lmprobe run here"

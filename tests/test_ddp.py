@@ -229,10 +229,12 @@ def _route_on_rank(rank: int, world: int, address: str, out: str) -> None:
     seen["agree"] = (shards.agree(True), shards.agree(rank == 0))
     with open(f"{out}.{rank}", "wb") as handle:
         pickle.dump(seen, handle)
-    # both ranks done with the group before either tears it down: a rank closing its gloo
-    # pairs while the other still reads them aborted a loaded machine's run (SIGABRT)
+    # Both ranks are done with the group before either leaves. Then leave without tearing
+    # it down: gloo's teardown at exit aborted a rank on a loaded machine ("terminate called
+    # without an active exception", SIGABRT) after its results were written, twice in ~30
+    # runs; what this test checks is in the file above, and a spawned rank owns nothing else.
     dist.barrier()
-    dist.destroy_process_group()
+    os._exit(0)
 
 
 def test_routing_across_two_ranks(tmp_path):
