@@ -432,11 +432,11 @@ class AveragedSGDClassifier(SGDClassifier):
     themselves are scikit-learn's."""
 
     def _fit_binary(self, X, y, alpha, *args, **kwargs):
-        if not self.average:
-            return super()._fit_binary(X, y, alpha, *args, **kwargs)
         from sklearn.linear_model import _stochastic_gradient as sgd
 
-        original, running = sgd.fit_binary, []
+        original, running = getattr(sgd, "fit_binary", None), []
+        if not self.average or original is None:  # (another scikit-learn: theirs as it is)
+            return super()._fit_binary(X, y, alpha, *args, **kwargs)
 
         def fit_binary(est, *a, **k):
             result = original(est, *a, **k)
