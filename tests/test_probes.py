@@ -133,3 +133,28 @@ def test_probe_reaches_the_optimum_of_its_objective_on_imbalanced_classes(k):
     scores = np.column_stack([m.decision_function(Z) for m in exact])
     predicted = (scores[:, 0] > 0).astype(int) if k == 2 else np.argmax(scores, axis=1)
     assert (probe.predict(X) == predicted).mean() > 0.99
+
+
+@pytest.mark.parametrize("k", [2, 6])
+def test_training_resumed_from_a_saved_state_learns_what_uninterrupted_training_learns(k):
+    """A probe's state (get_state/set_state, what checkpoints and probe files hold) keeps
+    the running intercepts too: training on from a restored state gives every alpha the
+    coefficients and intercepts of training that never stopped, bit for bit."""
+    X, y = many_classes(n=1200, k=k)
+    chunks = np.array_split(np.arange(len(y)), 10)
+    whole = LinearProbe(list(range(k)), random_state=0)
+    for rows in chunks:
+        whole.partial_fit(X[rows], y[rows])
+    first = LinearProbe(list(range(k)), random_state=0)
+    for rows in chunks[:5]:
+        first.partial_fit(X[rows], y[rows])
+    arrays, values = first.get_state()
+    resumed = LinearProbe(list(range(k)), random_state=0).set_state(
+        {name: np.array(a) for name, a in arrays.items()}, values
+    )
+    for rows in chunks[5:]:
+        resumed.partial_fit(X[rows], y[rows])
+    for a, b in zip(whole.estimators_, resumed.estimators_, strict=True):
+        np.testing.assert_array_equal(a.coef_, b.coef_)
+        np.testing.assert_array_equal(a.intercept_, b.intercept_)
+        np.testing.assert_array_equal(a._standard_intercept, b._standard_intercept)
