@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -408,6 +409,57 @@ class _ScaledSGD(Probe):
         return self
 
 
+_CAPTURE = threading.Lock()
+
+
+class AveragedSGDClassifier(SGDClassifier):
+    """scikit-learn's ``SGDClassifier`` whose averaged ``partial_fit`` keeps its running
+    intercepts from one call to the next (scikit-learn 1.9.1 does not; ``fit`` runs every
+    epoch in one call and is not affected).
+
+    Averaged SGD keeps two sets of parameters: the running ones that SGD updates
+    (``_standard_coef``/``_standard_intercept``) and their average (``coef_``/``intercept_``).
+    The running weights are updated in place, but the running intercepts come back from
+    ``fit_binary`` as numbers, and once averaging has started scikit-learn stores them
+    nowhere: with two classes ``_fit_binary`` drops them, so every call restarts them from
+    0; with more, ``_fit_multiclass`` writes them into ``intercept_``, which is then
+    ``_average_intercept`` (the averages are overwritten, the running ones restart from the
+    first call's). Either way the intercepts stay near their start: on 17 UPOS tags near -1
+    where the optimum has -3 to -8 (1.7-2.8 points of accuracy under the reference, after
+    any number of epochs), and on a two-class set with 5% positives under the majority
+    class. Here ``_fit_binary`` keeps what ``fit_binary`` returned, and ``_fit_multiclass``
+    is handed ``_standard_intercept`` as ``intercept_`` to write into. The updates
+    themselves are scikit-learn's."""
+
+    def _fit_binary(self, X, y, alpha, *args, **kwargs):
+        from sklearn.linear_model import _stochastic_gradient as sgd
+
+        original, running = getattr(sgd, "fit_binary", None), []
+        if not self.average or original is None:  # (another scikit-learn: theirs as it is)
+            return super()._fit_binary(X, y, alpha, *args, **kwargs)
+
+        def fit_binary(est, *a, **k):
+            result = original(est, *a, **k)
+            if est is self:
+                running.append(result[1])
+            return result
+
+        with _CAPTURE:  # the module's function, swapped for this call only
+            sgd.fit_binary = fit_binary
+            try:
+                result = super()._fit_binary(X, y, alpha, *args, **kwargs)
+            finally:
+                sgd.fit_binary = original
+        if running and self._average_intercept is self.intercept_:  # averaging: dropped
+            self._standard_intercept = np.array(running[-1:], dtype=self.intercept_.dtype)
+        return result
+
+    def _fit_multiclass(self, X, y, alpha, *args, **kwargs):
+        if self.average and getattr(self, "_standard_intercept", None) is not None:
+            self.intercept_ = self._standard_intercept  # where the new ones are written
+        return super()._fit_multiclass(X, y, alpha, *args, **kwargs)
+
+
 @register_probe_kind("sgd_classifier")
 class LinearProbe(ClassifierMixin, _ScaledSGD):
     """A logistic ``SGDClassifier`` behind a running ``StandardScaler``, trained online.
@@ -420,7 +472,7 @@ class LinearProbe(ClassifierMixin, _ScaledSGD):
 
     def _new_estimator(self, **kwargs: Any) -> SGDClassifier:
         kwargs["loss"] = "log_loss"
-        return SGDClassifier(**kwargs)
+        return AveragedSGDClassifier(**kwargs)
 
     @property
     def classifier_(self) -> SGDClassifier:
