@@ -8,7 +8,9 @@ Configurations (see bench/README.md):
 
 Floor and lmprobe run in one process, interleaved, ``--repeats`` times after a warm-up;
 the table shows medians and the JSON keeps every sample. Run with OMP_NUM_THREADS=1 on
-small CPU machines (``make bench`` does).
+small CPU machines (``make bench`` does). ``--breakdown`` (cpu/gpu) splits lmprobe's cost
+over the floor: the same forward over lmprobe's own batches (padding), then traced by
+nnsight, then with pooling and the copy to the host; the rest is the probes and Lightning.
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) 
     keys = [FeatureKey(f"transformer.h.{i}.output", "mean", None) for i in range(n_layer)]
     order = {key.submodule: i for i, key in enumerate(keys)}
     model = torch_module(lm)
+    paths = [key.submodule.rpartition(".")[0] for key in keys]
     sync(device)
     start = time.perf_counter()
     for batch in batches:
@@ -180,7 +183,6 @@ def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) 
             "attention_mask": mask,
             "position_ids": position_ids_for(mask),
         }
-        paths = [key.submodule.rpartition(".")[0] for key in keys]
         with torch.no_grad(), handoffs_only_at(model, paths), lm.trace(inputs) as tracer:
             for i in range(n_layer):
                 nnsight.save(lm.transformer.h[i].output)
