@@ -140,19 +140,23 @@ def lmprobe_batches(runner: ProbeRunner, train, test, batch_size: int, device) -
 def bare_batches(model, batches: list[dict], device) -> float:
     """``floor`` over lmprobe's own batches: the model's share of lmprobe's run (what
     length grouping and the held-out slice leave of padding), nothing else."""
-    from lmprobe.features import position_ids_for
-
     sync(device)
     start = time.perf_counter()
     with torch.no_grad():
         for batch in batches:
-            mask = batch["attention_mask"].to(device, non_blocking=True)
-            ids = batch["input_ids"].to(device, non_blocking=True)
-            model.transformer(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask)
-            )
+            model.transformer(**model_inputs(batch, device))
     sync(device)
     return time.perf_counter() - start
+
+
+def model_inputs(batch: dict, device) -> dict[str, torch.Tensor]:
+    """The inputs ``trace_features`` gives the model for ``batch`` (positions of real
+    tokens), on ``device``."""
+    from lmprobe.features import position_ids_for
+
+    mask = batch["attention_mask"].to(device, non_blocking=True)
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_for(mask)}
 
 
 def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) -> float:
@@ -162,7 +166,7 @@ def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) 
     Lightning."""
     import nnsight
 
-    from lmprobe.features import FeatureKey, position_ids_for, trace_features
+    from lmprobe.features import FeatureKey, trace_features
     from lmprobe.handoffs import handoffs_only_at
     from lmprobe.models import torch_module
 
@@ -177,12 +181,7 @@ def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) 
             for pending in trace_features(lm, batch, keys, order).values():
                 pending.host()
             continue
-        mask = batch["attention_mask"].to(device, non_blocking=True)
-        inputs = {
-            "input_ids": batch["input_ids"].to(device, non_blocking=True),
-            "attention_mask": mask,
-            "position_ids": position_ids_for(mask),
-        }
+        inputs = model_inputs(batch, device)
         with torch.no_grad(), handoffs_only_at(model, paths), lm.trace(inputs) as tracer:
             for i in range(n_layer):
                 nnsight.save(lm.transformer.h[i].output)

@@ -409,6 +409,10 @@ class _ScaledSGD(Probe):
         return self
 
 
+try:  # where scikit-learn keeps the fit_binary that AveragedSGDClassifier wraps
+    from sklearn.linear_model import _stochastic_gradient as _sgd_module
+except ImportError:  # another scikit-learn: its own _fit_binary as it is
+    _sgd_module = None
 _CAPTURE = threading.Lock()
 
 
@@ -432,8 +436,7 @@ class AveragedSGDClassifier(SGDClassifier):
     themselves are scikit-learn's."""
 
     def _fit_binary(self, X, y, alpha, *args, **kwargs):
-        from sklearn.linear_model import _stochastic_gradient as sgd
-
+        sgd = _sgd_module
         original, running = getattr(sgd, "fit_binary", None), []
         if not self.average or original is None:  # (another scikit-learn: theirs as it is)
             return super()._fit_binary(X, y, alpha, *args, **kwargs)
