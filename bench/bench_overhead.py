@@ -10,7 +10,8 @@ Floor and lmprobe run in one process, interleaved, ``--repeats`` times after a w
 the table shows medians and the JSON keeps every sample. Run with OMP_NUM_THREADS=1 on
 small CPU machines (``make bench`` does). ``--breakdown`` (cpu/gpu) splits lmprobe's cost
 over the floor: the same forward over lmprobe's own batches (padding), then traced by
-nnsight, then with pooling and the copy to the host; the rest is the probes and Lightning.
+nnsight, then with pooling and the copy to the host; the rest is the probes and Lightning,
+also timed within each lmprobe run as ``outside the traces``.
 """
 
 from __future__ import annotations
@@ -104,6 +105,34 @@ def probe_run(runner: ProbeRunner, train, test, batch_size: int, device) -> floa
     runner.fit_probes(train, test, batch_size=batch_size, max_epochs=1, enable_progress_bar=False)
     sync(device)
     return time.perf_counter() - start
+
+
+def probe_run_split(
+    runner: ProbeRunner, train, test, batch_size: int, device, outside: list[float]
+) -> float:
+    """``probe_run`` that also appends to ``outside`` the seconds spent outside lmprobe's
+    traces (``trace_features``): the probes, scoring, data loading and Lightning, measured
+    within the same run, so the machine's drift between runs does not blur it. (On a GPU
+    the traces return before the device is done; the device time lands where the host
+    waits, so there the split is only indicative.)"""
+    import lmprobe.module as module
+
+    inside, trace = [0.0], module.trace_features
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return trace(*args, **kwargs)
+        finally:
+            inside[0] += time.perf_counter() - start
+
+    module.trace_features = timed
+    try:
+        total = probe_run(runner, train, test, batch_size, device)
+    finally:
+        module.trace_features = trace
+    outside.append(total - inside[0])
+    return total
 
 
 def every_handoff(runner: ProbeRunner, train, test, batch_size: int, device) -> float:
@@ -314,12 +343,18 @@ def run_config(name: str, args) -> Iterator[dict]:
             base = "1 probe"
         else:
             runner = ProbeRunner(lm, layer_probes(shape["n_layer"]))
+            outside: list[float] = []
+            lmprobe = (
+                partial(probe_run_split, runner, train, test, batch_size, device, outside)
+                if args.breakdown
+                else partial(probe_run, runner, train, test, batch_size, device)
+            )
             cases = {
                 "floor": partial(floor, model, (train, test), batch_size, device),
                 "floor unsorted": partial(
                     floor, model, (train, test), batch_size, device, by_length=False
                 ),
-                "lmprobe": partial(probe_run, runner, train, test, batch_size, device),
+                "lmprobe": lmprobe,
             }
             if args.every_handoff:
                 cases["lmprobe every handoff"] = partial(
@@ -333,6 +368,8 @@ def run_config(name: str, args) -> Iterator[dict]:
                 cases["+ pooling, to host"] = partial(traced_batches, lm, own, n, device, True)
             base = "floor"
         samples, peak = measure(cases, args.repeats, device)
+        if name in ("cpu", "gpu") and outside:  # the first was the warm-up round's
+            samples["outside the traces"] = outside[1 : 1 + args.repeats]
         if args.profile is not None and "lmprobe" in cases:
             profile_case(cases["lmprobe"], args.profile, f"{name} batch {batch_size} {dtype}")
         medians = {k: statistics.median(v) for k, v in samples.items()}
@@ -353,8 +390,8 @@ def run_config(name: str, args) -> Iterator[dict]:
                     "median_s": value,
                     "ratio": value / medians[base],
                     "peak_mib": peak.get(case),
-                    "peak_ratio": peak[case] / peak[base] if peak else None,
-                    "syncs_per_batch": syncs[case] / n_batches if syncs else None,
+                    "peak_ratio": peak[case] / peak[base] if case in peak else None,
+                    "syncs_per_batch": syncs[case] / n_batches if case in syncs else None,
                     "samples_s": samples[case],
                 }
             )

@@ -118,3 +118,22 @@ def test_scoring_batches_group_documents_of_similar_length(dataset):
     assert set(seen[:8].tolist()) <= set(order[: module.group_size].tolist())
     # a global sort pads least; length groups of the random order come close
     assert padded <= sum(b["input_ids"].numel() for b in train_batches)
+
+
+def test_a_dataset_row_keeps_its_index_and_rejects_rows_past_either_end():
+    """``dataset[i]`` of one row (what the DataLoader asks for) names row ``i`` in its
+    ``index``, negative rows counting from the end as for a sequence."""
+    n = 7
+    dataset = ProbeDataset(
+        torch.arange(n * 3).view(n, 3), torch.ones(n, 3, dtype=torch.long), torch.arange(n) % 2
+    )
+    for i in (0, 3, n - 1, -1, -n, np.int64(2)):
+        item = dataset[i]
+        row = range(n)[int(i)]
+        assert item["index"].item() == row and item["index"].dim() == 0
+        assert torch.equal(item["input_ids"], dataset.input_ids[row])
+    assert dataset[[1, 4]]["index"].tolist() == [1, 4]
+    assert dataset[2:5]["index"].tolist() == [2, 3, 4]
+    for i in (n, -n - 1):
+        with pytest.raises(IndexError, match=f"row {i} of a dataset of {n} documents"):
+            dataset[i]

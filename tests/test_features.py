@@ -211,3 +211,46 @@ def test_a_trace_hands_off_only_on_the_probed_paths_and_puts_the_rest_back(gpt2,
     expected = reference(hf_gpt2, gpt2.tokenizer, TEXTS[1], "transformer.h.1.mlp.output")
     real = enc["attention_mask"][1].bool()
     torch.testing.assert_close(inner[1][real], expected, atol=1e-5, rtol=0)
+
+
+def _masked_mean_by_hand(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """float64 mean of each document's real positions, one document at a time."""
+    return torch.stack([hidden[i][real[i]].double().mean(0) for i in range(len(hidden))])
+
+
+def test_mean_pooling_on_the_cpu_equals_the_mean_of_real_positions_padding_nan_or_not():
+    """The CPU float32 fast path (one batched product with the mask) against the mean of
+    each document's real positions; a NaN at a padding position (which the product would
+    spread) must not reach the features, a NaN at a real position must."""
+    from lmprobe.poolings import POOLINGS
+
+    mean = POOLINGS["mean"]
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 9, 16)
+    real = torch.ones(5, 9, dtype=torch.bool)
+    real[1, :3] = False  # left padding
+    real[2, -4:] = False  # right padding
+    real[3, 1:8] = False  # one real token at each end
+    expected = _masked_mean_by_hand(hidden, real)
+    pooled = mean(hidden, real)
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled.double(), expected, rtol=1e-6, atol=1e-6)
+
+    padded_nan = hidden.clone()
+    padded_nan[1, 0] = float("nan")
+    padded_nan[2, -1, 3] = float("inf")
+    pooled = mean(padded_nan, real)
+    assert torch.isfinite(pooled).all()
+    torch.testing.assert_close(pooled.double(), expected, rtol=1e-6, atol=1e-6)
+
+    real_nan = hidden.clone()
+    real_nan[4, 5, 0] = float("nan")
+    pooled = mean(real_nan, real)
+    assert torch.isnan(pooled[4, 0]) and torch.isfinite(pooled[:4]).all()
+
+    # bf16 activations take the masked path, summed in float32
+    pooled = mean(hidden.bfloat16(), real)
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(
+        pooled.double(), _masked_mean_by_hand(hidden.bfloat16().float(), real), rtol=0, atol=1e-5
+    )

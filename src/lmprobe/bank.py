@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from sklearn import config_context
 
 from lmprobe.config import ProbeConfig
 from lmprobe.errors import LmProbeError
@@ -32,6 +33,13 @@ from lmprobe.uncertainty import bootstrap, paired_p_values
 log = logging.getLogger("lmprobe")
 
 DEFAULT_CHUNK_ROWS = 256
+
+
+def _checked_rows() -> Any:
+    """Rows reach the bank checked finite (``PendingFeatures`` checks every row when it
+    reaches the host), so scikit-learn's own check of every call is skipped: about a tenth
+    of the probes' update time on the CPU benchmark."""
+    return config_context(assume_finite=True)
 
 
 def _to_tensors(rows: Features) -> dict[str, torch.Tensor]:
@@ -305,7 +313,8 @@ class ProbeBank:
             self.heldout[name] = rows.select_docs(union[:size])
             extra = rows.select_docs(union[size:])
             if len(extra.y):
-                self._fit(name, extra.X, extra.y)
+                with _checked_rows():
+                    self._fit(name, extra.X, extra.y)
         self.heldout_index = np.asarray(union, dtype=np.int64)
         self.prepared = True
 
@@ -354,8 +363,9 @@ class ProbeBank:
         if self.row_rank is not None:  # stable: a document's tokens keep their order
             order = np.argsort(self.row_rank[rows.doc], kind="stable")
             rows = Features(rows.X[order], rows.y[order], rows.doc[order])
-        self._fit(name, rows.X, rows.y)
-        self._check_stopping(name)
+        with _checked_rows():
+            self._fit(name, rows.X, rows.y)
+            self._check_stopping(name)
         return True
 
     def _fit(self, name: str, X: np.ndarray, y: np.ndarray) -> None:
@@ -442,11 +452,12 @@ class ProbeBank:
         if hasattr(probe, "alpha_"):
             kwargs["alpha"] = probe.alpha_
         refitted = make_probe(dataclasses.replace(config, model_kwargs=kwargs), self.seed)
-        for epoch in range(passes):
-            perm = np.random.default_rng((self.seed, epoch)).permutation(len(y))
-            for start in range(0, len(y), chunk_rows):
-                chunk = perm[start : start + chunk_rows]
-                refitted.partial_fit(X[chunk], y[chunk])
+        with _checked_rows():
+            for epoch in range(passes):
+                perm = np.random.default_rng((self.seed, epoch)).permutation(len(y))
+                for start in range(0, len(y), chunk_rows):
+                    chunk = perm[start : start + chunk_rows]
+                    refitted.partial_fit(X[chunk], y[chunk])
         # in place: a probe object taken before the fit (lm_probe's runner.probes) is the
         # final one afterwards; it now holds the chosen alpha alone
         probe.__dict__.clear()
@@ -467,13 +478,14 @@ class ProbeBank:
     def _score(self, stage: str, key: FeatureKey, rows: Features | None) -> None:
         if rows is None:
             return
-        for name, probe in self.probes.items():
-            if self.key(name) != key or not probe.is_fitted:
-                continue
-            scores = self._scores.get((stage, name))
-            if scores is None:
-                scores = self._scores[(stage, name)] = probe.new_scores()
-            scores.add(probe, rows.X, rows.y, rows.doc)
+        with _checked_rows():
+            for name, probe in self.probes.items():
+                if self.key(name) != key or not probe.is_fitted:
+                    continue
+                scores = self._scores.get((stage, name))
+                if scores is None:
+                    scores = self._scores[(stage, name)] = probe.new_scores()
+                scores.add(probe, rows.X, rows.y, rows.doc)
 
     def flush_scoring(self, stage: str, drop_failed: bool = False) -> None:
         """Score the rows of ``stage`` still buffered (the end of a scoring pass)."""

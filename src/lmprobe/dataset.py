@@ -171,7 +171,12 @@ class ProbeDataset(Dataset):
         return self.input_ids.shape[0]
 
     def __getitem__(self, idx: Any) -> dict[str, torch.Tensor]:
-        index = torch.arange(len(self))[idx]
+        if isinstance(idx, (int, np.integer)):  # one row: no arange over the whole dataset
+            if not -len(self) <= idx < len(self):
+                raise IndexError(f"row {idx} of a dataset of {len(self)} documents")
+            index = torch.tensor(range(len(self))[idx])  # negative rows count from the end
+        else:
+            index = torch.arange(len(self))[idx]
         item = {
             "input_ids": self.input_ids[idx],
             "attention_mask": self.attention_mask[idx],

@@ -491,7 +491,10 @@ class LinearProbe(ClassifierMixin, _ScaledSGD):
             self._start(y)
         if len(y) == 0:
             return self
-        self._scale_and_fit(X, y, classes=self.classes_)
+        # scikit-learn needs the classes on an estimator's first call only; on later calls
+        # it would check them again (unique_labels: a quarter of each update's own time)
+        first = not hasattr(self.estimators_[0], "classes_")
+        self._scale_and_fit(X, y, **({"classes": self.classes_} if first else {}))
         return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
