@@ -254,3 +254,32 @@ def test_mean_pooling_on_the_cpu_equals_the_mean_of_real_positions_padding_nan_o
     torch.testing.assert_close(
         pooled.double(), _masked_mean_by_hand(hidden.bfloat16().float(), real), rtol=0, atol=1e-5
     )
+
+
+def test_mean_pooling_follows_its_mask_when_the_mask_changes_between_calls():
+    """The CPU shortcut keeps the weights of the last mask it saw: another mask, or the
+    same mask modified in place, must give that mask's mean."""
+    from lmprobe.poolings import POOLINGS
+
+    mean = POOLINGS["mean"]
+    torch.manual_seed(1)
+    hidden = torch.randn(3, 6, 8)
+    first = torch.ones(3, 6, dtype=torch.bool)
+    second = first.clone()
+    second[:, 4:] = False
+    for real in (first, second, first):
+        torch.testing.assert_close(
+            mean(hidden, real).double(), _masked_mean_by_hand(hidden, real), rtol=1e-6, atol=1e-6
+        )
+    first[0, :2] = False  # in place: same tensor, new version
+    torch.testing.assert_close(
+        mean(hidden, first).double(), _masked_mean_by_hand(hidden, first), rtol=1e-6, atol=1e-6
+    )
+    with torch.inference_mode():  # Lightning's test steps: tensors without a version
+        real = second.clone()
+        mean(hidden, real)
+        real[1, :3] = False
+        pooled = mean(hidden, real)
+    torch.testing.assert_close(
+        pooled.double(), _masked_mean_by_hand(hidden, real), rtol=1e-6, atol=1e-6
+    )

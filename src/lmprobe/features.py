@@ -109,8 +109,10 @@ def pool(
     Rows are picked with ``index_select`` on an index made on the host: a boolean mask would
     make the device report the number of rows back, a wait on every batch.
     """
-    # Under a device_map a layer can sit on another GPU than the inputs (no-op otherwise).
-    real = real.to(hidden.device, non_blocking=True)
+    # Under a device_map a layer can sit on another GPU than the inputs. (Asked first: in
+    # nnsight's trace even a no-op `to` costs a dispatch, and this runs once per site.)
+    if real.device != hidden.device:
+        real = real.to(hidden.device, non_blocking=True)
     if isinstance(rows, WordRows):
         return pool_words(hidden, rows.to(hidden.device))
     if rows is not None:

@@ -42,18 +42,43 @@ def pooling_names() -> tuple[str, ...]:
 
 @register_pooling("mean")
 def mean(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    count = real.sum(1, keepdim=True).to(torch.float32)
     if hidden.device.type == "cpu" and hidden.dtype == torch.float32:
-        # On the CPU one batched product with the mask reads the activations once, where
-        # `where` + `sum` write a masked copy and read it again: less than half the time
-        # per site on the CPU benchmark's batches. A NaN or inf at a padding position would
-        # leak through the product (0 x NaN), so a sum that is not finite is redone the
-        # masked way below (on the CPU, asking makes nothing wait).
-        total = torch.bmm(real.to(torch.float32).unsqueeze(1), hidden).squeeze(1)
+        # On the CPU one batched product with the mask's weights reads the activations
+        # once, where `where` + `sum` write a masked copy and read it again: less than
+        # half the time per site on the CPU benchmark's batches. A NaN or inf at a padding
+        # position would leak through the product (0 x NaN), so a sum that is not finite
+        # is redone the masked way below (on the CPU, asking makes nothing wait).
+        mask, count = _mask_and_count(real)
+        total = torch.bmm(mask, hidden).squeeze(1)
         if math.isfinite(total.sum()):
             return total / count
     total = torch.where(real.unsqueeze(-1), hidden, 0).sum(1, dtype=torch.float32)
-    return total / count
+    return total / real.sum(1, keepdim=True).to(torch.float32)
+
+
+# The float mask and lengths of the last mask ``mean`` saw: a trace pools every site with
+# one mask, and inside nnsight's trace each torch op costs several times what it costs
+# outside it, so making them once per batch halves the shortcut's time per site. Kept as
+# (mask, its version, float mask, lengths): the version changes when the mask is modified
+# in place. Inference tensors (Lightning's test and validation steps) have no version, so
+# theirs are not kept.
+_last_mask: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
+
+
+def _mask_and_count(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(documents, 1, tokens) float32 mask and (documents, 1) float32 lengths of ``real``."""
+    global _last_mask
+    if real.is_inference():
+        return _float_mask(real)
+    cached = _last_mask  # read once: another thread may replace it meanwhile
+    if cached is None or cached[0] is not real or cached[1] != real._version:
+        cached = _last_mask = (real, real._version, *_float_mask(real))
+    return cached[2], cached[3]
+
+
+def _float_mask(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = real.to(torch.float32)
+    return mask.unsqueeze(1), mask.sum(1, keepdim=True)
 
 
 @register_pooling("last")
