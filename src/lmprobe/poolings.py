@@ -43,7 +43,7 @@ def pooling_names() -> tuple[str, ...]:
 @register_pooling("mean")
 def mean(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     if hidden.device.type == "cpu" and hidden.dtype == torch.float32:
-        # On the CPU one batched product with the mask's weights reads the activations
+        # On the CPU one batched product with the float mask reads the activations
         # once, where `where` + `sum` write a masked copy and read it again: less than
         # half the time per site on the CPU benchmark's batches. A NaN or inf at a padding
         # position would leak through the product (0 x NaN), so a sum that is not finite
