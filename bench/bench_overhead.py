@@ -107,6 +107,19 @@ def probe_run(runner: ProbeRunner, train, test, batch_size: int, device) -> floa
     return time.perf_counter() - start
 
 
+def probe_run_wrapped(runner: ProbeRunner, train, test, batch_size: int, device, wrap) -> float:
+    """``probe_run`` with lmprobe's ``trace_features`` replaced, for this run only, by
+    ``wrap(trace_features)`` (the breakdown records and times the traces this way)."""
+    import lmprobe.module as module
+
+    trace = module.trace_features
+    module.trace_features = wrap(trace)
+    try:
+        return probe_run(runner, train, test, batch_size, device)
+    finally:
+        module.trace_features = trace
+
+
 def probe_run_split(
     runner: ProbeRunner, train, test, batch_size: int, device, outside: list[float]
 ) -> float:
@@ -115,22 +128,19 @@ def probe_run_split(
     within the same run, so the machine's drift between runs does not blur it. (On a GPU
     the traces return before the device is done; the device time lands where the host
     waits, so there the split is only indicative.)"""
-    import lmprobe.module as module
+    inside = [0.0]
 
-    inside, trace = [0.0], module.trace_features
+    def timing(trace):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return trace(*args, **kwargs)
+            finally:
+                inside[0] += time.perf_counter() - start
 
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return trace(*args, **kwargs)
-        finally:
-            inside[0] += time.perf_counter() - start
+        return timed
 
-    module.trace_features = timed
-    try:
-        total = probe_run(runner, train, test, batch_size, device)
-    finally:
-        module.trace_features = trace
+    total = probe_run_wrapped(runner, train, test, batch_size, device, timing)
     outside.append(total - inside[0])
     return total
 
@@ -150,19 +160,18 @@ def every_handoff(runner: ProbeRunner, train, test, batch_size: int, device) -> 
 def lmprobe_batches(runner: ProbeRunner, train, test, batch_size: int, device) -> list[dict]:
     """The batches one lmprobe run traces (held-out slice, length-grouped training batches,
     test batches), recorded from a run: the breakdown replays them."""
-    import lmprobe.module as module
+    recorded = []
 
-    recorded, trace = [], module.trace_features
+    def recording(trace):
+        def record(lm, batch, *args, **kwargs):
+            recorded.append(
+                {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "index")}
+            )
+            return trace(lm, batch, *args, **kwargs)
 
-    def record(lm, batch, *args, **kwargs):
-        recorded.append({k: batch[k] for k in ("input_ids", "attention_mask", "labels", "index")})
-        return trace(lm, batch, *args, **kwargs)
+        return record
 
-    module.trace_features = record
-    try:
-        probe_run(runner, train, test, batch_size, device)
-    finally:
-        module.trace_features = trace
+    probe_run_wrapped(runner, train, test, batch_size, device, recording)
     return recorded
 
 
