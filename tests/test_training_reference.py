@@ -340,10 +340,14 @@ class RecordBatches(Callback):
             self.indices.append(batch["index"].tolist())
 
 
-def test_training_batches_leave_the_heldout_slice_out_and_stay_full(gpt2, dataset, monkeypatch):
+@pytest.mark.parametrize("batch_size", [5, 12])
+def test_training_batches_leave_the_heldout_slice_out_and_stay_full(
+    gpt2, dataset, monkeypatch, batch_size
+):
     """The held-out slice is traced on its own before training and no training batch holds
-    one of its documents: the model traces whole batches, as many as the documents need
-    (not the training set's batch count plus the slice's, trimmed)."""
+    one of its documents: the model traces whole batches of the run's batch size (the slice
+    too: not a fixed 8), as many as the documents need (not the training set's batch count
+    plus the slice's, trimmed)."""
     from lmprobe.module import ProbeModule
 
     traced: list[int] = []
@@ -354,7 +358,7 @@ def test_training_batches_leave_the_heldout_slice_out_and_stay_full(gpt2, datase
         return extract(self, batch, names, *args, **kwargs)
 
     monkeypatch.setattr(ProbeModule, "extract", counting)
-    n, batch_size, seed = len(dataset), 8, 3
+    n, seed = len(dataset), 3
     config = ProbeConfig(SITE, [0, 1], test_size=0.2, patience=10_000, **ONE_ALPHA)
     recorder = RecordBatches()
     runner = ProbeRunner(gpt2, [config], seed=seed)

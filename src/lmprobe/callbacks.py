@@ -108,6 +108,16 @@ class ProbeUpdater(Callback):
             trainer.should_stop = True
 
 
+def loader_batch_size(loader: Any, default: int = 8) -> int:
+    """The training batch size, which the held-out slice is traced at too. A DataLoader
+    built on a batch sampler (lmprobe's ``LengthGroupedBatches``) has ``batch_size=None``:
+    the sampler has it."""
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return int(size) if size else default
+
+
 class ProbeEarlyStopping(Callback):
     """Per-probe early stopping on a fixed, seeded held-out slice of the training set.
 
@@ -140,8 +150,7 @@ class ProbeEarlyStopping(Callback):
         pl_module.bank.check_dataset(dataset, "training")
         if pl_module.bank.prepared:  # resumed from a checkpoint
             return
-        batch_size = getattr(trainer.train_dataloader, "batch_size", None) or 8
-        pl_module.prepare_heldout(dataset, batch_size, self.seed)
+        pl_module.prepare_heldout(dataset, loader_batch_size(trainer.train_dataloader), self.seed)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: ProbeModule, outputs: Any, batch: Any, batch_idx: int

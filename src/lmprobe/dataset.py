@@ -294,6 +294,7 @@ class LengthGroupedBatches(Sampler[list[int]]):
         leave_out: np.ndarray | None = None,
     ) -> None:
         lengths = np.asarray(lengths)
+        self.batch_size = batch_size
         # the permutation of *all* documents: leaving some out keeps the others' order
         self.order = np.random.default_rng(seed).permutation(len(lengths))
         kept = self.order
