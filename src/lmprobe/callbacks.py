@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
-from lmprobe.dataset import LengthGroupedBatches
+from lmprobe.dataset import LengthGroupedBatches, loader_batch_size
 from lmprobe.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from lmprobe.module import ProbeModule
 from lmprobe.uncertainty import DEFAULT_RESAMPLES
@@ -106,16 +106,6 @@ class ProbeUpdater(Callback):
         pl_module.sync_live()  # ranks: one decision, taken from each probe's owner
         if pl_module.bank.done:
             trainer.should_stop = True
-
-
-def loader_batch_size(loader: Any, default: int = 8) -> int:
-    """The training batch size, which the held-out slice is traced at too. A DataLoader
-    built on a batch sampler (lmprobe's ``LengthGroupedBatches``) has ``batch_size=None``:
-    the sampler has it."""
-    size = getattr(loader, "batch_size", None)
-    if size is None:
-        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
-    return int(size) if size else default
 
 
 class ProbeEarlyStopping(Callback):

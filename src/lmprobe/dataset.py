@@ -326,6 +326,16 @@ class LengthGroupedBatches(Sampler[list[int]]):
         return len(self._bounds) - 1
 
 
+def loader_batch_size(loader: Any, default: int = 8) -> int:
+    """A training loader's batch size (the held-out slice, and the documents a resumed run
+    never kept, are traced at it too). A DataLoader built on a batch sampler (lmprobe's
+    ``LengthGroupedBatches``) has ``batch_size=None``: the sampler has it."""
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return int(size) if size else default
+
+
 def batches(
     dataset: ProbeDataset,
     batch_size: int,
