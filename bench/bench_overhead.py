@@ -100,10 +100,13 @@ def floor(model, datasets, batch_size: int, device, by_length: bool = True) -> f
     return time.perf_counter() - start
 
 
-def probe_run(runner: ProbeRunner, train, test, batch_size: int, device) -> float:
+def probe_run(runner: ProbeRunner, train, test, batch_size: int, device, **fit) -> float:
+    """One ``fit_probes`` (one epoch, scoring the test set); ``fit``: more of its options."""
     sync(device)
     start = time.perf_counter()
-    runner.fit_probes(train, test, batch_size=batch_size, max_epochs=1, enable_progress_bar=False)
+    runner.fit_probes(
+        train, test, batch_size=batch_size, max_epochs=1, enable_progress_bar=False, **fit
+    )
     sync(device)
     return time.perf_counter() - start
 
@@ -367,6 +370,11 @@ def run_config(name: str, args) -> Iterator[dict]:
                     floor, model, (train, test), batch_size, device, by_length=False
                 ),
                 "lmprobe": lmprobe,
+                # side by side: each group of chunk_rows documents sorted on its own, as
+                # before the default length window (issue 16)
+                "lmprobe, window 1": partial(
+                    probe_run, runner, train, test, batch_size, device, length_window=1
+                ),
             }
             if args.every_handoff:
                 cases["lmprobe every handoff"] = partial(

@@ -35,8 +35,9 @@ class ProbeUpdater(Callback):
     """Train the live probes on the training batches' features and stop the run once every
     probe has stopped. With length-grouped batches (``LengthGroupedBatches``, what
     ``ProbeDataModule`` gives) a probe trains on each whole group, in the group's random
-    order; otherwise on ``chunk_rows`` rows at a time (``None``: after every batch). A probe's
-    *steps* count the training batches it consumed either way."""
+    order, at the end of each length window (group by group); otherwise on ``chunk_rows``
+    rows at a time (``None``: after every batch). A probe's *steps* count the training
+    batches it consumed either way."""
 
     def __init__(self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> None:
         self.chunk_rows = chunk_rows
@@ -52,7 +53,11 @@ class ProbeUpdater(Callback):
         sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         self._groups = sampler if isinstance(sampler, LengthGroupedBatches) else None
         bank = pl_module.bank
-        bank.set_row_order(self._groups.order if self._groups else None)
+        groups = self._groups
+        if groups is None:
+            bank.set_row_order(None)
+        else:
+            bank.set_row_order(groups.order, groups.group_of, groups.group_batches)
         # Resumed mid-epoch: Lightning restarts the epoch's batches from the first one (and
         # calls no epoch-start hook), so skip those the bank already trained on; a count of
         # a whole epoch means that epoch had ended.
@@ -71,7 +76,7 @@ class ProbeUpdater(Callback):
         pl_module.bank.epoch_batches += 1
         if features:  # grouped: buffer until the group ends
             pl_module.bank.update(features, math.inf if self._groups else self.chunk_rows)
-        if self._groups and position in self._groups.group_ends:
+        if self._groups and position in self._groups.window_ends:
             pl_module.bank.flush()
         self._stop_when_done(trainer, pl_module)
 
