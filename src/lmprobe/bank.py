@@ -24,7 +24,7 @@ from sklearn import config_context
 
 from lmprobe.config import ProbeConfig
 from lmprobe.errors import LmProbeError
-from lmprobe.features import FeatureKey, Features, PendingFeatures, gather
+from lmprobe.features import FeatureKey, Features, PendingFeatures, gather, settle
 from lmprobe.io import probe_from_tensors, probe_to_tensors
 from lmprobe.metrics import column_of, metric_columns, row_log_loss
 from lmprobe.probes import Probe, make_probe, resolve_probe_kind
@@ -82,6 +82,11 @@ class RowBuffer:
 
     def names(self) -> list[Any]:
         return list(self.parts)
+
+    def settle(self) -> None:
+        """Bring every buffered part still on a device to the host (one copy per device;
+        on the CPU one copy of the rows, so what a GPU run does is what the tests see)."""
+        settle([part for parts in self.parts.values() for part in parts])
 
     def clear(self) -> None:
         self.parts.clear()
@@ -354,6 +359,12 @@ class ProbeBank:
         ]
         self._train_rows.clear()
         return trained
+
+    def settle_buffered(self) -> None:
+        """Move the buffered training rows to the host now (between a length window's
+        groups: a window buffers several groups' rows, and on a GPU they would otherwise all
+        wait in device memory; one copy per group, as without a window)."""
+        self._train_rows.settle()
 
     def set_row_order(
         self,

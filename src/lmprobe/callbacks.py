@@ -74,10 +74,13 @@ class ProbeUpdater(Callback):
         features = _features(outputs)
         position = pl_module.bank.epoch_batches  # this batch's place in the epoch
         pl_module.bank.epoch_batches += 1
-        if features:  # grouped: buffer until the group ends
+        if features:  # grouped: buffer until the length window ends
             pl_module.bank.update(features, math.inf if self._groups else self.chunk_rows)
-        if self._groups and position in self._groups.window_ends:
+        groups = self._groups
+        if groups and position in groups.window_ends:
             pl_module.bank.flush()
+        elif groups and groups.window > 1 and (position + 1) % groups.batches_per_group == 0:
+            pl_module.bank.settle_buffered()  # a group's worth: off the device
         self._stop_when_done(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:

@@ -323,7 +323,8 @@ class LengthGroupedBatches(Sampler[list[int]]):
         if leave_out is not None and len(leave_out):
             kept = kept[~np.isin(kept, leave_out)]
         # documents per group, in whole batches
-        size = batch_size * (1 if group_size is None else max(1, -(-group_size // batch_size)))
+        self.batches_per_group = 1 if group_size is None else max(1, -(-group_size // batch_size))
+        size = batch_size * self.batches_per_group
         # Which group each document is in (-1: in none) and each group's batch count (a
         # probe's steps advance by it when it trains on the group).
         self.group_of = np.full(len(lengths), -1, dtype=np.int64)
