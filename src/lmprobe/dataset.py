@@ -383,9 +383,8 @@ def batches(
     """Batches padded to their own longest: ``by_length`` for scoring passes
     (``longest_first``); with a ``seed``, training batches grouped by length in a seeded
     random order, ``window`` groups sorted together, without the documents in
-    ``leave_out`` (``LengthGroupedBatches``); else
-    the dataset's order. A dataset with a ``collate`` of its own
-    (``lmprobe.packed.PackedDataset``: unpadded items) pads with it."""
+    ``leave_out`` (``LengthGroupedBatches``); else the dataset's order. A dataset with a
+    ``collate`` of its own (``lmprobe.packed.PackedDataset``: unpadded items) pads with it."""
     collate = getattr(dataset, "collate", pad_to_longest)
     if seed is not None:
         sampler = LengthGroupedBatches(
