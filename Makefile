@@ -50,6 +50,7 @@ format: setup
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) bench/bench_overhead.py --config cpu bank control
 	OMP_NUM_THREADS=1 $(PY) bench/bench_store.py
+	$(PY) bench/bench_padding.py
 
 clean:
 	rm -rf $(VENV) outputs multirun lightning_logs

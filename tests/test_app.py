@@ -345,18 +345,26 @@ def _final_probes(run: Path) -> dict[str, LinearProbe]:
     return {name: LinearProbe.load(run / "probes" / file) for name, file in index.items()}
 
 
+# Early stopping that retires every probe on the second group of 4 batches (no later check
+# improves by 0.5): inside the first length window, which holds the whole epoch here.
+STOPS_IN_THE_WINDOW = ["probes.patience=4", "probes.threshold=0.5", "probes.warmup_steps=2"]
+
+
 @pytest.mark.parametrize(
-    "where",
+    ("where", "extra"),
     [
-        {"batch": 3, "epoch": 0},  # mid-group in the first epoch (features being kept)
-        {"batch": -1, "epoch": 0},  # the last batch of the first epoch
-        {"batch": 5, "epoch": 1},  # mid-group in a later epoch (kept features replayed)
-        {"batch": 1, "stage": "test"},  # after training, during the test pass
+        ({"batch": 3, "epoch": 0}, []),  # mid-group in the first epoch (features being kept)
+        ({"batch": -1, "epoch": 0}, []),  # the last batch of the first epoch
+        ({"batch": 5, "epoch": 1}, []),  # mid-group in a later epoch (kept features replayed)
+        ({"batch": 1, "stage": "test"}, []),  # after training, during the test pass
+        # mid-window, before the bank's first training: the resumed bank must know how many
+        # steps its buffered rows count to stop at the same step
+        ({"batch": 2, "epoch": 0}, STOPS_IN_THE_WINDOW),
     ],
-    ids=["epoch0-mid", "epoch0-last", "epoch1-mid", "test"],
+    ids=["epoch0-mid", "epoch0-last", "epoch1-mid", "test", "window-mid-stopping"],
 )
 def test_a_resumed_run_learns_exactly_what_an_uninterrupted_run_learns(
-    tiny_model_dir, csv_file, tmp_path, where
+    tiny_model_dir, csv_file, tmp_path, where, extra
 ):
     """Interrupted (SIGTERM) and resumed from its last.ckpt, a run ends with the probes of
     an uninterrupted run with the same seed: every coefficient equal, the same metrics."""
@@ -373,6 +381,7 @@ def test_a_resumed_run_learns_exactly_what_an_uninterrupted_run_learns(
         "trainer.max_epochs=3",
         "trainer.enable_progress_bar=false",
         "logger=none",
+        *extra,
     ]
     train(compose_cfg(tmp_path / "whole", overrides))
     cfg = compose_cfg(tmp_path / "resumed", overrides)
@@ -394,6 +403,8 @@ def test_a_resumed_run_learns_exactly_what_an_uninterrupted_run_learns(
     a = pd.read_csv(tmp_path / "whole" / "metrics.csv", index_col="probe")[columns]
     b = pd.read_csv(tmp_path / "resumed" / "metrics.csv", index_col="probe")[columns]
     pd.testing.assert_frame_equal(a, b)
+    if extra:  # every probe stopped inside the window, where one group at a time would
+        assert (a["steps"] == 8).all(), a["steps"]
 
 
 def test_a_checkpoint_of_another_run_is_refused_before_any_work(tiny_cfg, tmp_path, csv_file):

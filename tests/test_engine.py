@@ -217,9 +217,12 @@ def test_model_as_hf_model_or_local_path(tokenizer, tiny_model_dir, dataset):
     np.testing.assert_allclose(a[config.name], b[config.name], atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 32])
-def test_features_leave_the_device_once_per_chunk(gpt2, dataset, monkeypatch, chunk_rows):
-    """Each device-to-host copy makes the CPU wait for the GPU: one per chunk, not per batch."""
+@pytest.mark.parametrize(("chunk_rows", "window"), [(None, None), (32, 1), (32, 2)])
+def test_features_leave_the_device_once_per_chunk(gpt2, dataset, monkeypatch, chunk_rows, window):
+    """Each device-to-host copy makes the CPU wait for the GPU: one per chunk, not per batch.
+    In training with a length window of several groups, the bank trains at the window's end
+    (a copy per site then) and moves the rows buffered so far off the device after each
+    other group (one copy for all sites), so the device holds one group's rows at most."""
     import lmprobe.features
 
     copied: list[int] = []
@@ -229,11 +232,16 @@ def test_features_leave_the_device_once_per_chunk(gpt2, dataset, monkeypatch, ch
         ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False, **ONE_ALPHA)
         for i in (1, 3)
     ]
-    ProbeRunner(gpt2, configs).fit_probes(dataset, dataset, batch_size=4, chunk_rows=chunk_rows)
+    ProbeRunner(gpt2, configs).fit_probes(
+        dataset, dataset, batch_size=4, chunk_rows=chunk_rows, length_window=window
+    )
     n = len(dataset)
     per_pass = -(-n // (chunk_rows or 4))  # chunks of chunk_rows rows, else one per batch
-    # 2 sites x (training pass + test pass)
-    assert len(copied) == 2 * 2 * per_pass
+    windows = -(-per_pass // (window or 1))
+    training = 2 * windows + (per_pass - windows)
+    # training (2 sites at each window's end, all sites at once at other group ends) + the
+    # test pass (2 sites x chunks)
+    assert len(copied) == training + 2 * per_pass
     assert sum(copied) == 2 * 2 * n
 
 

@@ -248,6 +248,7 @@ CONFIG = [
     ("data.test_size=1.5", ["data.test_size=1.5", "fraction"]),
     ("data.val_size=0.9", ["data.val_size=0.9", "below 1"]),
     ("data.num_workers=-1", ["data.num_workers=-1", ">= 0"]),
+    ("data.length_window=0", ["data.length_window=0", ">= 1"]),
     ("data.encoding=bogus", ["data.encoding='bogus'", "latin-1"]),
     ("data.exclude={label: neg}", ["data.exclude=", "'neg'", "[neutral]"]),
     ("data.unknown_labels=keep", ["data.unknown_labels='keep'", "error, drop"]),

@@ -19,6 +19,7 @@ from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import LinearProbe, ProbeConfig, ProbeDataModule, ProbeDataset, ProbeRunner
+from lmprobe.dataset import auto_window
 
 SITE = "transformer.h.3.output"
 
@@ -42,13 +43,15 @@ def replay(
     chunk_rows: int | None,
     max_epochs: int,
     seed: int,
+    window: int = 1,
 ) -> dict:
     """What one probe should do, from the rules in the docs: the training documents in one
     seeded random order, the held-out slice left out, cut into groups of ``chunk_rows``
-    documents (whole batches; one batch when None). The model traces each group longest
-    first in batches (a step is a batch with a row the probe trains on); the probe trains on
-    the group's rows in the random order once the group is traced, then scores its held-out
-    slice."""
+    documents (whole batches; one batch when None). The model traces ``window`` groups at a
+    time longest first in batches; the probe trains on each group's rows in the random
+    order once they are traced, a step per batch of the group (every batch has rows the
+    probe trains on: the held-out slice is in none), then scores its held-out slice. The
+    run's batch count runs to the end of the window in which the probe stops."""
     keep = ~np.isin(np.arange(len(y)), heldout)
     order = np.random.default_rng(seed).permutation(len(y))
     kept = order[keep[order]]  # no training batch holds a held-out document
@@ -73,13 +76,12 @@ def replay(
         return steps > config.warmup_steps and waited >= config.patience
 
     for _epoch in range(max_epochs):
-        for group in groups:
-            traced = group[np.argsort(-lengths[group], kind="stable")]
-            for start in range(0, len(traced), batch_size):
-                batches_seen += 1
-                steps += bool(keep[traced[start : start + batch_size]].any())
-            rows = group[keep[group]]  # the random order, not the traced one
-            if len(rows):
+        for first in range(0, len(groups), window):
+            traced = np.concatenate(groups[first : first + window])
+            batches_seen += math.ceil(len(traced) / batch_size)  # traced sorted, together
+            for group in groups[first : first + window]:
+                steps += math.ceil(len(group) / batch_size)
+                rows = group  # the random order, not the traced one
                 update(rows)
                 if stop_now():
                     return dict(steps=steps, losses=losses, coef=sgd.coef_, batches=batches_seen)
@@ -113,6 +115,8 @@ def test_early_stopping_matches_a_replay_of_the_rules(gpt2, dataset, train_featu
         dataset, None, batch_size=batch_size, max_epochs=max_epochs, callbacks=[counter], **kwargs
     )
     chunk = 256 if chunk_rows == "default" else chunk_rows
+    # the default length window: about 50 batches (9 groups of 36 here, all 90 documents)
+    window = auto_window(batch_size, chunk)
     expected = {
         c.name: replay(
             X,
@@ -124,6 +128,7 @@ def test_early_stopping_matches_a_replay_of_the_rules(gpt2, dataset, train_featu
             chunk_rows=chunk,
             max_epochs=max_epochs,
             seed=seed,
+            window=window,
         )
         for c in configs
     }
@@ -193,20 +198,26 @@ def test_grouped_tracing_feeds_the_random_order_and_learns_the_reference(
     # (relative 2e-4: the features of the reference were traced in other batches; a wrong
     # order or chunking moves the coefficients by tens of percent)
     np.testing.assert_allclose(runs[32][0][config.name].classifier_.coef_, sgd.coef_, rtol=2e-4)
-    # while the model saw batches sorted by length inside each group
-    traced = [
-        b["index"].tolist()
-        for b in ProbeDataModule(
-            train_set=dataset, batch_size=8, seed=2, group_size=32
-        ).train_dataloader()
-    ]
-    assert sorted(traced[0] + traced[1] + traced[2] + traced[3]) == sorted(order[:32].tolist())
-    assert (np.diff(lengths[np.concatenate(traced[:4])]) <= 0).all()
+
+    # while the model saw batches sorted by length: by default in one length window of all
+    # 120 documents (13 groups of 32 make about 50 batches), with length_window=1 in each
+    # group on its own
+    def traced(**window):
+        module = ProbeDataModule(train_set=dataset, batch_size=8, seed=2, group_size=32, **window)
+        return [b["index"].tolist() for b in module.train_dataloader()]
+
+    together = traced()
+    assert sorted(np.concatenate(together).tolist()) == sorted(order.tolist())
+    assert (np.diff(lengths[np.concatenate(together)]) <= 0).all()
+    alone = traced(length_window=1)
+    assert sorted(alone[0] + alone[1] + alone[2] + alone[3]) == sorted(order[:32].tolist())
+    assert (np.diff(lengths[np.concatenate(alone[:4])]) <= 0).all()
 
 
 def test_grouping_by_length_cuts_padding_on_a_long_tailed_set(gpt2, hf_gpt2, base_tokenizer):
     """Most documents short, a few long (as real data is): tracing groups of similar length
-    pads far less than batches of the random order, with the same probes learned."""
+    pads far less than batches of the random order, and a length window of several groups
+    sorted together pads less again, with the same probes learned."""
     rng = np.random.default_rng(0)
     lengths = np.minimum(np.round(rng.pareto(1.2, 400) * 3 + 2), 120).astype(int)
     ids = torch.full((400, 120), base_tokenizer.pad_token_id)
@@ -220,21 +231,78 @@ def test_grouping_by_length_cuts_padding_on_a_long_tailed_set(gpt2, hf_gpt2, bas
         lambda _m, args, kwargs: traced.__setitem__("n", traced["n"] + args[0].shape[:2].numel()),
         with_kwargs=True,
     )
-    coef = {}
+    runs = {}
     try:
-        for group in (None, 256):
+        for case, group, window in (("plain", None, None), ("groups", 64, 1), ("window", 64, 7)):
             traced["n"] = 0
-            config = ProbeConfig(SITE, [0, 1], early_stopping=False, name=f"g{group}", **ONE_ALPHA)
+            config = ProbeConfig(SITE, [0, 1], early_stopping=False, name=case, **ONE_ALPHA)
             runner = ProbeRunner(gpt2, [config], seed=1)
-            runner.fit_probes(ds, None, num_epoch=1, batch_size=8, chunk_rows=group)
-            coef[group] = (traced["n"], runner[config.name].n_samples_seen_)
+            runner.fit_probes(
+                ds, None, num_epoch=1, batch_size=8, chunk_rows=group, length_window=window
+            )
+            probe = runner[config.name]
+            runs[case] = (traced["n"], probe.n_samples_seen_, probe.n_updates_, probe)
     finally:
         handle.remove()
     real = int(lengths.sum())
-    (plain, seen_plain), (grouped, seen_grouped) = coef[None], coef[256]
-    assert seen_plain == seen_grouped == 400
-    assert grouped < 0.5 * plain  # padded tokens traced (real tokens: `real`)
-    assert grouped < 1.3 * real < plain
+    plain, groups, window = runs["plain"], runs["groups"], runs["window"]
+    assert plain[1] == groups[1] == window[1] == 400
+    # tokens traced, padding included (measured: 4,429 real; 16,066 in the random order,
+    # 8,178 in groups of 64, 4,770 with all 400 documents sorted in one window)
+    assert groups[0] < 0.55 * plain[0]
+    # the window sorts all 400 documents together: padding falls again, close to a sort
+    assert window[0] < 0.6 * groups[0]
+    assert window[0] < 1.1 * real
+    # and the probes train on the same groups of 64 in the same random order
+    assert groups[2] == window[2] == 7
+    np.testing.assert_allclose(window[3].classifier_.coef_, groups[3].classifier_.coef_, rtol=2e-4)
+
+
+def test_a_length_window_trains_group_by_group_and_stops_where_one_group_would(
+    gpt2, dataset, monkeypatch
+):
+    """Several groups traced sorted together (a length window): the bank trains each group
+    on its own, in the random order, with the step count it would have had tracing group by
+    group, so early stopping retires the probe at the same step, mid-window, with the same
+    coefficients and the same held-out curve; later groups of the window are not trained on."""
+    fed: dict[int, list[np.ndarray]] = {}
+    partial_fit = LinearProbe.partial_fit
+    window = 1
+
+    def recording(self, X_, y_, classes=None):
+        fed.setdefault(window, []).append(np.array(y_))
+        return partial_fit(self, X_, y_, classes)
+
+    monkeypatch.setattr(LinearProbe, "partial_fit", recording)
+    runs = {}
+    for window in (1, 4):
+        config = ProbeConfig(
+            SITE, [0, 1], test_size=0.2, patience=4, warmup_steps=2, threshold=0.5, **ONE_ALPHA
+        )
+        runner = ProbeRunner(gpt2, [config], seed=5)
+        runner.fit_probes(
+            dataset, None, batch_size=8, max_epochs=3, chunk_rows=16, length_window=window
+        )
+        runs[window] = runner
+    bank1, bank4 = (runs[w].module.bank for w in (1, 4))
+    name = next(iter(bank1.configs))
+    assert bank1.stopped_early[name] and bank4.stopped_early[name]
+    steps = bank1.steps[name]
+    assert steps == bank4.steps[name]
+    # groups of 2 batches, windows of 8: it stopped inside a window, not at its end
+    assert steps % 8 != 0
+    assert [s for s, _ in bank1.history[name]] == [s for s, _ in bank4.history[name]]
+    np.testing.assert_allclose(
+        [loss for _, loss in bank4.history[name]],
+        [loss for _, loss in bank1.history[name]],
+        rtol=1e-4,
+    )
+    assert [len(y) for y in fed[4]] == [len(y) for y in fed[1]]
+    for y4, y1 in zip(fed[4], fed[1], strict=True):
+        np.testing.assert_array_equal(y4, y1)
+    np.testing.assert_allclose(
+        runs[4][name].classifier_.coef_, runs[1][name].classifier_.coef_, rtol=2e-4
+    )
 
 
 def test_validation_split_is_scored_like_sklearn_and_traced_once(gpt2, hf_gpt2, docs):
@@ -340,10 +408,14 @@ class RecordBatches(Callback):
             self.indices.append(batch["index"].tolist())
 
 
-def test_training_batches_leave_the_heldout_slice_out_and_stay_full(gpt2, dataset, monkeypatch):
+@pytest.mark.parametrize("batch_size", [5, 12])
+def test_training_batches_leave_the_heldout_slice_out_and_stay_full(
+    gpt2, dataset, monkeypatch, batch_size
+):
     """The held-out slice is traced on its own before training and no training batch holds
-    one of its documents: the model traces whole batches, as many as the documents need
-    (not the training set's batch count plus the slice's, trimmed)."""
+    one of its documents: the model traces whole batches of the run's batch size (the slice
+    too: not a fixed 8), as many as the documents need (not the training set's batch count
+    plus the slice's, trimmed)."""
     from lmprobe.module import ProbeModule
 
     traced: list[int] = []
@@ -354,7 +426,7 @@ def test_training_batches_leave_the_heldout_slice_out_and_stay_full(gpt2, datase
         return extract(self, batch, names, *args, **kwargs)
 
     monkeypatch.setattr(ProbeModule, "extract", counting)
-    n, batch_size, seed = len(dataset), 8, 3
+    n, seed = len(dataset), 3
     config = ProbeConfig(SITE, [0, 1], test_size=0.2, patience=10_000, **ONE_ALPHA)
     recorder = RecordBatches()
     runner = ProbeRunner(gpt2, [config], seed=seed)

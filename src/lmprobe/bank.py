@@ -24,7 +24,7 @@ from sklearn import config_context
 
 from lmprobe.config import ProbeConfig
 from lmprobe.errors import LmProbeError
-from lmprobe.features import FeatureKey, Features, PendingFeatures, gather
+from lmprobe.features import FeatureKey, Features, PendingFeatures, gather, settle
 from lmprobe.io import probe_from_tensors, probe_to_tensors
 from lmprobe.metrics import column_of, metric_columns, row_log_loss
 from lmprobe.probes import Probe, make_probe, resolve_probe_kind
@@ -82,6 +82,11 @@ class RowBuffer:
 
     def names(self) -> list[Any]:
         return list(self.parts)
+
+    def settle(self) -> None:
+        """Bring every buffered part still on a device to the host (one copy per device;
+        on the CPU one copy of the rows, so what a GPU run does is what the tests see)."""
+        settle([part for parts in self.parts.values() for part in parts])
 
     def clear(self) -> None:
         self.parts.clear()
@@ -163,6 +168,12 @@ class ProbeBank:
         self._resume_state: dict[str, Any] | None = None
         # Rank of each training document in the order probes must see rows (None: as fed).
         self.row_rank: np.ndarray | None = None
+        # Length windows (``LengthGroupedBatches``): each training document's group and
+        # each group's batch count; a buffer spanning groups trains group by group.
+        self.group_of: np.ndarray | None = None
+        self.group_batches: np.ndarray | None = None
+        # Steps counted since each probe last trained (the batches its buffer holds).
+        self.steps_buffered: dict[str, int] = dict.fromkeys(self.configs, 0)
         self._score_rows: dict[str, RowBuffer] = {}
         self._scores: dict[tuple[str, str], Any] = {}
 
@@ -330,6 +341,7 @@ class ProbeBank:
             if rows is None or len(rows) == 0:
                 continue
             self.steps[name] += 1
+            self.steps_buffered[name] += 1
             full = self._train_rows.add(name, rows, chunk_rows)
             max_steps = self.configs[name].max_steps
             if full or (max_steps is not None and self.steps[name] >= max_steps):
@@ -348,25 +360,65 @@ class ProbeBank:
         self._train_rows.clear()
         return trained
 
-    def set_row_order(self, order: np.ndarray | None) -> None:
+    def settle_buffered(self) -> None:
+        """Move the buffered training rows to the host now (between a length window's
+        groups: a window buffers several groups' rows, and on a GPU they would otherwise all
+        wait in device memory; one copy per group, as without a window)."""
+        self._train_rows.settle()
+
+    def set_row_order(
+        self,
+        order: np.ndarray | None,
+        group_of: np.ndarray | None = None,
+        group_batches: np.ndarray | None = None,
+    ) -> None:
         """Train every chunk in this order of training documents (``order[i]`` is the i-th
-        document), whatever order the batches were traced in (length-grouped batches)."""
+        document), whatever order the batches were traced in (length-grouped batches).
+        ``group_of``/``group_batches``: each document's group and each group's batch count
+        (``LengthGroupedBatches``): rows of several groups train one group at a time."""
         self.row_rank = None
         if order is not None:
             self.row_rank = np.empty(len(order), dtype=np.int64)
             self.row_rank[order] = np.arange(len(order))
+        self.group_of, self.group_batches = group_of, group_batches
 
     def _train(self, name: str, drop_failed: bool = False) -> bool:
         rows = self._train_rows.take(name, drop_failed)
+        buffered, self.steps_buffered[name] = self.steps_buffered[name], 0
         if rows is None:
             return False
         if self.row_rank is not None:  # stable: a document's tokens keep their order
             order = np.argsort(self.row_rank[rows.doc], kind="stable")
             rows = Features(rows.X[order], rows.y[order], rows.doc[order])
+        end = self.steps[name]
         with _checked_rows():
-            self._fit(name, rows.X, rows.y)
-            self._check_stopping(name)
+            for group, clock in self._by_group(rows, end - buffered, end):
+                if name not in self.live:  # it stopped on an earlier group of the window
+                    break
+                self.steps[name] = clock
+                self._fit(name, group.X, group.y)
+                self._check_stopping(name)
         return True
+
+    def _by_group(self, rows: Features, start: int, end: int) -> list[tuple[Features, int]]:
+        """Rows in the random order, split by group where they span several (a length
+        window), each with the probe's step count at the group's end, as if the groups had
+        come one by one: ``start`` (its count before these rows) plus the batch counts of
+        the groups up to it; the last ends at ``end``, the probe's count now."""
+        if self.group_of is None or self.group_batches is None:
+            return [(rows, end)]
+        groups = self.group_of[rows.doc]
+        cuts = np.flatnonzero(np.diff(groups)) + 1
+        if not len(cuts) or groups.min() < 0:  # one group (or rows of no group: as fed)
+            return [(rows, end)]
+        bounds = np.r_[0, cuts, len(groups)]
+        parts, clock = [], start
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            clock += int(self.group_batches[groups[lo]])
+            part = Features(rows.X[lo:hi], rows.y[lo:hi], rows.doc[lo:hi])
+            parts.append((part, min(clock, end)))
+        parts[-1] = (parts[-1][0], end)
+        return parts
 
     def _fit(self, name: str, X: np.ndarray, y: np.ndarray) -> None:
         """``partial_fit`` one block of rows; in the online pass (the first epoch) first add
@@ -615,6 +667,7 @@ class ProbeBank:
             "class_counts": {k: v.tolist() for k, v in self.class_counts.items()},
             "refitted": self.refitted,
             "epoch_batches": self.epoch_batches,
+            "steps_buffered": self.steps_buffered,
             "fingerprint": self.fingerprint,
         }
         waiting = {}
@@ -659,6 +712,8 @@ class ProbeBank:
         self.class_counts = {k: np.asarray(v) for k, v in plain["class_counts"].items()}
         self.refitted = dict(plain.get("refitted", dict.fromkeys(self.configs, False)))
         self.epoch_batches = int(plain.get("epoch_batches", 0))
+        buffered = plain.get("steps_buffered", {})
+        self.steps_buffered = {n: int(buffered.get(n, 0)) for n in self.configs}
         self.resumed = True
         self._train_rows.clear()
         for name, rows in state.get("buffered", {}).items():

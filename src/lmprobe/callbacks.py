@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
-from lmprobe.dataset import LengthGroupedBatches
+from lmprobe.dataset import LengthGroupedBatches, loader_batch_size
 from lmprobe.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from lmprobe.module import ProbeModule
 from lmprobe.uncertainty import DEFAULT_RESAMPLES
@@ -35,8 +35,9 @@ class ProbeUpdater(Callback):
     """Train the live probes on the training batches' features and stop the run once every
     probe has stopped. With length-grouped batches (``LengthGroupedBatches``, what
     ``ProbeDataModule`` gives) a probe trains on each whole group, in the group's random
-    order; otherwise on ``chunk_rows`` rows at a time (``None``: after every batch). A probe's
-    *steps* count the training batches it consumed either way."""
+    order, at the end of each length window (group by group); otherwise on ``chunk_rows``
+    rows at a time (``None``: after every batch). A probe's *steps* count the training
+    batches it consumed either way."""
 
     def __init__(self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> None:
         self.chunk_rows = chunk_rows
@@ -52,7 +53,11 @@ class ProbeUpdater(Callback):
         sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         self._groups = sampler if isinstance(sampler, LengthGroupedBatches) else None
         bank = pl_module.bank
-        bank.set_row_order(self._groups.order if self._groups else None)
+        groups = self._groups
+        if groups is None:
+            bank.set_row_order(None)
+        else:
+            bank.set_row_order(groups.order, groups.group_of, groups.group_batches)
         # Resumed mid-epoch: Lightning restarts the epoch's batches from the first one (and
         # calls no epoch-start hook), so skip those the bank already trained on; a count of
         # a whole epoch means that epoch had ended.
@@ -69,10 +74,13 @@ class ProbeUpdater(Callback):
         features = _features(outputs)
         position = pl_module.bank.epoch_batches  # this batch's place in the epoch
         pl_module.bank.epoch_batches += 1
-        if features:  # grouped: buffer until the group ends
+        if features:  # grouped: buffer until the length window ends
             pl_module.bank.update(features, math.inf if self._groups else self.chunk_rows)
-        if self._groups and position in self._groups.group_ends:
+        groups = self._groups
+        if groups and position in groups.window_ends:
             pl_module.bank.flush()
+        elif groups and groups.window > 1 and (position + 1) % groups.batches_per_group == 0:
+            pl_module.bank.settle_buffered()  # a group's worth: off the device
         self._stop_when_done(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
@@ -140,8 +148,7 @@ class ProbeEarlyStopping(Callback):
         pl_module.bank.check_dataset(dataset, "training")
         if pl_module.bank.prepared:  # resumed from a checkpoint
             return
-        batch_size = getattr(trainer.train_dataloader, "batch_size", None) or 8
-        pl_module.prepare_heldout(dataset, batch_size, self.seed)
+        pl_module.prepare_heldout(dataset, loader_batch_size(trainer.train_dataloader), self.seed)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: ProbeModule, outputs: Any, batch: Any, batch_idx: int

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
 from lmprobe.conll import resolve_column
-from lmprobe.dataset import ProbeDataset, batches, split_indices
+from lmprobe.dataset import ProbeDataset, auto_window, batches, split_indices
 from lmprobe.errors import LmProbeError, closest
 from lmprobe.packed import PackedDataset
 from lmprobe.readers import (
@@ -112,6 +112,7 @@ def check_data_options(prefix: str = "", presplit: bool = False, **options: Any)
     whole("max_length", 1)
     whole("num_workers", 0, none_ok=False)
     whole("group_size", 1)
+    whole("length_window", 1)
     for key, low in (("test_size", 0.0), ("val_size", 0.0)):
         value = options.get(key)
         if value is None:
@@ -187,6 +188,11 @@ class ProbeDataModule(L.LightningDataModule):
     choose which words are labelled (the others stay in the text), ``sample_size`` counts
     sentences, and a sentence longer than ``max_length`` tokens is cut into windows of
     whole words (no word is lost; a window does not see the words of the one before).
+
+    Training batches: a seeded random order of documents, cut into groups of ``group_size``
+    (a probe trains on one group at a time); ``length_window`` groups at a time are sorted
+    by length into batches (default: about 50 batches' worth; one group for token- and
+    word-level data), which is what keeps padding low. See ``LengthGroupedBatches``.
     """
 
     def __init__(
@@ -214,6 +220,7 @@ class ProbeDataModule(L.LightningDataModule):
         model_max_length: int | None = None,
         continuous: bool = False,
         group_size: int | None = DEFAULT_CHUNK_ROWS,
+        length_window: int | None = None,
         test_path: str | None = None,
         val_path: str | None = None,
         unknown_labels: str = "error",
@@ -229,6 +236,7 @@ class ProbeDataModule(L.LightningDataModule):
             val_size=val_size,
             num_workers=num_workers,
             group_size=group_size,
+            length_window=length_window,
             unknown_labels=unknown_labels,
             file_format=file_format,
             encoding=encoding,
@@ -259,6 +267,10 @@ class ProbeDataModule(L.LightningDataModule):
         # sorted by length (little padding); probes train on whole groups, in the random
         # order (lmprobe.dataset.LengthGroupedBatches). None: no length grouping.
         self.group_size = group_size
+        # Groups sorted by length together (one "megabatch" in Hugging Face's terms): the
+        # larger, the less padding, and the more rows the bank buffers. None: about 50
+        # batches' worth (dataset.auto_window); 1: each group on its own.
+        self.length_window = length_window
         self.test_path, self.val_path = test_path, val_path
         self.unknown_labels = unknown_labels
         self.label_names: dict[int, Any] | None = None
@@ -544,7 +556,17 @@ class ProbeDataModule(L.LightningDataModule):
             group_size=self.group_size,
             seed=self.seed,
             leave_out=self.heldout_rows,
+            window=self.window_groups,
         )
+
+    @property
+    def window_groups(self) -> int:
+        """How many groups of training documents are sorted by length together:
+        ``length_window``, else ``auto_window`` (one for token- and word-level data)."""
+        if self.length_window is not None:
+            return int(self.length_window)
+        token_level = self.train_set is not None and self.train_set.labels.dim() == 2
+        return auto_window(self.batch_size, self.group_size, token_level)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set, by_length=True)

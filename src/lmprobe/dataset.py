@@ -269,17 +269,37 @@ def longest_first(dataset: ProbeDataset) -> list[int]:
     return np.argsort(-dataset.lengths, kind="stable").tolist()
 
 
+# Hugging Face's group_by_length sorts "megabatches" of 50 batches: the default length
+# window holds about as many (``auto_window``).
+WINDOW_BATCHES = 50
+MAX_WINDOW_GROUPS = 16  # the buffered rows of a window are its groups' rows: bound them
+
+
+def auto_window(batch_size: int, group_size: int | None, token_level: bool = False) -> int:
+    """The default length window, in groups of ``group_size`` documents (rounded to whole
+    batches): about ``WINDOW_BATCHES`` batches, at most ``MAX_WINDOW_GROUPS`` groups. One
+    group (no window) for token- and word-level data, whose documents give a row per token
+    or word: a window's buffered rows would be all of its tokens."""
+    if token_level or group_size is None:
+        return 1
+    group_docs = batch_size * max(1, -(-group_size // batch_size))
+    return int(min(MAX_WINDOW_GROUPS, -(-WINDOW_BATCHES * batch_size // group_docs)))
+
+
 class LengthGroupedBatches(Sampler[list[int]]):
     """Training batches of similar length whose probes still see a seeded random order.
 
     The documents are put in one seeded random order (``order``) and cut into groups of
-    ``group_size`` documents (rounded to whole batches); each group is sorted longest first
-    and cut into batches, so a batch pads to about its own length (as Hugging Face's
-    ``group_by_length``). The probe bank trains on whole groups (``group_ends``) and puts a
-    group's rows back in ``order`` first, so a probe learns exactly what it would learn from
-    the documents in that random order, chunk by chunk; only the model sees the sorted
-    batches. ``group_size=None``: groups of one batch, i.e. plain random-order batches.
-    The same batches come every epoch (later epochs replay the kept features).
+    ``group_size`` documents (rounded to whole batches): a probe trains on one group at a
+    time. ``window`` consecutive groups are sorted together, longest first, and cut into
+    batches, so a batch pads to about its own length (as Hugging Face's
+    ``group_by_length`` with its megabatches); the larger the window, the closer to a sort
+    of the whole set. The probe bank trains at the end of each window (``window_ends``):
+    group by group (``group_of``), each group's rows put back in ``order`` first, so a
+    probe learns exactly what it would learn from the documents in that random order,
+    chunk by chunk, whatever the window; only the model sees the sorted batches.
+    ``group_size=None``: groups of one batch, i.e. plain random-order batches (and no
+    window). The same batches come every epoch (later epochs replay the kept features).
     ``skip`` leaves out the first batches of the next pass only (a run resumed mid-epoch
     continues with the batch after the last one it trained on). ``leave_out``: documents no
     batch holds (the probes' held-out slice, traced on its own), so every batch is full.
@@ -292,25 +312,40 @@ class LengthGroupedBatches(Sampler[list[int]]):
         group_size: int | None,
         seed: int,
         leave_out: np.ndarray | None = None,
+        window: int = 1,
     ) -> None:
         lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.window = 1 if group_size is None else max(1, int(window))
         # the permutation of *all* documents: leaving some out keeps the others' order
         self.order = np.random.default_rng(seed).permutation(len(lengths))
         kept = self.order
         if leave_out is not None and len(leave_out):
             kept = kept[~np.isin(kept, leave_out)]
         # documents per group, in whole batches
-        size = batch_size * (1 if group_size is None else max(1, -(-group_size // batch_size)))
+        self.batches_per_group = 1 if group_size is None else max(1, -(-group_size // batch_size))
+        size = batch_size * self.batches_per_group
+        # Which group each document is in (-1: in none) and each group's batch count (a
+        # probe's steps advance by it when it trains on the group).
+        self.group_of = np.full(len(lengths), -1, dtype=np.int64)
+        starts_of_groups = range(0, len(kept), size)
+        for number, start in enumerate(starts_of_groups):
+            self.group_of[kept[start : start + size]] = number
+        self.group_batches = np.array(
+            [-(-len(kept[start : start + size]) // batch_size) for start in starts_of_groups],
+            dtype=np.int64,
+        )
         # The documents in traced order and where each batch starts: numpy, not lists of
-        # Python ints (tens of bytes a document on a data set of millions of rows).
-        groups, starts = [], []
-        self.group_ends: set[int] = set()
-        for start in range(0, len(kept), size):
-            group = kept[start : start + size]
-            groups.append(group[np.argsort(-lengths[group], kind="stable")])
-            starts.extend(range(start, start + len(group), batch_size))
-            self.group_ends.add(len(starts) - 1)
-        self._docs = np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
+        # Python ints (tens of bytes a document on a data set of millions of rows). Every
+        # group but the last is whole batches, so a window has its groups' batch count.
+        windows, starts = [], []
+        self.window_ends: set[int] = set()
+        for start in range(0, len(kept), size * self.window):
+            docs = kept[start : start + size * self.window]
+            windows.append(docs[np.argsort(-lengths[docs], kind="stable")])
+            starts.extend(range(start, start + len(docs), batch_size))
+            self.window_ends.add(len(starts) - 1)
+        self._docs = np.concatenate(windows) if windows else np.zeros(0, dtype=np.int64)
         self._bounds = np.append(np.asarray(starts, dtype=np.int64), len(kept))
         self.skip = 0
 
@@ -325,6 +360,16 @@ class LengthGroupedBatches(Sampler[list[int]]):
         return len(self._bounds) - 1
 
 
+def loader_batch_size(loader: Any, default: int = 8) -> int:
+    """A training loader's batch size (the held-out slice, and the documents a resumed run
+    never kept, are traced at it too). A DataLoader built on a batch sampler (lmprobe's
+    ``LengthGroupedBatches``) has ``batch_size=None``: the sampler has it."""
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return int(size) if size else default
+
+
 def batches(
     dataset: ProbeDataset,
     batch_size: int,
@@ -333,15 +378,18 @@ def batches(
     group_size: int | None = None,
     seed: int | None = None,
     leave_out: np.ndarray | None = None,
+    window: int = 1,
 ) -> DataLoader:
     """Batches padded to their own longest: ``by_length`` for scoring passes
     (``longest_first``); with a ``seed``, training batches grouped by length in a seeded
-    random order, without the documents in ``leave_out`` (``LengthGroupedBatches``); else
-    the dataset's order. A dataset with a ``collate`` of its own
-    (``lmprobe.packed.PackedDataset``: unpadded items) pads with it."""
+    random order, ``window`` groups sorted together, without the documents in
+    ``leave_out`` (``LengthGroupedBatches``); else the dataset's order. A dataset with a
+    ``collate`` of its own (``lmprobe.packed.PackedDataset``: unpadded items) pads with it."""
     collate = getattr(dataset, "collate", pad_to_longest)
     if seed is not None:
-        sampler = LengthGroupedBatches(dataset.lengths, batch_size, group_size, seed, leave_out)
+        sampler = LengthGroupedBatches(
+            dataset.lengths, batch_size, group_size, seed, leave_out, window
+        )
         return DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate
         )

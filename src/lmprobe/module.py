@@ -18,7 +18,7 @@ import torch
 
 from lmprobe.bank import ProbeBank
 from lmprobe.config import ProbeConfig
-from lmprobe.dataset import ProbeDataset, batches, trim_padding
+from lmprobe.dataset import ProbeDataset, batches, loader_batch_size, trim_padding
 from lmprobe.distributed import Shards, sync_bank, sync_live, sync_scores
 from lmprobe.errors import LmProbeError
 from lmprobe.features import FeatureKey, Features, PendingFeatures, gather, settle, trace_features
@@ -325,7 +325,7 @@ class ProbeModule(L.LightningModule):
         missing = np.setdiff1d(missing, self.bank.heldout_index)
         if self.bank.resumed and len(missing) and len(missing) < len(dataset):
             names = [n for n in self.configs if self.bank.key(n) in rows]
-            batch_size = getattr(self.trainer.train_dataloader, "batch_size", None) or 8
+            batch_size = loader_batch_size(self.trainer.train_dataloader)
             extra = self.extract_dataset(dataset.subset(missing), names, batch_size, missing)
             for key, more in extra.items():
                 more = Features(more.X, more.y, missing[more.doc])

@@ -92,6 +92,7 @@ class ProbeRunner:
         callbacks: Sequence[L.Callback] = (),
         ckpt_path: str | None = None,
         chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
+        length_window: int | None = None,
         baseline: str | None = None,
         **trainer_kwargs: Any,
     ) -> ProbeRunner:
@@ -103,6 +104,9 @@ class ProbeRunner:
         ``test_set``/``max_epochs`` are this project's spellings of ``eval_set``/``num_epoch``.
         Probes are updated with at least ``chunk_rows`` rows at a time (``None``: after
         every batch); steps, patience and warm-up count training batches either way.
+        ``length_window`` groups of ``chunk_rows`` documents are traced sorted by length
+        together (``None``: about 50 batches' worth; what the probes learn does not depend
+        on it, only the padding and the rows buffered do).
         ``baseline="random_init"`` also fits the same probes on the model with re-initialised
         weights and puts their accuracy beside each probe's (``random_init_accuracy``).
         """
@@ -143,6 +147,7 @@ class ProbeRunner:
                 batch_size=batch_size,
                 seed=self.seed,
                 group_size=chunk_rows,
+                length_window=length_window,
             )
 
         def trainer_for(

@@ -54,6 +54,7 @@ class DataOptionsSchema:
     num_workers: int = 0
     seed: int = 0
     group_size: int | None = DEFAULT_CHUNK_ROWS  # documents per length group (training)
+    length_window: int | None = None  # groups sorted together; null: ~50 batches (auto)
     unknown_labels: str = "error"  # labels of val/test the training split lacks: error, drop
 
 
