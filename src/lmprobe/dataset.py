@@ -328,13 +328,8 @@ class LengthGroupedBatches(Sampler[list[int]]):
         # Which group each document is in (-1: in none) and each group's batch count (a
         # probe's steps advance by it when it trains on the group).
         self.group_of = np.full(len(lengths), -1, dtype=np.int64)
-        starts_of_groups = range(0, len(kept), size)
-        for number, start in enumerate(starts_of_groups):
-            self.group_of[kept[start : start + size]] = number
-        self.group_batches = np.array(
-            [-(-len(kept[start : start + size]) // batch_size) for start in starts_of_groups],
-            dtype=np.int64,
-        )
+        self.group_of[kept] = np.arange(len(kept)) // size
+        self.group_batches = -(-np.bincount(self.group_of[kept]) // batch_size)
         # The documents in traced order and where each batch starts: numpy, not lists of
         # Python ints (tens of bytes a document on a data set of millions of rows). Every
         # group but the last is whole batches, so a window has its groups' batch count.
