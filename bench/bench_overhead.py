@@ -161,6 +161,20 @@ def every_handoff(runner: ProbeRunner, train, test, batch_size: int, device) -> 
         handoffs._STATE = state
 
 
+def last_training_in_place(runner: ProbeRunner, train, test, batch_size: int, device) -> float:
+    """``probe_run`` with the run's last training (and refit) done in place, before the
+    test pass, instead of on a worker thread while the test set is traced (what lmprobe did
+    before): the same run, for a side-by-side ratio."""
+    from lmprobe.callbacks import ProbeUpdater
+
+    in_background = ProbeUpdater._in_background
+    ProbeUpdater._in_background = lambda *args: False
+    try:
+        return probe_run(runner, train, test, batch_size, device)
+    finally:
+        ProbeUpdater._in_background = in_background
+
+
 def lmprobe_batches(runner: ProbeRunner, train, test, batch_size: int, device) -> list[dict]:
     """The batches one lmprobe run traces (held-out slice, length-grouped training batches,
     test batches), recorded from a run: the breakdown replays them."""
@@ -374,6 +388,10 @@ def run_config(name: str, args) -> Iterator[dict]:
                 # before the default length window (issue 16)
                 "lmprobe, window 1": partial(
                     probe_run, runner, train, test, batch_size, device, length_window=1
+                ),
+                # side by side: the last training before the test pass, not during it
+                "lmprobe, last training in place": partial(
+                    last_training_in_place, runner, train, test, batch_size, device
                 ),
             }
             if args.every_handoff:

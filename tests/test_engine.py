@@ -252,3 +252,132 @@ def test_batches_stay_on_the_host(gpt2, dataset):
     batch = dataset[0:4]
     moved = module.transfer_batch_to_device(batch, torch.device("cuda", 0), 0)
     assert all(moved[k] is batch[k] for k in batch)
+
+
+class _Recorder:
+    """A Lightning logger that keeps what it is given."""
+
+    def __new__(cls):
+        from lightning.pytorch.loggers import Logger
+
+        class Recorder(Logger):
+            name, version = "recorder", 0
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.rows: list[tuple[dict, int | None]] = []
+
+            def log_hyperparams(self, *args, **kwargs) -> None:
+                pass
+
+            def log_metrics(self, metrics, step=None) -> None:
+                self.rows.append((dict(metrics), step))
+
+        return Recorder()
+
+
+def _background_configs() -> list[ProbeConfig]:
+    return [
+        ProbeConfig("transformer.h.1.output", [0, 1], early_stopping=False),
+        ProbeConfig("transformer.h.3.output", [0, 1], test_size=0.2, patience=2),
+    ]
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_last_training_runs_while_the_test_set_is_traced(gpt2, dataset, monkeypatch, epochs):
+    """The run's last training and the refit run on a worker thread while the test set is
+    traced: the worker is still at work when the first test batch has been traced. One
+    epoch: the last training is the only one (one window); three: the probe with a
+    held-out slice is refitted on every row (features kept in the first epoch). The
+    probes, their steps and held-out curves (all logged), and the test table equal those of
+    a run that does all of it in place."""
+    import threading
+    import time
+
+    from lmprobe.bank import ProbeBank
+    from lmprobe.callbacks import ProbeUpdater
+    from lmprobe.module import ProbeModule
+
+    fit = {"batch_size": 4, "num_epoch": epochs}
+    with monkeypatch.context() as m:  # in place: nothing on the worker thread
+        m.setattr(ProbeUpdater, "_in_background", lambda *args: False)
+        in_place = ProbeRunner(gpt2, _background_configs(), seed=3).fit_probes(
+            dataset, dataset, **fit
+        )
+
+    traced, seen = threading.Event(), []
+
+    def held(method):
+        # on the worker, hold the work until the test pass has traced a batch, and a while
+        # longer: long enough for the test pass to end, so scoring must wait for it
+        def run(self, name, *args):
+            if threading.current_thread() is not threading.main_thread():
+                seen.append((method.__name__, name, traced.wait(timeout=20)))
+                time.sleep(0.5)
+            return method(self, name, *args)
+
+        return run
+
+    test_step = ProbeModule.test_step
+
+    def marking_test_step(self, *args):
+        result = test_step(self, *args)
+        traced.set()
+        return result
+
+    monkeypatch.setattr(ProbeBank, "_train_on", held(ProbeBank._train_on))
+    monkeypatch.setattr(ProbeBank, "_refit", held(ProbeBank._refit))
+    monkeypatch.setattr(ProbeModule, "test_step", marking_test_step)
+    logger = _Recorder()
+    background = ProbeRunner(gpt2, _background_configs(), seed=3).fit_probes(
+        dataset, dataset, logger=logger, **fit
+    )
+    always, stopping = (c.name for c in _background_configs())
+    bank, reference = background.module.bank, in_place.module.bank
+    # on the worker, during the test pass: the last training of the probes still training
+    # (both, in one epoch: its one window) and, after three epochs, the refits (the probe
+    # with a held-out slice is refitted)
+    assert seen and all(during_test for *_, during_test in seen)
+    assert ("_train_on", always, True) in seen
+    if epochs == 1:
+        assert ("_train_on", stopping, True) in seen
+    else:
+        assert seen[-2:] == [("_refit", always, True), ("_refit", stopping, True)]
+        assert bank.refitted[stopping] and reference.refitted[stopping]
+    assert not bank.training_pending
+    for name in (always, stopping):
+        for ours, theirs in zip(
+            background[name].estimators_, in_place[name].estimators_, strict=True
+        ):
+            np.testing.assert_array_equal(ours.coef_, theirs.coef_)
+            np.testing.assert_array_equal(ours.intercept_, theirs.intercept_)
+        assert bank.steps[name] == reference.steps[name] > 0
+        assert bank.history[name] == reference.history[name]
+        logged = [
+            (step, row[f"train/{name}/heldout_loss"])
+            for row, step in logger.rows
+            if f"train/{name}/heldout_loss" in row
+        ]
+        assert logged == bank.history[name]
+    assert bank.history[stopping]  # a curve was logged
+    pd.testing.assert_frame_equal(background.metrics, in_place.metrics)
+
+
+def test_an_error_of_the_background_training_reaches_the_caller(gpt2, dataset, monkeypatch):
+    """A failure of the training on the worker thread is raised by ``fit_probes``."""
+    import threading
+
+    from lmprobe.bank import ProbeBank
+
+    where = []
+
+    def failing(self, *args):
+        where.append(threading.current_thread() is threading.main_thread())
+        raise RuntimeError("the probe update failed")
+
+    monkeypatch.setattr(ProbeBank, "_train_on", failing)
+    runner = ProbeRunner(gpt2, _background_configs(), seed=3)
+    with pytest.raises(RuntimeError, match="the probe update failed"):
+        runner.fit_probes(dataset, dataset, batch_size=4, num_epoch=1)
+    assert where == [False]  # raised on the worker, reported by the caller
+    assert not runner.module.bank.training_pending

@@ -14,7 +14,8 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -88,9 +89,34 @@ class RowBuffer:
         on the CPU one copy of the rows, so what a GPU run does is what the tests see)."""
         settle([part for parts in self.parts.values() for part in parts])
 
+    def failed(self) -> bool:
+        """Some settled part has non-finite rows (``take`` would raise for it)."""
+        return any(p._error is not None for parts in self.parts.values() for p in parts)
+
     def clear(self) -> None:
         self.parts.clear()
         self.rows.clear()
+
+
+class _Background:
+    """One job on a worker thread; ``result()`` joins it and raises what it raised."""
+
+    def __init__(self, job: Callable[[], Any]) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(job,), name="lmprobe-bank")
+        self._thread.daemon = True  # an abandoned job never keeps the interpreter alive
+        self._thread.start()
+
+    def _run(self, job: Callable[[], Any]) -> None:
+        try:
+            job()
+        except BaseException as error:  # noqa: BLE001 - handed to whoever waits
+            self._error = error
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 class ProbeBank:
@@ -130,6 +156,11 @@ class ProbeBank:
 
     def reset(self) -> None:
         """Fresh, unfitted probes (a new fit starts from here)."""
+        self.wait()
+        # Training handed to a worker thread (``flush(background=True)``), if any: every
+        # method that reads or changes the probes' state waits for it first (``wait``).
+        self._pending: _Background | None = None
+        self._pending_rows = False  # it has rows for some probe (so one will be fitted)
         self.probes: dict[str, Probe] = {
             name: make_probe(c, self.seed) for name, c in self.configs.items()
         }
@@ -234,7 +265,33 @@ class ProbeBank:
     @property
     def done(self) -> bool:
         """Every probe has stopped training."""
+        self.wait()
         return not self.live
+
+    # ------------------------------------------------------ background training
+    def wait(self, raise_error: bool = True) -> None:
+        """Join the training running in the background (``flush(background=True)``), if
+        any, and raise what it raised (``raise_error=False``: log it instead, when another
+        error is on its way). A no-op otherwise."""
+        pending = getattr(self, "_pending", None)
+        if pending is None:
+            return
+        self._pending, self._pending_rows = None, False
+        try:
+            pending.result()
+        except Exception as error:
+            if raise_error:
+                raise
+            log.error("the probes' last training failed too: %r", error)
+
+    @property
+    def training_pending(self) -> bool:
+        """Training handed to the worker thread has not been waited for yet."""
+        return getattr(self, "_pending", None) is not None
+
+    def trained_any(self) -> bool:
+        """Some probe is fitted, or will be once the background training is done."""
+        return self._pending_rows or any(p.is_fitted for p in self.probes.values())
 
     def check_labels(self, labels: torch.Tensor, names: Sequence[str]) -> None:
         for name in names:
@@ -317,6 +374,7 @@ class ProbeBank:
     ) -> None:
         """Take the held-out slices from the traced ``union`` rows (``Features.doc`` are
         training-set rows); rows held out only for other probes are training data for this one."""
+        self.wait()
         for name, size in self._heldout_sizes(n_rows).items():
             rows = features.get(self.key(name))
             if rows is None:
@@ -335,6 +393,7 @@ class ProbeBank:
     ) -> list[str]:
         """One training batch: count a step for every live probe with rows, train those
         whose chunk is full (or that reach ``max_steps``). Returns the probes trained."""
+        self.wait()
         trained = []
         for name in sorted(self.live):
             rows = features.get(self.key(name))
@@ -349,16 +408,36 @@ class ProbeBank:
                     trained.append(name)
         return trained
 
-    def flush(self, drop_failed: bool = False) -> list[str]:
+    def flush(self, drop_failed: bool = False, background: bool = False) -> list[str]:
         """Train every live probe on its buffered rows (end of epoch, before validation,
-        on an interruption: ``drop_failed`` then leaves out batches with non-finite rows)."""
-        trained = [
-            name
-            for name in self._train_rows.names()
-            if name in self.live and self._train(name, drop_failed)
-        ]
+        on an interruption: ``drop_failed`` then leaves out batches with non-finite rows).
+
+        ``background``: the rows are taken off the buffer (and checked) here, and the
+        training runs on a worker thread while the caller goes on (the last training of a
+        run, while the test set is traced); every method that reads or changes the probes'
+        state waits for it (``wait``), so what is learned is the same. Returns the probes
+        given rows (trained, or training)."""
+        self.wait()
+        names = [name for name in self._train_rows.names() if name in self.live]
+        if background and not drop_failed:
+            self._train_rows.settle()  # every row reaches the host and is checked here
+            background = not self._train_rows.failed()  # non-finite: raise as always
+        else:
+            background = False
+        if not background:
+            trained = [name for name in names if self._train(name, drop_failed)]
+            self._train_rows.clear()
+            return trained
+        taken = [(name, *self._take(name)) for name in names]
         self._train_rows.clear()
-        return trained
+
+        def train() -> None:
+            for name, rows, buffered in taken:
+                self._train_on(name, rows, buffered)
+
+        self._pending_rows = any(rows is not None for _, rows, _ in taken)
+        self._pending = _Background(train)
+        return [name for name, rows, _ in taken if rows is not None]
 
     def settle_buffered(self) -> None:
         """Move the buffered training rows to the host now (between a length window's
@@ -376,6 +455,7 @@ class ProbeBank:
         document), whatever order the batches were traced in (length-grouped batches).
         ``group_of``/``group_batches``: each document's group and each group's batch count
         (``LengthGroupedBatches``): rows of several groups train one group at a time."""
+        self.wait()
         self.row_rank = None
         if order is not None:
             self.row_rank = np.empty(len(order), dtype=np.int64)
@@ -383,8 +463,15 @@ class ProbeBank:
         self.group_of, self.group_batches = group_of, group_batches
 
     def _train(self, name: str, drop_failed: bool = False) -> bool:
+        return self._train_on(name, *self._take(name, drop_failed))
+
+    def _take(self, name: str, drop_failed: bool = False) -> tuple[Features | None, int]:
+        """A probe's buffered rows (on the host, checked) and the steps they count."""
         rows = self._train_rows.take(name, drop_failed)
         buffered, self.steps_buffered[name] = self.steps_buffered[name], 0
+        return rows, buffered
+
+    def _train_on(self, name: str, rows: Features | None, buffered: int) -> bool:
         if rows is None:
             return False
         if self.row_rank is not None:  # stable: a document's tokens keep their order
@@ -468,6 +555,32 @@ class ProbeBank:
             self.live.discard(name)
 
     # ------------------------------------------------------------------- refit
+    def refit_all(
+        self,
+        rows: Sequence[tuple[str, Features]],
+        n_docs: int,
+        chunk_rows: int,
+        background: bool = False,
+    ) -> list[str]:
+        """``refit`` each ``(name, rows)``; returns the probes refitted. ``background``: on
+        the worker thread, after the training running there (returns none)."""
+        if not background:
+            return [name for name, r in rows if self.refit(name, r, n_docs, chunk_rows)]
+        before = self._pending
+        # a refit replaces a fitted probe's state (never leaves one unfitted), but not in
+        # one step: ``trained_any`` must not read it meanwhile
+        fitted = any(self.probes[name].is_fitted for name, _ in rows)
+        self._pending_rows = self._pending_rows or fitted
+
+        def refits() -> None:
+            if before is not None:
+                before.result()
+            for name, r in rows:
+                self._refit(name, r, n_docs, chunk_rows)
+
+        self._pending = _Background(refits)
+        return []
+
     def refit(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
         """Retrain ``name`` from scratch on every training row, its held-out slice included,
         with what the slice chose: the ``alpha`` and the number of passes (scikit-learn's
@@ -479,6 +592,10 @@ class ProbeBank:
         features too large to keep) the probe stays as trained. Each pass feeds the rows, in
         document order, in one seeded permutation per pass, ``chunk_rows`` at a time.
         Returns whether the probe was refitted."""
+        self.wait()
+        return self._refit(name, rows, n_docs, chunk_rows)
+
+    def _refit(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
         heldout = self.heldout.get(name)
         probe = self.probes[name]
         seen = getattr(probe, "n_samples_seen_", None)
@@ -528,6 +645,7 @@ class ProbeBank:
                 self._score(stage, key, buffer.take(key))
 
     def _score(self, stage: str, key: FeatureKey, rows: Features | None) -> None:
+        self.wait()
         if rows is None:
             return
         with _checked_rows():
@@ -552,6 +670,7 @@ class ProbeBank:
         nothing (an interrupted pass). With ``n_resamples``, classifier probes also get 95%
         bootstrap intervals (``<metric>_low``/``_high``) and ``p_vs_best`` (see
         ``lmprobe.uncertainty``). Resets the pass."""
+        self.wait()
         self.flush_scoring(stage, drop_failed)
         rows, scored, n_classes, per_class = {}, {}, {}, []
         for name, config in self.configs.items():
@@ -606,6 +725,7 @@ class ProbeBank:
     def snapshot_for_resume(self) -> None:
         """Keep the state as it is now, buffered training rows included, for the checkpoint
         of an interrupted run (see ``_resume_state``)."""
+        self.wait()
         self._resume_state = self.state_dict(buffered=True)
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -645,6 +765,7 @@ class ProbeBank:
     def state_dict(self, buffered: bool = False) -> dict[str, Any]:
         """Tensors and plain values only (no pickled objects). ``buffered``: also the
         training rows waiting in the buffer (an interrupted run's checkpoint)."""
+        self.wait()
         probes = {}
         for name, probe in self.probes.items():
             arrays, header = probe_to_tensors(probe)
@@ -684,6 +805,7 @@ class ProbeBank:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.wait()
         missing = sorted(set(self.configs) - set(state["probes"]))
         if missing:
             raise LmProbeError(

@@ -37,11 +37,20 @@ class ProbeUpdater(Callback):
     ``ProbeDataModule`` gives) a probe trains on each whole group, in the group's random
     order, at the end of each length window (group by group); otherwise on ``chunk_rows``
     rows at a time (``None``: after every batch). A probe's *steps* count the training
-    batches it consumed either way."""
+    batches it consumed either way.
+
+    ``train_through_test`` (set by ``lmprobe.engine.fit_and_test`` when a test pass
+    follows): the run's last training, at the last batch of its last epoch, and the refit
+    when training ends go to a worker thread (``ProbeBank.flush(background=True)``,
+    ``ProbeBank.refit_all``) and run while the test set is traced; the bank waits for them
+    before it scores (or anything reads the probes), so the numbers are the same. Nothing
+    is decided from that work: the run's training has ended."""
 
     def __init__(self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> None:
         self.chunk_rows = chunk_rows
         self._groups: LengthGroupedBatches | None = None
+        self.train_through_test = False
+        self._deferred = False  # the last training went to the worker thread
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         # (not called for the epoch a run resumes in the middle of: see on_train_start)
@@ -50,6 +59,7 @@ class ProbeUpdater(Callback):
         pl_module.bank.epoch_batches = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        self._deferred = False
         sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         self._groups = sampler if isinstance(sampler, LengthGroupedBatches) else None
         bank = pl_module.bank
@@ -78,6 +88,10 @@ class ProbeUpdater(Callback):
             pl_module.bank.update(features, math.inf if self._groups else self.chunk_rows)
         groups = self._groups
         if groups and position in groups.window_ends:
+            if self._in_background(pl_module) and self._last_batch_of_run(trainer, position):
+                pl_module.bank.flush(background=True)
+                self._deferred = True
+                return  # (and no stopping decision: the run ends after this batch)
             pl_module.bank.flush()
         elif groups and groups.window > 1 and (position + 1) % groups.batches_per_group == 0:
             pl_module.bank.settle_buffered()  # a group's worth: off the device
@@ -91,12 +105,16 @@ class ProbeUpdater(Callback):
             pl_module.sync_live()  # ranks: the probes that flush retired
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        if self._deferred:  # the last batch's training is running; nothing is buffered
+            return
         pl_module.bank.flush()
         self._stop_when_done(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         # What the held-out slice chose is final: train the final probes on all the rows
-        pl_module.refit_probes(self.chunk_rows or DEFAULT_CHUNK_ROWS)
+        # (with a test pass to follow, on the worker thread while the test set is traced)
+        chunk_rows = self.chunk_rows or DEFAULT_CHUNK_ROWS
+        pl_module.refit_probes(chunk_rows, background=self._in_background(pl_module))
         pl_module.sync_bank()  # ranks: every probe's final state on every rank
 
     def on_exception(
@@ -108,6 +126,23 @@ class ProbeUpdater(Callback):
         # a resumed run trains them as an uninterrupted one would.
         pl_module.bank.snapshot_for_resume()
         pl_module.bank.flush(drop_failed=True)
+
+    def _in_background(self, pl_module: ProbeModule) -> bool:
+        """Training may go on while the test set is traced: a test pass follows, and the
+        run is one process (several exchange the probes' state when training ends)."""
+        return self.train_through_test and pl_module.shards is None
+
+    def _last_batch_of_run(self, trainer: L.Trainer, position: int) -> bool:
+        """This batch ends the run's last epoch and no validation pass follows (it would
+        score the probes first)."""
+        groups, max_epochs = self._groups, trainer.max_epochs
+        return (
+            groups is not None
+            and position == len(groups) - 1
+            and max_epochs is not None
+            and 0 <= max_epochs <= trainer.current_epoch + 1
+            and not trainer.enable_validation
+        )
 
     @staticmethod
     def _stop_when_done(trainer: L.Trainer, pl_module: ProbeModule) -> None:
@@ -163,9 +198,16 @@ class ProbeEarlyStopping(Callback):
         # one that logs) at the end of training (a no-op in one process: all logged)
         self._log_losses(trainer, pl_module)
 
+    def on_test_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        # the losses of the run's last training, if it ran while the test set was traced
+        self._log_losses(trainer, pl_module)
+
     def _log_losses(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         """Each new held-out loss, at the probe's own step: a curve per probe. (Straight to
-        the loggers: Lightning's ``self.log`` steps with optimizer steps, and there are none.)"""
+        the loggers: Lightning's ``self.log`` steps with optimizer steps, and there are none.)
+        Not while the bank trains in the background: its curves are still growing."""
+        if pl_module.bank.training_pending:
+            return
         for name, history in pl_module.bank.history.items():
             for step, loss in history[self._logged.get(name, 0) :]:
                 for logger in trainer.loggers:

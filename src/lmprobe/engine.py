@@ -83,8 +83,14 @@ def fit_and_test(
     module: ProbeModule,
     datamodule: L.LightningDataModule,
     ckpt_path: str | None = None,
+    test_follows: bool = False,
 ) -> pd.DataFrame:
-    """Fit the probe bank, then score it on the whole test set; returns the metrics table."""
+    """Fit the probe bank, then score it on the whole test set; returns the metrics table.
+
+    With a test set (or ``test_follows``: the caller scores one next, as ``ProbeRunner``
+    does), the run's last training runs on a worker thread while the test set is traced
+    (``ProbeUpdater.train_through_test``); the bank waits for it before scoring or before
+    anything reads the probes. With ``test_follows`` it may still run on return."""
     kinds = (ProbeUpdater, ProbeMetrics)
     if not all(any(isinstance(cb, k) for cb in trainer.callbacks) for k in kinds):
         raise LmProbeError(
@@ -107,13 +113,32 @@ def fit_and_test(
     module.prepare_features(datamodule)  # the feature store, when the run has one
     # weights_only: a checkpoint holds tensors and plain values (ProbeBank.state_dict), so
     # resuming never unpickles objects, which could run code from someone else's file.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    if not any(probe.is_fitted for probe in module.bank.probes.values()):
+    # With a test pass to follow, the run's last training runs while the test set is
+    # traced (ProbeUpdater.train_through_test); the bank waits for it before scoring.
+    updater = next(cb for cb in trainer.callbacks if isinstance(cb, ProbeUpdater))
+    has_test = getattr(datamodule, "test_set", None) is not None
+    updater.train_through_test = has_test or test_follows
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        updater.train_through_test = False
+    if not module.bank.trained_any():
+        module.bank.wait()
         raise LmProbeError(
             "no probe was trained: no training batch had rows for any probe (check the "
             "training labels against each probe's null_label and classes)"
         )
-    return score_test_set(trainer, module, datamodule)
+    if not has_test:
+        if not test_follows:
+            module.bank.wait()
+        return pd.DataFrame()
+    try:
+        table = score_test_set(trainer, module, datamodule)
+    except BaseException:
+        module.bank.wait(raise_error=False)  # the test pass's error is the one to see
+        raise
+    module.bank.wait()  # (scoring has waited already)
+    return table
 
 
 def check_checkpoint(ckpt_path: str | os.PathLike, module: ProbeModule) -> None:

@@ -304,9 +304,10 @@ class ProbeModule(L.LightningModule):
                 return
         self._train_cache[position] = (index.clone(), features)
 
-    def refit_probes(self, chunk_rows: int) -> list[str]:
+    def refit_probes(self, chunk_rows: int, background: bool = False) -> list[str]:
         """Refit each probe with a held-out slice on all training rows (``ProbeBank.refit``),
-        from the features kept in the first epoch. Returns the probes refitted."""
+        from the features kept in the first epoch. Returns the probes refitted (none:
+        ``background``, the refits then run on the bank's worker thread)."""
         if not self._train_cache:
             return []
         parts: dict[FeatureKey, list[PendingFeatures]] = {}
@@ -330,12 +331,8 @@ class ProbeModule(L.LightningModule):
             for key, more in extra.items():
                 more = Features(more.X, more.y, missing[more.doc])
                 rows[key] = Features.concat([rows[key], more])
-        done = []
-        for name in self.configs:
-            key = self.bank.key(name)
-            if key in rows and self.bank.refit(name, rows[key], len(dataset), chunk_rows):
-                done.append(name)
-        return done
+        given = [(n, rows[self.bank.key(n)]) for n in self.configs if self.bank.key(n) in rows]
+        return self.bank.refit_all(given, len(dataset), chunk_rows, background)
 
     def _eval_step(self, stage: str, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
         cached = self._eval_cache.get((stage, batch_idx))

@@ -163,14 +163,21 @@ class ProbeRunner:
             )
 
         self.trainer = trainer_for(self.module, callbacks, logger)
-        fit_and_test(self.trainer, self.module, datamodule_for(None), ckpt_path)
+        # the last training may run on while eval_set is traced (fit_and_test)
+        test_follows = eval_set is not None
+        fit_and_test(self.trainer, self.module, datamodule_for(None), ckpt_path, test_follows)
         self._metrics = None
         if eval_set is not None:
             limit = None
             if limit_eval_batches:
                 progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
                 limit = max(1, progress.completed)
-            self._metrics = self.compute_metrics(eval_set, batch_size, limit)
+            try:
+                self._metrics = self.compute_metrics(eval_set, batch_size, limit)
+            except BaseException:
+                self.module.bank.wait(raise_error=False)  # the scoring error is the one to see
+                raise
+            self.module.bank.wait()  # (scoring has waited already)
         if baseline is not None and eval_set is not None:
             other = baseline_table(baseline, self.module, datamodule_for(eval_set), trainer_for)
             self._metrics = merge_baseline(self._metrics, other, baseline)
