@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 
 import numpy as np
@@ -226,3 +227,45 @@ def test_an_unregistered_probe_class_is_not_saved_under_its_parents_kind(tmp_pat
     probe = Unregistered([0, 1]).partial_fit(X, (X[:, 0] > 0).astype(int))
     with pytest.raises(LmProbeError, match="not registered"):
         save_probe(probe, tmp_path / "p.safetensors")
+
+
+def test_background_training_by_hand_waits_and_reports_its_error(caplog):
+    """``flush(background=True)`` trains on the worker what ``flush()`` trains in place
+    (same coefficients); reading the bank waits for it. A failure on the worker is raised
+    by ``wait()``, or logged by ``wait(raise_error=False)`` (another error on its way)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(96, 6)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    key_config = ProbeConfig(SITE, [0, 1], early_stopping=False)
+    banks = []
+    for background in (False, True):
+        bank = ProbeBank([key_config], seed=0)
+        bank.update({bank.key(SITE): pending(X, y, np.arange(96))}, chunk_rows=math.inf)
+        if background:
+            assert bank.flush(background=True) == [SITE]
+            assert bank.training_pending and bank.trained_any()
+        else:
+            bank.flush()
+        banks.append(bank)
+    assert not banks[1].done  # waits, then reads
+    assert not banks[1].training_pending
+    for ours, theirs in zip(
+        banks[1].probes[SITE].estimators_, banks[0].probes[SITE].estimators_, strict=True
+    ):
+        np.testing.assert_array_equal(ours.coef_, theirs.coef_)
+
+    def failing(*args):
+        raise RuntimeError("update failed")
+
+    for raise_error in (True, False):
+        bank = ProbeBank([key_config], seed=0)
+        bank._train_on = failing
+        bank.update({bank.key(SITE): pending(X, y, np.arange(96))}, chunk_rows=math.inf)
+        bank.flush(background=True)
+        if raise_error:
+            with pytest.raises(RuntimeError, match="update failed"):
+                bank.wait()
+        else:
+            bank.wait(raise_error=False)
+            assert "update failed" in caplog.text
+        assert not bank.training_pending

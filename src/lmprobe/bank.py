@@ -282,7 +282,7 @@ class ProbeBank:
         except Exception as error:
             if raise_error:
                 raise
-            log.error("the probes' last training failed too: %r", error)
+            log.error("the probes' training on the worker thread failed too: %r", error)
 
     @property
     def training_pending(self) -> bool:

@@ -88,9 +88,10 @@ def fit_and_test(
     """Fit the probe bank, then score it on the whole test set; returns the metrics table.
 
     With a test set (or ``test_follows``: the caller scores one next, as ``ProbeRunner``
-    does), the run's last training runs on a worker thread while the test set is traced
-    (``ProbeUpdater.train_through_test``); the bank waits for it before scoring or before
-    anything reads the probes. With ``test_follows`` it may still run on return."""
+    does), the run's last training and the refit run on a worker thread while the test set
+    is traced (``ProbeUpdater.train_through_test``); the bank waits for them before scoring
+    or before anything reads the probes. With ``test_follows`` they may still run on
+    return."""
     kinds = (ProbeUpdater, ProbeMetrics)
     if not all(any(isinstance(cb, k) for cb in trainer.callbacks) for k in kinds):
         raise LmProbeError(
@@ -113,8 +114,8 @@ def fit_and_test(
     module.prepare_features(datamodule)  # the feature store, when the run has one
     # weights_only: a checkpoint holds tensors and plain values (ProbeBank.state_dict), so
     # resuming never unpickles objects, which could run code from someone else's file.
-    # With a test pass to follow, the run's last training runs while the test set is
-    # traced (ProbeUpdater.train_through_test); the bank waits for it before scoring.
+    # With a test pass to follow, the run's last training and the refit run while the test
+    # set is traced (ProbeUpdater.train_through_test); the bank waits for them to score.
     updater = next(cb for cb in trainer.callbacks if isinstance(cb, ProbeUpdater))
     has_test = getattr(datamodule, "test_set", None) is not None
     updater.train_through_test = has_test or test_follows
