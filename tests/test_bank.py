@@ -269,3 +269,13 @@ def test_background_training_by_hand_waits_and_reports_its_error(caplog):
             bank.wait(raise_error=False)
             assert "update failed" in caplog.text
         assert not bank.training_pending
+
+    # joined_after: an error of the block wins over the worker's, which is logged
+    caplog.clear()
+    bank = ProbeBank([key_config], seed=0)
+    bank._train_on = failing
+    bank.update({bank.key(SITE): pending(X, y, np.arange(96))}, chunk_rows=math.inf)
+    bank.flush(background=True)
+    with pytest.raises(KeyError, match="scoring failed"), bank.joined_after():
+        raise KeyError("scoring failed")
+    assert "update failed" in caplog.text and not bank.training_pending

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import ONE_ALPHA, reference_sgd
+from lightning.pytorch.loggers import Logger
 from sklearn import metrics as skm
 from sklearn.preprocessing import StandardScaler
 
@@ -254,26 +255,20 @@ def test_batches_stay_on_the_host(gpt2, dataset):
     assert all(moved[k] is batch[k] for k in batch)
 
 
-class _Recorder:
+class _Recorder(Logger):
     """A Lightning logger that keeps what it is given."""
 
-    def __new__(cls):
-        from lightning.pytorch.loggers import Logger
+    name, version = "recorder", 0
 
-        class Recorder(Logger):
-            name, version = "recorder", 0
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[dict, int | None]] = []
 
-            def __init__(self) -> None:
-                super().__init__()
-                self.rows: list[tuple[dict, int | None]] = []
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
 
-            def log_hyperparams(self, *args, **kwargs) -> None:
-                pass
-
-            def log_metrics(self, metrics, step=None) -> None:
-                self.rows.append((dict(metrics), step))
-
-        return Recorder()
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((dict(metrics), step))
 
 
 def _background_configs() -> list[ProbeConfig]:

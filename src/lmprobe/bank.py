@@ -10,12 +10,13 @@ checkpoint holds ``state_dict()``: tensors and plain values only, loadable with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -152,15 +153,15 @@ class ProbeBank:
                 self.control_of[twin.name] = config.name
         self.seed = seed
         self._control_table: np.ndarray | None = None
+        # Training handed to a worker thread (``flush(background=True)``), if any: every
+        # method that reads or changes the probes' state waits for it first (``wait``).
+        self._pending: _Background | None = None
+        self._pending_rows = False  # it has rows for some probe (so one will be fitted)
         self.reset()
 
     def reset(self) -> None:
         """Fresh, unfitted probes (a new fit starts from here)."""
         self.wait()
-        # Training handed to a worker thread (``flush(background=True)``), if any: every
-        # method that reads or changes the probes' state waits for it first (``wait``).
-        self._pending: _Background | None = None
-        self._pending_rows = False  # it has rows for some probe (so one will be fitted)
         self.probes: dict[str, Probe] = {
             name: make_probe(c, self.seed) for name, c in self.configs.items()
         }
@@ -273,7 +274,7 @@ class ProbeBank:
         """Join the training running in the background (``flush(background=True)``), if
         any, and raise what it raised (``raise_error=False``: log it instead, when another
         error is on its way). A no-op otherwise."""
-        pending = getattr(self, "_pending", None)
+        pending = self._pending
         if pending is None:
             return
         self._pending, self._pending_rows = None, False
@@ -287,7 +288,18 @@ class ProbeBank:
     @property
     def training_pending(self) -> bool:
         """Training handed to the worker thread has not been waited for yet."""
-        return getattr(self, "_pending", None) is not None
+        return self._pending is not None
+
+    @contextlib.contextmanager
+    def joined_after(self) -> Iterator[None]:
+        """Wait for the worker thread when the block ends. If the block raised, its error
+        is the one to see: the worker's, if any, is logged (``wait(raise_error=False)``)."""
+        try:
+            yield
+        except BaseException:
+            self.wait(raise_error=False)
+            raise
+        self.wait()
 
     def trained_any(self) -> bool:
         """Some probe is fitted, or will be once the background training is done."""

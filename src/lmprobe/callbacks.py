@@ -50,7 +50,6 @@ class ProbeUpdater(Callback):
         self.chunk_rows = chunk_rows
         self._groups: LengthGroupedBatches | None = None
         self.train_through_test = False
-        self._deferred = False  # the last training went to the worker thread
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         # (not called for the epoch a run resumes in the middle of: see on_train_start)
@@ -59,7 +58,6 @@ class ProbeUpdater(Callback):
         pl_module.bank.epoch_batches = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
-        self._deferred = False
         sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         self._groups = sampler if isinstance(sampler, LengthGroupedBatches) else None
         bank = pl_module.bank
@@ -90,7 +88,6 @@ class ProbeUpdater(Callback):
         if groups and position in groups.window_ends:
             if self._in_background(pl_module) and self._last_batch_of_run(trainer, position):
                 pl_module.bank.flush(background=True)
-                self._deferred = True
                 return  # (and no stopping decision: the run ends after this batch)
             pl_module.bank.flush()
         elif groups and groups.window > 1 and (position + 1) % groups.batches_per_group == 0:
@@ -105,7 +102,7 @@ class ProbeUpdater(Callback):
             pl_module.sync_live()  # ranks: the probes that flush retired
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
-        if self._deferred:  # the last batch's training is running; nothing is buffered
+        if pl_module.bank.training_pending:  # the last batch's: nothing is buffered
             return
         pl_module.bank.flush()
         self._stop_when_done(trainer, pl_module)

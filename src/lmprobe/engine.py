@@ -133,13 +133,8 @@ def fit_and_test(
         if not test_follows:
             module.bank.wait()
         return pd.DataFrame()
-    try:
-        table = score_test_set(trainer, module, datamodule)
-    except BaseException:
-        module.bank.wait(raise_error=False)  # the test pass's error is the one to see
-        raise
-    module.bank.wait()  # (scoring has waited already)
-    return table
+    with module.bank.joined_after():  # (scoring has waited already, unless it failed)
+        return score_test_set(trainer, module, datamodule)
 
 
 def check_checkpoint(ckpt_path: str | os.PathLike, module: ProbeModule) -> None:

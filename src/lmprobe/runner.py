@@ -172,12 +172,8 @@ class ProbeRunner:
             if limit_eval_batches:
                 progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
                 limit = max(1, progress.completed)
-            try:
+            with self.module.bank.joined_after():  # (scoring has waited already)
                 self._metrics = self.compute_metrics(eval_set, batch_size, limit)
-            except BaseException:
-                self.module.bank.wait(raise_error=False)  # the scoring error is the one to see
-                raise
-            self.module.bank.wait()  # (scoring has waited already)
         if baseline is not None and eval_set is not None:
             other = baseline_table(baseline, self.module, datamodule_for(eval_set), trainer_for)
             self._metrics = merge_baseline(self._metrics, other, baseline)
