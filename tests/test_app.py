@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -360,15 +361,36 @@ STOPS_IN_THE_WINDOW = ["probes.patience=4", "probes.threshold=0.5", "probes.warm
         # mid-window, before the bank's first training: the resumed bank must know how many
         # steps its buffered rows count to stop at the same step
         ({"batch": 2, "epoch": 0}, STOPS_IN_THE_WINDOW),
+        # mid-window with the model traced in the steps (no feature store): the held-out
+        # slice and the first window were traced together before training (lmprobe.ahead)
+        ({"batch": 2, "epoch": 0}, ["feature_store=false"]),
     ],
-    ids=["epoch0-mid", "epoch0-last", "epoch1-mid", "test", "window-mid-stopping"],
+    ids=["epoch0-mid", "epoch0-last", "epoch1-mid", "test", "window-mid-stopping", "traced"],
 )
 def test_a_resumed_run_learns_exactly_what_an_uninterrupted_run_learns(
-    tiny_model_dir, csv_file, tmp_path, where, extra
+    tiny_model_dir, csv_file, tmp_path, monkeypatch, where, extra
 ):
     """Interrupted (SIGTERM) and resumed from its last.ckpt, a run ends with the probes of
-    an uninterrupted run with the same seed: every coefficient equal, the same metrics."""
+    an uninterrupted run with the same seed: every coefficient equal, the same metrics. The
+    model sees the same batches: a run resumed within its first length window traces the
+    window with the held-out slice again, as the uninterrupted run did (lmprobe.ahead),
+    since a document's activations can differ in their last bits from batch to batch."""
     from lmprobe.errors import RunInterrupted
+    from lmprobe.module import ProbeModule
+
+    # each batch traced for training or testing, as the set of its documents' tokens (not
+    # those a resumed run's refit traces: the documents it kept no features of)
+    traced: list[frozenset] = []
+    extract = ProbeModule.extract
+
+    def recording(self, batch, names, label="batch", *args, **kwargs):
+        real = batch["attention_mask"].bool()
+        if not re.fullmatch(r"batch \d+", label):
+            rows = zip(batch["input_ids"], real, strict=True)
+            traced.append(frozenset(tuple(ids[m].tolist()) for ids, m in rows))
+        return extract(self, batch, names, label, *args, **kwargs)
+
+    monkeypatch.setattr(ProbeModule, "extract", recording)
 
     overrides = [
         "probes=gpt2_layers",
@@ -384,6 +406,7 @@ def test_a_resumed_run_learns_exactly_what_an_uninterrupted_run_learns(
         *extra,
     ]
     train(compose_cfg(tmp_path / "whole", overrides))
+    uninterrupted = set(traced)
     cfg = compose_cfg(tmp_path / "resumed", overrides)
     with open_dict(cfg):
         cfg.callbacks.interrupt = {"_target_": "conftest.InterruptAt", "how": "sigterm", **where}
@@ -392,7 +415,9 @@ def test_a_resumed_run_learns_exactly_what_an_uninterrupted_run_learns(
     cfg = compose_cfg(tmp_path / "resumed", overrides)
     with open_dict(cfg):
         cfg.ckpt_path = str(tmp_path / "resumed" / "last.ckpt")
+    del traced[:]
     train(cfg)
+    assert traced and set(traced) <= uninterrupted
     whole, resumed = _final_probes(tmp_path / "whole"), _final_probes(tmp_path / "resumed")
     assert whole.keys() == resumed.keys()
     for name, probe in whole.items():
@@ -403,7 +428,8 @@ def test_a_resumed_run_learns_exactly_what_an_uninterrupted_run_learns(
     a = pd.read_csv(tmp_path / "whole" / "metrics.csv", index_col="probe")[columns]
     b = pd.read_csv(tmp_path / "resumed" / "metrics.csv", index_col="probe")[columns]
     pd.testing.assert_frame_equal(a, b)
-    if extra:  # every probe stopped inside the window, where one group at a time would
+    if extra == STOPS_IN_THE_WINDOW:  # every probe stopped inside the window, as one group
+        # at a time would
         assert (a["steps"] == 8).all(), a["steps"]
 
 

@@ -177,10 +177,28 @@ class ProbeEarlyStopping(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         dataset = trainer.train_dataloader.dataset
-        pl_module.bank.check_dataset(dataset, "training")
-        if pl_module.bank.prepared:  # resumed from a checkpoint
-            return
-        pl_module.prepare_heldout(dataset, loader_batch_size(trainer.train_dataloader), self.seed)
+        bank = pl_module.bank
+        bank.check_dataset(dataset, "training")
+        batch_size = loader_batch_size(trainer.train_dataloader)
+        # The first length window is traced before any training: with the slice, sorted
+        # by length together, they pad less than each on its own (lmprobe.ahead).
+        sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        window, window_end = None, -1
+        if isinstance(sampler, LengthGroupedBatches) and trainer.current_epoch == 0:
+            window, window_end = sampler.first_window()
+        if not bank.prepared:
+            pl_module.prepare_heldout(dataset, batch_size, self.seed, window, window_end)
+        elif (  # resumed within the first window of a run that traced it ahead
+            0 < bank.epoch_batches <= window_end
+            and len(bank.heldout_index)
+            and bank.live
+            and pl_module.can_trace_ahead(window)
+        ):
+            union, live = bank.heldout_index, sorted(bank.live)
+            pl_module.trace_ahead(dataset, batch_size, union, window, window_end, live)
+            # the batches trained on before the interruption: later epochs replay their rows
+            for position in range(bank.epoch_batches):
+                pl_module.keep_ahead(position, sampler.batch(position))
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: ProbeModule, outputs: Any, batch: Any, batch_idx: int

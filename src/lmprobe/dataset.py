@@ -344,12 +344,22 @@ class LengthGroupedBatches(Sampler[list[int]]):
         self._bounds = np.append(np.asarray(starts, dtype=np.int64), len(kept))
         self.skip = 0
 
+    def first_window(self) -> tuple[np.ndarray, int]:
+        """The first length window's documents (as traced) and its last batch's position
+        (the held-out slice is traced with them: ``lmprobe.ahead``)."""
+        end = min(self.window_ends) if self.window_ends else -1
+        return self._docs[: self._bounds[end + 1]], end
+
+    def batch(self, position: int) -> np.ndarray:
+        """The documents of the batch at ``position`` of a pass."""
+        return self._docs[self._bounds[position] : self._bounds[position + 1]]
+
     def __iter__(self):
         # a generator: ``skip`` is read at the first batch, after Lightning's epoch-start
         # hooks (Lightning creates the iterator before them)
         skip, self.skip = self.skip, 0
         for i in range(skip, len(self)):
-            yield self._docs[self._bounds[i] : self._bounds[i + 1]].tolist()
+            yield self.batch(i).tolist()
 
     def __len__(self) -> int:
         return len(self._bounds) - 1

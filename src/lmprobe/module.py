@@ -16,7 +16,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from lmprobe.bank import ProbeBank
+from lmprobe.ahead import TracedAhead, offload
+from lmprobe.bank import DEFAULT_CHUNK_ROWS, ProbeBank
 from lmprobe.config import ProbeConfig
 from lmprobe.dataset import ProbeDataset, batches, loader_batch_size, trim_padding
 from lmprobe.distributed import Shards, sync_bank, sync_live, sync_scores
@@ -129,6 +130,8 @@ class ProbeModule(L.LightningModule):
         ) = {}
         self._eval_cache: dict[tuple[str, int], tuple[torch.Tensor, dict]] = {}
         self._cache_checked = False
+        # the first length window's rows, traced with the held-out slice (lmprobe.ahead)
+        self._ahead: TracedAhead | None = None
 
     # ----------------------------------------------------------------- features
     def extract(
@@ -221,17 +224,86 @@ class ProbeModule(L.LightningModule):
                 parts.setdefault(key, []).append(features)
         return {key: gather(p) for key, p in parts.items()}
 
-    def prepare_heldout(self, dataset: ProbeDataset, batch_size: int, seed: int | None) -> None:
-        """Trace the early-stopping rows once, before training, and hand them to the bank."""
+    def prepare_heldout(
+        self,
+        dataset: ProbeDataset,
+        batch_size: int,
+        seed: int | None,
+        window: np.ndarray | None = None,
+        window_end: int = -1,
+    ) -> None:
+        """Trace the early-stopping rows once, before training, and hand them to the bank.
+        ``window``: the first length window's training documents (whose last batch is at
+        ``window_end``), traced sorted by length together with the slice when it can be
+        (``trace_ahead``), else the slice is traced on its own."""
         union = self.bank.heldout_plan(len(dataset), seed)
         features: dict[FeatureKey, Features] = {}
-        if len(union):
+        if len(union) and self.can_trace_ahead(window):
+            features = self.trace_ahead(dataset, batch_size, union, window, window_end)
+        elif len(union):
             features = self.extract_dataset(
                 dataset.subset(union), list(self.configs), batch_size, rows=union
             )
             for key, rows in features.items():  # subset rows back to training-set rows
                 features[key] = Features(rows.X, rows.y, union[rows.doc])
         self.bank.set_heldout(union, len(dataset), features)
+
+    def can_trace_ahead(self, window: np.ndarray | None) -> bool:
+        """Whether the first window ``window`` can be traced with the held-out slice: in
+        one process without a feature store (several processes route each batch's rows
+        between ranks; stored features are read, not traced)."""
+        return (
+            window is not None and len(window) > 0 and self.shards is None and self.features is None
+        )
+
+    def trace_ahead(
+        self,
+        dataset: ProbeDataset,
+        batch_size: int,
+        union: np.ndarray,
+        window: np.ndarray,
+        window_end: int,
+        names: Sequence[str] | None = None,
+    ) -> dict[FeatureKey, Features]:
+        """Trace the held-out slice ``union`` and the first window's documents ``window``
+        sorted by length together (``lmprobe.ahead``): returns the slice's rows, keeps the
+        window's for its training batches. A resumed run calls this again for the window's
+        rows (the same batches, so the same rows; the slice's are in its checkpoint)."""
+        names = list(self.configs) if names is None else list(names)
+        docs = np.concatenate([union, window])
+        ahead = TracedAhead(window_end)
+        ahead.docs = np.unique(window)
+        parts: dict[FeatureKey, list[PendingFeatures]] = {}
+        recent: list[PendingFeatures] = []
+        # off the device a group's worth of batches at a time, as the training buffer does
+        per_group = max(1, -(-DEFAULT_CHUNK_ROWS // batch_size))
+        loader = batches(dataset.subset(docs), batch_size, by_length=True)
+        for i, batch in enumerate(loader):
+            label = f"batch {i} of the held-out slice and first length window"
+            for key, rows in self.extract_shared(batch, names, label).items():
+                parts.setdefault(key, []).append(rows)
+                recent.append(rows)
+            if (i + 1) % per_group == 0:
+                offload(recent)
+                recent = []
+        heldout: dict[FeatureKey, Features] = {}
+        for key, traced in parts.items():
+            ahead.add(key, traced, docs)
+            # the slice's rows, checked for finite values as a trace's are
+            held = [p for p in (_rows_of(part, docs, union) for part in traced) if len(p)]
+            if held:
+                heldout[key] = gather(held)
+        self._ahead = ahead
+        return heldout
+
+    def keep_ahead(self, position: int, index: np.ndarray) -> None:
+        """Keep the rows traced ahead of the batch at ``position`` (documents ``index``) as
+        its features for later epochs (a resumed run: the batches before the interruption,
+        which it does not trace again)."""
+        keys = self.bank.keys_for(sorted(self.bank.live))
+        if self._ahead is not None and keys and self._ahead.holds(index, keys):
+            label = f"training batch {position}"
+            self._remember(position, torch.from_numpy(index), self._ahead.take(index, keys, label))
 
     # ------------------------------------------------------------------ steps
     def configure_optimizers(self) -> None:
@@ -245,7 +317,11 @@ class ProbeModule(L.LightningModule):
         # (which need not be Lightning's root device under a device_map).
         return batch
 
+    def on_train_end(self) -> None:
+        self._ahead = None  # a run that stopped within its first window
+
     def on_train_epoch_end(self) -> None:
+        self._ahead = None  # (a first window that is the whole epoch)
         # Kept features of a probe that stopped mid-chunk were never gathered: bring them to
         # the host now, so the cache holds no device memory.
         if self._train_cache:
@@ -266,8 +342,15 @@ class ProbeModule(L.LightningModule):
         # Lightning's batch_idx can be one behind it (the interrupted batch).
         position = self.bank.epoch_batches
         cached = self._train_cache.get(position) if self._train_cache is not None else None
+        ahead = self._ahead
+        if ahead is not None and position > ahead.last_position:
+            ahead = self._ahead = None  # the first window has passed: free its rows
+        index = batch["index"].numpy()
         if cached is not None and torch.equal(cached[0], batch["index"]):
             features = cached[1]
+        elif ahead is not None and ahead.holds(index, keys := self.bank.keys_for(live)):
+            features = ahead.take(index, keys, f"training batch {position}")
+            self._remember(position, batch["index"], features)
         else:
             features = self.extract_shared(batch, live, f"training batch {position}")
             self._remember(position, batch["index"], features)
@@ -359,3 +442,12 @@ class ProbeModule(L.LightningModule):
         if "lmprobe" not in checkpoint:
             raise LmProbeError("this checkpoint was not written by lmprobe (no probe state)")
         self.bank.load_state_dict(checkpoint["lmprobe"])
+
+
+def _rows_of(part: PendingFeatures, docs: np.ndarray, union: np.ndarray) -> PendingFeatures:
+    """The rows of ``part`` (a batch of the subset ``docs``) whose documents are in
+    ``union``, with training-set rows as their ``doc``."""
+    doc = docs[part.doc]
+    keep = np.flatnonzero(np.isin(doc, union))
+    X = part.X.index_select(0, torch.as_tensor(keep, device=part.X.device))
+    return PendingFeatures(X, part.y[keep], doc[keep], part.site, part.label, part.on_nonfinite)
