@@ -38,18 +38,24 @@ class TracedAhead:
         # and where the rows came from (for the finiteness check's message)
         self._rows: dict[FeatureKey, tuple[np.ndarray, np.ndarray, np.ndarray, str, str]] = {}
 
-    def add(self, key: FeatureKey, parts: Iterable[PendingFeatures], docs: np.ndarray) -> None:
+    def add(
+        self, key: FeatureKey, parts: Iterable[PendingFeatures], docs: np.ndarray, union: np.ndarray
+    ) -> PendingFeatures:
         """Keep the rows of ``parts`` (not yet brought to the host; their ``doc`` are rows
         of the traced subset, ``docs[doc]`` those of the training set) whose documents are
-        in ``self.docs``."""
+        in ``self.docs``; return those of the held-out slice ``union`` (not yet checked for
+        finite values)."""
         parts = list(parts)
-        X = to_host(torch.cat([p.X for p in parts])) if parts else np.zeros((0, 0), "float32")
-        y = np.concatenate([p.y for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-        doc = docs[np.concatenate([p.doc for p in parts])] if parts else np.zeros(0, np.int64)
+        X = to_host(torch.cat([p.X for p in parts]))
+        y = np.concatenate([p.y for p in parts])
+        doc = docs[np.concatenate([p.doc for p in parts])]
         keep = np.isin(doc, self.docs)
         order = np.flatnonzero(keep)[np.argsort(doc[keep], kind="stable")]
-        site, policy = (parts[0].site, parts[0].on_nonfinite) if parts else ("", "error")
+        site, policy = parts[0].site, parts[0].on_nonfinite
         self._rows[key] = (X[order], y[order], doc[order], site, policy)
+        held = np.flatnonzero(np.isin(doc, union))
+        label = "the held-out slice"
+        return PendingFeatures(torch.from_numpy(X[held]), y[held], doc[held], site, label, policy)
 
     def holds(self, index: np.ndarray, keys: Iterable[FeatureKey]) -> bool:
         """Whether this batch's rows (documents ``index``) are all here for every key."""

@@ -288,11 +288,9 @@ class ProbeModule(L.LightningModule):
                 recent = []
         heldout: dict[FeatureKey, Features] = {}
         for key, traced in parts.items():
-            ahead.add(key, traced, docs)
-            # the slice's rows, checked for finite values as a trace's are
-            held = [p for p in (_rows_of(part, docs, union) for part in traced) if len(p)]
-            if held:
-                heldout[key] = gather(held)
+            held = ahead.add(key, traced, docs, union)
+            if len(held):  # checked for finite values as a trace's rows are
+                heldout[key] = gather([held])
         self._ahead = ahead
         return heldout
 
@@ -442,12 +440,3 @@ class ProbeModule(L.LightningModule):
         if "lmprobe" not in checkpoint:
             raise LmProbeError("this checkpoint was not written by lmprobe (no probe state)")
         self.bank.load_state_dict(checkpoint["lmprobe"])
-
-
-def _rows_of(part: PendingFeatures, docs: np.ndarray, union: np.ndarray) -> PendingFeatures:
-    """The rows of ``part`` (a batch of the subset ``docs``) whose documents are in
-    ``union``, with training-set rows as their ``doc``."""
-    doc = docs[part.doc]
-    keep = np.flatnonzero(np.isin(doc, union))
-    X = part.X.index_select(0, torch.as_tensor(keep, device=part.X.device))
-    return PendingFeatures(X, part.y[keep], doc[keep], part.site, part.label, part.on_nonfinite)
