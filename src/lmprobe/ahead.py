@@ -40,11 +40,11 @@ class TracedAhead:
 
     def add(
         self, key: FeatureKey, parts: Iterable[PendingFeatures], docs: np.ndarray, union: np.ndarray
-    ) -> PendingFeatures:
+    ) -> list[PendingFeatures]:
         """Keep the rows of ``parts`` (not yet brought to the host; their ``doc`` are rows
         of the traced subset, ``docs[doc]`` those of the training set) whose documents are
-        in ``self.docs``; return those of the held-out slice ``union`` (not yet checked for
-        finite values)."""
+        in ``self.docs``; return those of the held-out slice ``union``, one part per traced
+        batch with its label (not yet checked for finite values)."""
         parts = list(parts)
         X = to_host(torch.cat([p.X for p in parts]))
         y = np.concatenate([p.y for p in parts])
@@ -54,8 +54,13 @@ class TracedAhead:
         site, policy = parts[0].site, parts[0].on_nonfinite
         self._rows[key] = (X[order], y[order], doc[order], site, policy)
         held = np.flatnonzero(np.isin(doc, union))
-        label = "the held-out slice"
-        return PendingFeatures(torch.from_numpy(X[held]), y[held], doc[held], site, label, policy)
+        batch_of = np.repeat(np.arange(len(parts)), [len(p) for p in parts])[held]
+        slices = []
+        for i in np.unique(batch_of):
+            rows = held[batch_of == i]
+            X_i = torch.from_numpy(X[rows])
+            slices.append(PendingFeatures(X_i, y[rows], doc[rows], site, parts[i].label, policy))
+        return slices
 
     def holds(self, index: np.ndarray, keys: Iterable[FeatureKey]) -> bool:
         """Whether this batch's rows (documents ``index``) are all here for every key."""

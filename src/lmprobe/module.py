@@ -289,8 +289,8 @@ class ProbeModule(L.LightningModule):
         heldout: dict[FeatureKey, Features] = {}
         for key, traced in parts.items():
             held = ahead.add(key, traced, docs, union)
-            if len(held):  # checked for finite values as a trace's rows are
-                heldout[key] = gather([held])
+            if held:  # checked for finite values as a trace's rows are
+                heldout[key] = gather(held)
         self._ahead = ahead
         return heldout
 
