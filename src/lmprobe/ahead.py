@@ -31,9 +31,9 @@ class TracedAhead:
     """The rows of the documents ``docs`` (training-set rows), per key, kept until the
     training batch at ``last_position`` (the first window's last batch) has passed."""
 
-    def __init__(self, last_position: int) -> None:
+    def __init__(self, docs: np.ndarray, last_position: int) -> None:
+        self.docs = np.unique(docs)
         self.last_position = last_position
-        self.docs = np.zeros(0, dtype=np.int64)
         # per key: X, y, doc sorted by doc (stable: a document's rows keep their order),
         # and where the rows came from (for the finiteness check's message)
         self._rows: dict[FeatureKey, tuple[np.ndarray, np.ndarray, np.ndarray, str, str]] = {}

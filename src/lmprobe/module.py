@@ -216,13 +216,34 @@ class ProbeModule(L.LightningModule):
     ) -> dict[FeatureKey, Features]:
         """Features of a whole dataset (the early-stopping slice is traced this way);
         ``rows``: the training-set row of each of its documents (it is a subset)."""
+        parts = self._trace_parts(dataset, names, batch_size, "batch {}", rows)
+        return {key: gather(p) for key, p in parts.items()}
+
+    def _trace_parts(
+        self,
+        dataset: ProbeDataset,
+        names: Sequence[str],
+        batch_size: int,
+        label: str,
+        rows: np.ndarray | None = None,
+        offload_every: int = 0,
+    ) -> dict[FeatureKey, list[PendingFeatures]]:
+        """Every batch's features of ``dataset``, traced longest first, per key (``label``
+        with the batch number in it names each batch); ``offload_every`` batches, those
+        traced since move to host memory as they are (``lmprobe.ahead.offload``)."""
         parts: dict[FeatureKey, list[PendingFeatures]] = {}
+        recent: list[PendingFeatures] = []
         for i, batch in enumerate(batches(dataset, batch_size, by_length=True)):
             docs = None if rows is None else rows[batch["index"].numpy()]
-            traced = self.extract_shared(batch, names, f"batch {i}", docs=docs)
-            for key, features in traced.items():
+            for key, features in self.extract_shared(
+                batch, names, label.format(i), docs=docs
+            ).items():
                 parts.setdefault(key, []).append(features)
-        return {key: gather(p) for key, p in parts.items()}
+                recent.append(features)
+            if offload_every and (i + 1) % offload_every == 0:
+                offload(recent)
+                recent = []
+        return parts
 
     def prepare_heldout(
         self,
@@ -271,21 +292,11 @@ class ProbeModule(L.LightningModule):
         rows (the same batches, so the same rows; the slice's are in its checkpoint)."""
         names = list(self.configs) if names is None else list(names)
         docs = np.concatenate([union, window])
-        ahead = TracedAhead(window_end)
-        ahead.docs = np.unique(window)
-        parts: dict[FeatureKey, list[PendingFeatures]] = {}
-        recent: list[PendingFeatures] = []
+        ahead = TracedAhead(window, window_end)
         # off the device a group's worth of batches at a time, as the training buffer does
         per_group = max(1, -(-DEFAULT_CHUNK_ROWS // batch_size))
-        loader = batches(dataset.subset(docs), batch_size, by_length=True)
-        for i, batch in enumerate(loader):
-            label = f"batch {i} of the held-out slice and first length window"
-            for key, rows in self.extract_shared(batch, names, label).items():
-                parts.setdefault(key, []).append(rows)
-                recent.append(rows)
-            if (i + 1) % per_group == 0:
-                offload(recent)
-                recent = []
+        label = "batch {} of the held-out slice and first length window"
+        parts = self._trace_parts(dataset.subset(docs), names, batch_size, label, None, per_group)
         heldout: dict[FeatureKey, Features] = {}
         for key, traced in parts.items():
             held = ahead.add(key, traced, docs, union)
