@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import reference_sgd
@@ -212,3 +213,82 @@ def test_random_init_baseline_stands_beside_each_probe(gpt2, docs):
         assert row["random_init_accuracy"] == pytest.approx(plain.metrics.loc[site, "accuracy"])
         low, high = row["random_init_accuracy_low"], row["random_init_accuracy_high"]
         assert low <= row["random_init_accuracy"] <= high
+
+
+def test_bootstrap_of_several_classes_equals_resampling_by_hand():
+    """Every metric of every resample (one product of the draw counts per probe) equals
+    scikit-learn on the resampled rows themselves, with four classes, one of them rare (so
+    some resamples miss it)."""
+    from lmprobe.uncertainty import bootstrap
+
+    rng = np.random.default_rng(0)
+    n, k, resamples, seed = 60, 4, 300, 5
+    target = rng.choice(k, n, p=[0.4, 0.3, 0.27, 0.03])
+    pred = np.where(rng.random(n) < 0.6, target, rng.integers(0, k, n))
+    loss = rng.random(n)
+    rows = {"probe": {"target": target, "pred": pred, "loss": loss, "doc": np.arange(n)}}
+    intervals, accuracies = bootstrap(rows, {"probe": k}, resamples, seed)
+    macro = dict(average="macro", zero_division=0)
+    by_hand = {m: [] for m in ("accuracy", "precision", "recall", "f1", "matthews", "loss")}
+    for b in range(resamples):
+        i = np.random.default_rng((seed, b)).integers(0, n, n)
+        t, p = target[i], pred[i]
+        by_hand["accuracy"].append(skm.accuracy_score(t, p))
+        by_hand["precision"].append(skm.precision_score(t, p, **macro))
+        by_hand["recall"].append(skm.recall_score(t, p, **macro))
+        by_hand["f1"].append(skm.f1_score(t, p, **macro))
+        by_hand["matthews"].append(skm.matthews_corrcoef(t, p))
+        by_hand["loss"].append(loss[i].mean())
+    assert accuracies["probe"] == pytest.approx(by_hand["accuracy"], abs=1e-12)
+    for metric, values in by_hand.items():
+        low, high = np.percentile(values, [2.5, 97.5])
+        assert intervals["probe"][f"{metric}_low"] == pytest.approx(low, abs=1e-12), metric
+        assert intervals["probe"][f"{metric}_high"] == pytest.approx(high, abs=1e-12), metric
+
+
+def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, docs, monkeypatch):
+    """The resamples are drawn on the worker thread during the test pass, once for every
+    probe scored on the test documents, and give the intervals drawing them at the end
+    gives."""
+    import threading
+
+    import lmprobe.bank
+    import lmprobe.uncertainty
+
+    _, enc, labels = docs
+    ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
+    train_set, test_set = ds.tt_split(test_size=0.4, seed=3)
+    configs = [ProbeConfig(s, [0, 1], early_stopping=False) for s in SITES]
+    calls = []
+
+    def spying(module):
+        draw = module.resample_counts
+
+        def spy(*args):
+            calls.append((module.__name__, threading.current_thread().name))
+            return draw(*args)
+
+        monkeypatch.setattr(module, "resample_counts", spy)
+
+    def table():
+        runner = ProbeRunner(gpt2, configs, seed=4)
+        trainer = make_trainer(
+            runner.module,
+            max_epochs=1,
+            callbacks=probe_callbacks(4, chunk_rows=16, bootstrap=RESAMPLES),
+            enable_progress_bar=False,
+        )
+        datamodule = ProbeDataModule(train_set=train_set, test_set=test_set, batch_size=8, seed=4)
+        return fit_and_test(trainer, runner.module, datamodule)
+
+    spying(lmprobe.bank)
+    spying(lmprobe.uncertainty)
+    ahead = table()
+    assert calls == [("lmprobe.bank", "lmprobe-bank")]  # once, for both probes, on the worker
+    calls.clear()
+    monkeypatch.setattr(lmprobe.bank.ProbeBank, "draw_resamples", lambda *args: None)
+    at_the_end = table()
+    assert calls == [("lmprobe.uncertainty", "MainThread")]
+    bounds = [c for c in ahead.columns if c.endswith(("_low", "_high"))] + ["p_vs_best"]
+    assert len(bounds) == 13  # six metrics, and the paired p-value
+    pd.testing.assert_frame_equal(ahead[bounds], at_the_end[bounds])

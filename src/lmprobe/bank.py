@@ -30,7 +30,7 @@ from lmprobe.features import FeatureKey, Features, PendingFeatures, gather, sett
 from lmprobe.io import probe_from_tensors, probe_to_tensors
 from lmprobe.metrics import column_of, metric_columns, row_log_loss
 from lmprobe.probes import Probe, make_probe, resolve_probe_kind
-from lmprobe.uncertainty import bootstrap, paired_p_values
+from lmprobe.uncertainty import MAX_KEPT_DRAWS, bootstrap, paired_p_values, resample_counts
 
 log = logging.getLogger("lmprobe")
 
@@ -119,6 +119,11 @@ class _Background:
         if self._error is not None:
             raise self._error
 
+    def join(self) -> None:
+        """Wait for the job without raising what it raised (whoever waits with ``result``
+        sees that)."""
+        self._thread.join()
+
 
 class ProbeBank:
     """The probes of one run, keyed by probe name (see the module docstring)."""
@@ -157,6 +162,9 @@ class ProbeBank:
         # method that reads or changes the probes' state waits for it first (``wait``).
         self._pending: _Background | None = None
         self._pending_rows = False  # it has rows for some probe (so one will be fitted)
+        # The test bootstrap's resamples drawn ahead on a worker thread (``draw_resamples``):
+        # (rows, resamples, seed, the job, its result).
+        self._drawn: tuple[int, int, int, _Background, list[np.ndarray]] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -675,6 +683,34 @@ class ProbeBank:
         for key in buffer.names() if buffer else []:
             self._score(stage, key, buffer.take(key, drop_failed))
 
+    def draw_resamples(self, n: int, n_resamples: int) -> None:
+        """Draw the test bootstrap's resamples of ``n`` rows (``uncertainty.resample_counts``)
+        on a worker thread, after the training running there, if any: a pass that scores
+        ``n`` rows per probe (a test set of ``n`` documents, pooled) is traced meanwhile, and
+        ``finish_scoring`` takes them for the probes scored on ``n`` rows. The draws are the
+        ones ``bootstrap`` would make (same rows, resamples and seed); if the probes score
+        another number of rows, they go unused. Not for what would not be kept in memory."""
+        if n <= 0 or n_resamples <= 0 or n * n_resamples > MAX_KEPT_DRAWS:
+            return
+        before, seed, drawn = self._pending, self.seed, []
+
+        def draw() -> None:
+            if before is not None:
+                before.join()  # one worker's work at a time; its error is raised by wait()
+            drawn.extend(resample_counts(n, n_resamples, seed))
+
+        self._drawn = (n, n_resamples, seed, _Background(draw), drawn)
+
+    def _take_draws(self, n_resamples: int) -> dict[int, list[np.ndarray]]:
+        """The resamples drawn ahead (``draw_resamples``) for ``n_resamples`` resamples with
+        this bank's seed, by number of rows; none if they were drawn for other ones."""
+        if self._drawn is None:
+            return {}
+        n, resamples, seed, job, drawn = self._drawn
+        self._drawn = None
+        job.result()
+        return {n: drawn} if (resamples, seed) == (n_resamples, self.seed) else {}
+
     def finish_scoring(
         self, stage: str, drop_failed: bool = False, n_resamples: int = 0
     ) -> pd.DataFrame:
@@ -707,7 +743,8 @@ class ProbeBank:
                 row["compression"] = uniform / bits if uniform and bits else float("nan")
             rows[name] = row
         if n_resamples and scored:
-            intervals, resampled = bootstrap(scored, n_classes, n_resamples, self.seed)
+            drawn = self._take_draws(n_resamples)
+            intervals, resampled = bootstrap(scored, n_classes, n_resamples, self.seed, drawn)
             point = {name: rows[name]["accuracy"] for name in scored}
             for name, p_value in paired_p_values(scored, point, resampled).items():
                 rows[name]["p_vs_best"] = p_value

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
-from lmprobe.dataset import LengthGroupedBatches, loader_batch_size
+from lmprobe.dataset import LengthGroupedBatches, ProbeDataset, loader_batch_size
 from lmprobe.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from lmprobe.module import ProbeModule
 from lmprobe.uncertainty import DEFAULT_RESAMPLES
@@ -252,6 +252,15 @@ class ProbeMetrics(Callback):
     ) -> None:
         self._add("test", pl_module, outputs)
 
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        # The bootstrap's resamples are drawn on a worker thread while the test set is
+        # traced; a pooled probe scores one row per test document. (One process only: with
+        # several, each traces its own share.)
+        loader = trainer.test_dataloaders
+        dataset = getattr(loader, "dataset", None)
+        if self.bootstrap and pl_module.shards is None and _documents_are_rows(dataset):
+            pl_module.bank.draw_resamples(len(dataset), self.bootstrap)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         self._finish("val", trainer, pl_module)
 
@@ -281,3 +290,10 @@ class ProbeMetrics(Callback):
         }
         for logger in trainer.loggers:  # one call per logger (self.log costs ~1 ms a value)
             logger.log_metrics(scalars, step=trainer.current_epoch)
+
+
+def _documents_are_rows(dataset: Any) -> bool:
+    """Whether a pooled probe scores one row per document of ``dataset`` (a
+    ``ProbeDataset`` with a label per document; token- and word-level data give a row per
+    token or word)."""
+    return isinstance(dataset, ProbeDataset) and not dataset.token_level

@@ -20,11 +20,15 @@ import math
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
 from lmprobe.metrics import CLASSIFICATION_METRICS
 
 LEVEL = 0.95
 DEFAULT_RESAMPLES = 1000
+# Rows x resamples of the draws kept in memory at once (float64 counts: ~400 MB); larger
+# bootstraps draw again for every probe.
+MAX_KEPT_DRAWS = 50_000_000
 
 
 def resamples(n: int, n_resamples: int, seed: int, block: int = 100):
@@ -36,38 +40,59 @@ def resamples(n: int, n_resamples: int, seed: int, block: int = 100):
         )
 
 
+def resample_counts(n: int, n_resamples: int, seed: int, block: int = 100):
+    """How often each row is drawn by each resample of ``resamples``, ``block`` resamples
+    at a time: (n, b) float64, column j for the block's resample j. A resample's totals
+    are then one product with these counts, shared by every probe scored on the n rows."""
+    for index in resamples(n, n_resamples, seed, block):
+        b = len(index)
+        cells = (index * b + np.arange(b)[:, None]).ravel()  # draw of row i by j: i * b + j
+        yield np.bincount(cells, minlength=n * b).reshape(n, b).astype(float)
+
+
 def bootstrap(
-    rows: dict[str, dict[str, Any]], n_classes: dict[str, int], n_resamples: int, seed: int
+    rows: dict[str, dict[str, Any]],
+    n_classes: dict[str, int],
+    n_resamples: int,
+    seed: int,
+    drawn: dict[int, list[np.ndarray]] | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """``rows``: per probe, the scored rows (``ClassificationScores.rows()``). Returns, per
     probe, ``<metric>_low``/``<metric>_high``, and the resampled accuracies (for pairing).
-    Every metric of every resample comes from one vectorised pass over confusion matrices."""
+    ``drawn``: ``list(resample_counts(n, n_resamples, seed))`` by n, where already drawn.
+
+    Every resample's confusion matrix is one sparse product of the draw counts
+    (``resample_counts``) with the cell each row falls in, and every metric of every
+    resample one vectorised pass over those matrices (sums of whole counts: the same
+    matrices as counting the drawn rows one by one)."""
     low, high = 100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2
     intervals: dict[str, dict[str, float]] = {}
     accuracies: dict[str, np.ndarray] = {}
-    cached: dict[int, list[np.ndarray]] = {}  # probes scored on n rows share the resamples
+    cached = dict(drawn or {})  # probes scored on n rows share the resamples
     for name, scored in rows.items():
         n, k = len(scored["target"]), n_classes[name]
         if n == 0 or n_resamples <= 0:
             continue
         blocks = cached.get(n)
-        if blocks is None and n * n_resamples <= 50_000_000:  # keep what fits in ~400 MB
-            blocks = cached[n] = list(resamples(n, n_resamples, seed))
-        codes = scored["target"] * k + scored["pred"]
-        samples: dict[str, list[np.ndarray]] = {}
-        for index in blocks if blocks is not None else resamples(n, n_resamples, seed):
-            offsets = (np.arange(len(index)) * k * k)[:, None]
-            counts = np.bincount((codes[index] + offsets).ravel(), minlength=len(index) * k * k)
-            confusion = counts.reshape(len(index), k, k).astype(float)
-            for metric, fn in CLASSIFICATION_METRICS.items():
-                samples.setdefault(metric, []).append(fn(confusion))
-            samples.setdefault("loss", []).append(scored["loss"][index].mean(1))
+        if blocks is None and n * n_resamples <= MAX_KEPT_DRAWS:
+            blocks = cached[n] = list(resample_counts(n, n_resamples, seed))
+        # (k * k, n): a 1 at each row's cell (target, prediction) of the confusion matrix
+        cells = sparse.csr_array(
+            (np.ones(n), (scored["target"] * k + scored["pred"], np.arange(n))), shape=(k * k, n)
+        )
+        confusions, losses = [], []
+        for counts in blocks if blocks is not None else resample_counts(n, n_resamples, seed):
+            confusions.append((cells @ counts).T)
+            losses.append(scored["loss"] @ counts / n)
+        confusion = np.concatenate(confusions).reshape(-1, k, k)
+        samples = {metric: fn(confusion) for metric, fn in CLASSIFICATION_METRICS.items()}
+        samples["loss"] = np.concatenate(losses)
+        bounds = np.percentile(np.stack(list(samples.values())), [low, high], axis=1)
         intervals[name] = {}
-        for metric, parts in samples.items():
-            lo, hi = np.percentile(np.concatenate(parts), [low, high])
+        for metric, lo, hi in zip(samples, *bounds, strict=True):
             intervals[name][f"{metric}_low"] = float(lo)
             intervals[name][f"{metric}_high"] = float(hi)
-        accuracies[name] = np.concatenate(samples["accuracy"])
+        accuracies[name] = samples["accuracy"]
     return intervals, accuracies
 
 
