@@ -427,6 +427,10 @@ def run_config(name: str, args) -> Iterator[dict]:
                     "dtype": str(dtype).replace("torch.", ""),
                     "median_s": value,
                     "ratio": value / medians[base],
+                    # the median of each round's own ratio: drift between rounds cancels
+                    "paired_ratio": statistics.median(
+                        a / b for a, b in zip(samples[case], samples[base], strict=False)
+                    ),
                     "peak_mib": peak.get(case),
                     "peak_ratio": peak[case] / peak[base] if case in peak else None,
                     "syncs_per_batch": syncs[case] / n_batches if case in syncs else None,
@@ -477,7 +481,7 @@ def main() -> None:
     print(f"machine: {machine()}; torch {torch.__version__}")
     print(
         f"{'config':7} {'case':21} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} "
-        f"{'peak MiB':>9} {'peak x':>6} {'syncs/batch':>11}",
+        f"{'paired':>6} {'peak MiB':>9} {'peak x':>6} {'syncs/batch':>11}",
         flush=True,
     )
     rows = []
@@ -491,7 +495,7 @@ def main() -> None:
             syncs = row["syncs_per_batch"]
             print(
                 f"{row['config']:7} {row['case']:21} {row['batch_size']:5d} {row['dtype']:9} "
-                f"{row['median_s']:9.3f} {row['ratio']:6.2f} {peak:>16} "
+                f"{row['median_s']:9.3f} {row['ratio']:6.2f} {row['paired_ratio']:6.2f} {peak:>16} "
                 f"{'-' if syncs is None else f'{syncs:.2f}':>11}",
                 flush=True,
             )
