@@ -26,6 +26,14 @@ def fitted(gpt2, docs):
     _, enc, labels = docs
     ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
     train_set, test_set = ds.tt_split(test_size=0.4, seed=3)
+    runner, table = fit_and_score(gpt2, train_set, test_set, group_size=16)
+    docs_ = test_set[:]
+    X = runner.get_probe_features(docs_["input_ids"], docs_["attention_mask"])
+    return runner, table, X, docs_["labels"].numpy(), train_set
+
+
+def fit_and_score(gpt2, train_set, test_set, group_size=None):
+    """One probe per site of ``SITES``, one epoch, test table with ``RESAMPLES``."""
     configs = [ProbeConfig(s, [0, 1], early_stopping=False) for s in SITES]
     runner = ProbeRunner(gpt2, configs, seed=4)
     trainer = make_trainer(
@@ -35,12 +43,9 @@ def fitted(gpt2, docs):
         enable_progress_bar=False,
     )
     datamodule = ProbeDataModule(
-        train_set=train_set, test_set=test_set, batch_size=8, seed=4, group_size=16
+        train_set=train_set, test_set=test_set, batch_size=8, seed=4, group_size=group_size
     )
-    table = fit_and_test(trainer, runner.module, datamodule)
-    docs_ = test_set[:]
-    X = runner.get_probe_features(docs_["input_ids"], docs_["attention_mask"])
-    return runner, table, X, docs_["labels"].numpy(), train_set
+    return runner, fit_and_test(trainer, runner.module, datamodule)
 
 
 def by_hand(probe, X, y):
@@ -258,7 +263,6 @@ def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, doc
     _, enc, labels = docs
     ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
     train_set, test_set = ds.tt_split(test_size=0.4, seed=3)
-    configs = [ProbeConfig(s, [0, 1], early_stopping=False) for s in SITES]
     calls = []
 
     def spying(module):
@@ -270,24 +274,13 @@ def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, doc
 
         monkeypatch.setattr(module, "resample_counts", spy)
 
-    def table():
-        runner = ProbeRunner(gpt2, configs, seed=4)
-        trainer = make_trainer(
-            runner.module,
-            max_epochs=1,
-            callbacks=probe_callbacks(4, chunk_rows=16, bootstrap=RESAMPLES),
-            enable_progress_bar=False,
-        )
-        datamodule = ProbeDataModule(train_set=train_set, test_set=test_set, batch_size=8, seed=4)
-        return fit_and_test(trainer, runner.module, datamodule)
-
     spying(lmprobe.bank)
     spying(lmprobe.uncertainty)
-    ahead = table()
+    _, ahead = fit_and_score(gpt2, train_set, test_set)
     assert calls == [("lmprobe.bank", "lmprobe-bank")]  # once, for both probes, on the worker
     calls.clear()
     monkeypatch.setattr(lmprobe.bank.ProbeBank, "draw_resamples", lambda *args: None)
-    at_the_end = table()
+    _, at_the_end = fit_and_score(gpt2, train_set, test_set)
     assert calls == [("lmprobe.uncertainty", "MainThread")]
     bounds = [c for c in ahead.columns if c.endswith(("_low", "_high"))] + ["p_vs_best"]
     assert len(bounds) == 13  # six metrics, and the paired p-value

@@ -708,7 +708,11 @@ class ProbeBank:
             return {}
         n, resamples, seed, job, drawn = self._drawn
         self._drawn = None
-        job.result()
+        try:
+            job.result()
+        except Exception as error:  # e.g. out of memory: draw them in place instead
+            log.warning("drawing the bootstrap's resamples ahead failed (%r); drawing now", error)
+            return {}
         return {n: drawn} if (resamples, seed) == (n_resamples, self.seed) else {}
 
     def finish_scoring(
