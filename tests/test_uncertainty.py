@@ -285,3 +285,23 @@ def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, doc
     bounds = [c for c in ahead.columns if c.endswith(("_low", "_high"))] + ["p_vs_best"]
     assert len(bounds) == 13  # six metrics, and the paired p-value
     pd.testing.assert_frame_equal(ahead[bounds], at_the_end[bounds])
+
+
+def test_a_failed_draw_ahead_falls_back_to_drawing_at_the_end(gpt2, docs, monkeypatch, caplog):
+    """If drawing the resamples on the worker fails (out of memory, say), the test table
+    still gets its intervals, drawn at the end: the same ones."""
+    import lmprobe.bank
+
+    _, enc, labels = docs
+    ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
+    train_set, test_set = ds.tt_split(test_size=0.4, seed=3)
+    _, drawn_ahead = fit_and_score(gpt2, train_set, test_set)
+
+    def failing(*args):
+        raise MemoryError("no room for the draws")
+
+    monkeypatch.setattr(lmprobe.bank, "resample_counts", failing)
+    _, drawn_at_the_end = fit_and_score(gpt2, train_set, test_set)
+    assert "drawing the bootstrap's resamples ahead failed" in caplog.text
+    bounds = [c for c in drawn_ahead.columns if c.endswith(("_low", "_high"))]
+    pd.testing.assert_frame_equal(drawn_ahead[bounds], drawn_at_the_end[bounds])
