@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from lmprobe.features import FeatureKey, PendingFeatures, to_host
+from lmprobe.features import FeatureKey, PendingFeatures, by_device, to_host
 
 
 class TracedAhead:
@@ -87,11 +87,9 @@ class TracedAhead:
 def offload(parts: list[PendingFeatures]) -> None:
     """Move the matrices of ``parts`` to host memory as they are (one copy per device; not
     yet checked for finite values: that happens when their rows are used)."""
-    by_device: dict[torch.device, list[PendingFeatures]] = {}
-    for part in parts:
-        if part.X is not None and part.X.device.type != "cpu":
-            by_device.setdefault(part.X.device, []).append(part)
-    for waiting in by_device.values():
+    for device, waiting in by_device(parts).items():
+        if device.type == "cpu":
+            continue
         host = torch.cat([p.X for p in waiting]).cpu()
         for part, block in zip(waiting, host.split([len(p) for p in waiting]), strict=True):
             part.X = block

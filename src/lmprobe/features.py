@@ -208,13 +208,19 @@ def to_host(X: torch.Tensor) -> np.ndarray:
     return X.cpu().numpy()
 
 
-def settle(parts: Sequence[PendingFeatures]) -> None:
-    """Bring every part still on a device to the host with one copy (one wait) per device."""
-    by_device: dict[torch.device, list[PendingFeatures]] = {}
+def by_device(parts: Iterable[PendingFeatures]) -> dict[torch.device, list[PendingFeatures]]:
+    """The parts whose matrix is still to be settled (``X`` set), grouped by its device, so
+    each device is copied from (and waited for) once."""
+    grouped: dict[torch.device, list[PendingFeatures]] = {}
     for part in parts:
         if part.X is not None:
-            by_device.setdefault(part.X.device, []).append(part)
-    for waiting in by_device.values():
+            grouped.setdefault(part.X.device, []).append(part)
+    return grouped
+
+
+def settle(parts: Sequence[PendingFeatures]) -> None:
+    """Bring every part still on a device to the host with one copy (one wait) per device."""
+    for waiting in by_device(parts).values():
         X = to_host(waiting[0].X if len(waiting) == 1 else torch.cat([p.X for p in waiting]))
         bounds = np.cumsum([len(p) for p in waiting])[:-1]
         for part, block in zip(waiting, np.split(X, bounds), strict=True):
