@@ -78,10 +78,13 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def floor(model, datasets, batch_size: int, device, by_length: bool = True) -> float:
+def floor(
+    model, datasets, batch_size: int, device, by_length: bool = True, use_cache: bool = True
+) -> float:
     """A bare forward of the LM body (no lm_head) over every document once; ``by_length``:
     in batches of documents sorted by length (the least padding a forward can have), else in
-    the dataset's order."""
+    the dataset's order. ``use_cache=False`` skips building the keys-and-values cache, as
+    lmprobe's traces do (the default forward builds it)."""
     from torch.utils.data import DataLoader
 
     sync(device)
@@ -95,7 +98,7 @@ def floor(model, datasets, batch_size: int, device, by_length: bool = True) -> f
             for batch in loader:
                 mask = batch["attention_mask"].to(device, non_blocking=True)
                 ids = batch["input_ids"].to(device, non_blocking=True)
-                model.transformer(input_ids=ids, attention_mask=mask)
+                model.transformer(input_ids=ids, attention_mask=mask, use_cache=use_cache)
     sync(device)
     return time.perf_counter() - start
 
@@ -207,12 +210,13 @@ def bare_batches(model, batches: list[dict], device) -> float:
 
 def model_inputs(batch: dict, device) -> dict[str, torch.Tensor]:
     """The inputs ``trace_features`` gives the model for ``batch`` (positions of real
-    tokens), on ``device``."""
+    tokens, no keys-and-values cache), on ``device``."""
     from lmprobe.features import position_ids_for
 
     mask = batch["attention_mask"].to(device, non_blocking=True)
     ids = batch["input_ids"].to(device, non_blocking=True)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_for(mask)}
+    positions = position_ids_for(mask)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
 
 
 def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) -> float:
@@ -380,6 +384,10 @@ def run_config(name: str, args) -> Iterator[dict]:
             )
             cases = {
                 "floor": partial(floor, model, (train, test), batch_size, device),
+                # the least work a forward can do: lmprobe's traces build no cache either
+                "floor, no cache": partial(
+                    floor, model, (train, test), batch_size, device, use_cache=False
+                ),
                 "floor unsorted": partial(
                     floor, model, (train, test), batch_size, device, by_length=False
                 ),

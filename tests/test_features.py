@@ -213,6 +213,32 @@ def test_a_trace_hands_off_only_on_the_probed_paths_and_puts_the_rest_back(gpt2,
     torch.testing.assert_close(inner[1][real], expected, atol=1e-5, rtol=0)
 
 
+def test_a_trace_builds_no_cache_where_the_forward_takes_use_cache(gpt2, hf_gpt2):
+    """A probing trace passes ``use_cache=False`` (the cache's copies of every layer's keys
+    and values buy nothing there), only where the forward takes it; the features stay those
+    of the default forward (the tests above)."""
+    from lmprobe.features import FeatureKey, trace_features
+    from lmprobe.models import forward_parameters
+
+    key = FeatureKey("transformer.h.1.output", "mean", None)
+    runner = ProbeRunner(gpt2, [ProbeConfig(key.submodule, [0, 1])])
+    given: list[dict] = []
+    handle = hf_gpt2.register_forward_pre_hook(
+        lambda _module, _args, kwargs: given.append(dict(kwargs)), with_kwargs=True
+    )
+    enc = gpt2.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    batch = {**enc, "labels": torch.zeros(len(TEXTS), dtype=torch.long)}
+    batch["index"] = torch.arange(len(TEXTS))
+    try:
+        runner.get_probe_features(enc["input_ids"], enc["attention_mask"])
+        for takes in (forward_parameters(gpt2), {"position_ids"}, set()):
+            trace_features(gpt2, batch, [key], {key.submodule: 0}, forward_takes=takes)
+    finally:
+        handle.remove()
+    assert {"use_cache", "position_ids"} <= forward_parameters(gpt2)
+    assert [k.get("use_cache", "absent") for k in given] == [False, False, "absent", "absent"]
+
+
 def _masked_mean_by_hand(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """float64 mean of each document's real positions, one document at a time."""
     return torch.stack([hidden[i][real[i]].double().mean(0) for i in range(len(hidden))])

@@ -10,9 +10,9 @@ from lmprobe.config import ProbeConfig
 from lmprobe.errors import LmProbeError
 from lmprobe.features import FeatureKey, gather, trace_features
 from lmprobe.models import (
-    accepts_position_ids,
     check_submodules,
     forward_order,
+    forward_parameters,
     load_language_model,
 )
 
@@ -72,7 +72,7 @@ class FeatureExtractor:
             batch,
             keys,
             forward_order(self.model, submodules),
-            accepts_position_ids=accepts_position_ids(self.model),
+            forward_takes=forward_parameters(self.model),
             remote=self.remote,
             batch_label=f"documents 0-{len(ids)}",
             all_positions=True,

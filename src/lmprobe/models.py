@@ -293,12 +293,13 @@ def forward_order(lm: Any, submodules: Iterable[str]) -> dict[str, int]:
     return ranks
 
 
-def accepts_position_ids(lm: Any) -> bool:
-    """Whether the model's forward takes ``position_ids`` (so padding can be left out of the
-    positions; see ``lmprobe.features.position_ids_for``)."""
+def forward_parameters(lm: Any) -> frozenset[str]:
+    """The named parameters of the model's forward: ``trace_features`` gives it
+    ``position_ids`` (so padding can be left out of the positions; see
+    ``lmprobe.features.position_ids_for``) and ``use_cache=False`` only where it takes them."""
     import inspect
 
-    return "position_ids" in inspect.signature(torch_module(lm).forward).parameters
+    return frozenset(inspect.signature(torch_module(lm).forward).parameters)
 
 
 def local_model_dir(name_or_path: Any) -> Path | None:

@@ -23,7 +23,7 @@ from lmprobe.dataset import ProbeDataset, batches, loader_batch_size, trim_paddi
 from lmprobe.distributed import Shards, sync_bank, sync_live, sync_scores
 from lmprobe.errors import LmProbeError
 from lmprobe.features import FeatureKey, Features, PendingFeatures, gather, settle, trace_features
-from lmprobe.models import accepts_position_ids, check_submodules, forward_order, torch_module
+from lmprobe.models import check_submodules, forward_order, forward_parameters, torch_module
 from lmprobe.store import FeatureSource, StoredFeatures
 
 log = logging.getLogger("lmprobe")
@@ -76,7 +76,7 @@ class ProbeModule(L.LightningModule):
         self._order: dict[str, int] | None = None
         if not any(p.device.type == "meta" for p in torch_module(model).parameters()):
             self._order = forward_order(model, [c.submodule for c in configs])
-        self.accepts_position_ids = accepts_position_ids(model)
+        self.forward_takes = forward_parameters(model)
         # The feature store (lmprobe.store): ``feature_source`` fills ``features`` (one
         # ``StoredFeatures`` per split) before training; steps then read rows from it
         # instead of tracing. With the store, ``model`` may be a frame without weights
@@ -165,7 +165,7 @@ class ProbeModule(L.LightningModule):
             batch,
             keys,
             self.order,
-            accepts_position_ids=self.accepts_position_ids,
+            forward_takes=self.forward_takes,
             remote=self.remote,
             batch_label=label,
             on_nonfinite=self.on_nonfinite,

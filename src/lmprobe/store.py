@@ -56,9 +56,9 @@ from lmprobe.dataset import ProbeDataset, batches
 from lmprobe.errors import LmProbeError
 from lmprobe.features import FeatureKey, PendingFeatures, to_host, trace_features
 from lmprobe.models import (
-    accepts_position_ids,
     cache_dir,
     forward_order,
+    forward_parameters,
     local_model_dir,
 )
 from lmprobe.poolings import TOKEN_LEVEL
@@ -601,7 +601,7 @@ class FeatureSource:
         lm = self.load_model()
         keys = list(writers)
         order = forward_order(lm, [k.submodule for k in keys])
-        position_ids = accepts_position_ids(lm)
+        takes = forward_parameters(lm)
         # The trace reports each row's "label": labelled with their own column (or word
         # slot), token rows tell the writer where they are; rows are every document, real
         # token or present word (no null_label), so entries do not depend on labels.
@@ -625,7 +625,7 @@ class FeatureSource:
                     batch,
                     keys,
                     order,
-                    accepts_position_ids=position_ids,
+                    forward_takes=takes,
                     remote=self.remote,
                     batch_label=f"{split} batch {i}",
                 )
