@@ -740,7 +740,7 @@ class ProbeBank:
                 row["majority_accuracy"] = float("nan")
                 if scores is not None and name not in self.control_of:
                     scored[name], n_classes[name] = scores.rows(), len(scores.classes)
-                    per_class.append(scores.per_class().assign(probe=name))
+                    per_class.append(scores.per_class(name))
                     row["majority_accuracy"] = self._majority_accuracy(name, scored[name])
                 bits, uniform = self.code_bits[name], self.uniform_bits[name]
                 row["codelength_bits"] = bits if uniform else float("nan")
