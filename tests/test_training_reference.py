@@ -511,3 +511,82 @@ def test_training_batches_leave_the_heldout_slice_out_and_stay_full(
     assert len(traced) == math.ceil(n / batch_size)
     assert sum(size < batch_size for size in traced) <= 1  # the last batch
     assert sum(traced) == n
+
+
+def test_windows_trained_on_the_worker_learn_what_windows_trained_in_place_learn(
+    gpt2, dataset, monkeypatch
+):
+    """A length window that ends inside an epoch trains on the worker thread while the next
+    one is traced, the batches traced meanwhile waiting for it (made slow here, so they
+    do): every probe learns exactly what it learns with each window trained in place (same
+    coefficients, steps, held-out curve, stop), a probe that stops there ignores the rows
+    traced for it meanwhile, and the run traces as many batches."""
+    import threading
+
+    from lmprobe.bank import ProbeBank
+    from lmprobe.callbacks import ProbeUpdater
+
+    train_on, wait = ProbeBank._train_on, ProbeBank.wait
+    on_worker: list[int] = []
+    waited_for: list[int] = []  # batches waiting for the worker's training when it is joined
+
+    def slow_train_on(self, name, rows, buffered):
+        if threading.current_thread().name == "lmprobe-bank" and rows is not None:
+            on_worker.append(len(rows.y))
+            threading.Event().wait(0.05)  # the next batches are traced (and wait) meanwhile
+        return train_on(self, name, rows, buffered)
+
+    def counting_wait(self, raise_error=True):
+        if self._pending is not None:
+            waited_for.append(len(self._deferred))
+        return wait(self, raise_error)
+
+    monkeypatch.setattr(ProbeBank, "_train_on", slow_train_on)
+    monkeypatch.setattr(ProbeBank, "wait", counting_wait)
+    configs = [  # one stops early (mid-run), one never does (so the run goes on)
+        ProbeConfig(
+            "transformer.h.1.output",
+            [0, 1],
+            patience=3,
+            warmup_steps=2,
+            threshold=0.5,
+            name="stops",
+            **ONE_ALPHA,
+        ),
+        ProbeConfig(SITE, [0, 1], early_stopping=False, name="goes on", **ONE_ALPHA),
+    ]
+    train_set, test_set = dataset.tt_split(test_size=0.25, seed=3)
+    runs, counts = {}, {}
+    for while_tracing in (False, True):
+        monkeypatch.setattr(ProbeUpdater, "train_while_tracing", while_tracing)
+        on_worker.clear()
+        counter = CountBatches()
+        runner = ProbeRunner(gpt2, configs, seed=5)
+        runner.fit_probes(
+            train_set,
+            test_set,
+            batch_size=4,
+            max_epochs=2,
+            chunk_rows=8,
+            length_window=1,
+            callbacks=[counter],
+        )
+        runs[while_tracing], counts[while_tracing] = runner, (counter.batches, len(on_worker))
+    in_place, on_thread = runs[False].module.bank, runs[True].module.bank
+    # windows of 2 batches: in place, only the last window's training left the main thread
+    # (while the test set is traced); on the worker, those inside the epochs too, and
+    # batches waited for them
+    assert counts[True][1] > counts[False][1] + 4
+    assert max(waited_for) >= 1
+    assert counts[True][0] == counts[False][0]
+    assert in_place.stopped_early["stops"] and on_thread.stopped_early["stops"]
+    assert in_place.steps["stops"] < in_place.steps["goes on"]  # it stopped mid-run
+    for name in configs[0].name, configs[1].name:
+        assert on_thread.steps[name] == in_place.steps[name], name
+        assert on_thread.history[name] == in_place.history[name], name
+        for attribute in ("coef_", "intercept_"):
+            np.testing.assert_array_equal(
+                getattr(runs[True][name].classifier_, attribute),
+                getattr(runs[False][name].classifier_, attribute),
+            )
+    assert runs[True].metrics.equals(runs[False].metrics)

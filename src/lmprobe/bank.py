@@ -124,6 +124,10 @@ class _Background:
         sees that)."""
         self._thread.join()
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
 
 class ProbeBank:
     """The probes of one run, keyed by probe name (see the module docstring)."""
@@ -162,6 +166,11 @@ class ProbeBank:
         # method that reads or changes the probes' state waits for it first (``wait``).
         self._pending: _Background | None = None
         self._pending_rows = False  # it has rows for some probe (so one will be fitted)
+        # While it runs: the probes live when it began (what training batches are traced
+        # for) and the training batches' updates that came meanwhile, applied in order
+        # once it has ended (``update``, ``wait``)
+        self._live_before: list[str] | None = None
+        self._deferred: list[tuple[dict[FeatureKey, PendingFeatures], float | None]] = []
         # The test bootstrap's resamples drawn ahead on a worker thread (``draw_resamples``):
         # (rows, resamples, seed, the job, its result).
         self._drawn: tuple[int, int, int, _Background, list[np.ndarray]] | None = None
@@ -277,6 +286,32 @@ class ProbeBank:
         self.wait()
         return not self.live
 
+    def goes_on(self) -> bool:
+        """Some live probe cannot stop while training on the rows buffered now, whatever
+        its held-out losses: the run goes on past that training, so nothing waits for its
+        decisions (``ProbeUpdater`` trains such a window on the worker thread). A probe's
+        step count is already the window's end; patience can run out only if that end is
+        ``patience`` steps past its best step so far (which can only move later)."""
+        self.wait()  # (an earlier window's training, and the batches waiting for it)
+        for name in self.live:
+            config, end = self.configs[name], self.steps[name]
+            if config.max_steps is not None and end >= config.max_steps:
+                continue
+            if not self._stops_early(name):
+                return True
+            waited = end - max(self.best_step[name], config.warmup_steps)
+            if end <= config.warmup_steps or waited < config.patience:
+                return True
+        return False
+
+    def live_names(self) -> list[str]:
+        """The probes a training batch is traced for: the live ones, or, while a length
+        window's training runs on the worker thread, those live when it began (a superset:
+        the rows of a probe it stops are dropped when the batch's update is applied)."""
+        if self._live_before is not None:
+            return self._live_before
+        return sorted(self.live)
+
     # ------------------------------------------------------ background training
     def wait(self, raise_error: bool = True) -> None:
         """Join the training running in the background (``flush(background=True)``), if
@@ -285,18 +320,32 @@ class ProbeBank:
         pending = self._pending
         if pending is None:
             return
-        self._pending, self._pending_rows = None, False
+        self._pending, self._pending_rows, self._live_before = None, False, None
+        deferred, self._deferred = self._deferred, []
         try:
             pending.result()
         except Exception as error:
             if raise_error:
                 raise
             log.error("the probes' training on the worker thread failed too: %r", error)
+            return  # (the run is failing: its later batches are not trained on)
+        for features, chunk_rows in deferred:  # as if they had come after it, in order
+            self.update(features, chunk_rows)
 
     @property
     def training_pending(self) -> bool:
         """Training handed to the worker thread has not been waited for yet."""
         return self._pending is not None
+
+    @property
+    def batches_waiting(self) -> bool:
+        """Training batches wait for the worker's training to end (``update``)."""
+        return bool(self._deferred)
+
+    @property
+    def training_running(self) -> bool:
+        """Training handed to the worker thread is still running (waiting would block)."""
+        return self._pending is not None and self._pending.running
 
     @contextlib.contextmanager
     def joined_after(self) -> Iterator[None]:
@@ -412,7 +461,15 @@ class ProbeBank:
         self, features: dict[FeatureKey, PendingFeatures], chunk_rows: int | None
     ) -> list[str]:
         """One training batch: count a step for every live probe with rows, train those
-        whose chunk is full (or that reach ``max_steps``). Returns the probes trained."""
+        whose chunk is full (or that reach ``max_steps``). Returns the probes trained.
+
+        While a window's training runs on the worker thread, the batch waits (its rows
+        kept as they are) and is applied when that training ends (``wait``), with the
+        probes it left live: what is learned is the same, and tracing goes on meanwhile.
+        Returns [] then."""
+        if self._live_before is not None and self.training_running:
+            self._deferred.append((features, chunk_rows))
+            return []
         self.wait()
         trained = []
         for name in sorted(self.live):
@@ -456,14 +513,17 @@ class ProbeBank:
                 self._train_on(name, rows, buffered)
 
         self._pending_rows = any(rows is not None for _, rows, _ in taken)
+        self._live_before = sorted(self.live)
         self._pending = _Background(train)
         return [name for name, rows, _ in taken if rows is not None]
 
     def settle_buffered(self) -> None:
         """Move the buffered training rows to the host now (between a length window's
         groups: a window buffers several groups' rows, and on a GPU they would otherwise all
-        wait in device memory; one copy per group, as without a window)."""
+        wait in device memory; one copy per group, as without a window), and those of the
+        batches waiting for the worker's training (``update``)."""
         self._train_rows.settle()
+        settle([part for features, _ in self._deferred for part in features.values()])
 
     def set_row_order(
         self,

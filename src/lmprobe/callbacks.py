@@ -44,10 +44,23 @@ class ProbeUpdater(Callback):
     when training ends go to a worker thread (``ProbeBank.flush(background=True)``,
     ``ProbeBank.refit_all``) and run while the test set is traced; the bank waits for them
     before it scores (or anything reads the probes), so the numbers are the same. Nothing
-    is decided from that work: the run's training has ended."""
+    is decided from that work: the run's training has ended.
 
-    def __init__(self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS) -> None:
+    ``train_while_tracing`` (one process): each length window that ends inside an epoch
+    trains on the worker thread too, while the next window is traced; the batches traced
+    meanwhile are applied once it ends (``ProbeBank.update``), so what is learned is the
+    same. Only where some live probe cannot stop in that training (``ProbeBank.goes_on``),
+    so the run ends at the same batch; the probes it stops ignore the rows traced for them
+    meanwhile. False: every window trains before the next batch is traced."""
+
+    train_while_tracing = True  # (a class default: runs build their updater themselves)
+
+    def __init__(
+        self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS, train_while_tracing: bool | None = None
+    ) -> None:
         self.chunk_rows = chunk_rows
+        if train_while_tracing is not None:
+            self.train_while_tracing = train_while_tracing
         self._groups: LengthGroupedBatches | None = None
         self.train_through_test = False
 
@@ -89,7 +102,11 @@ class ProbeUpdater(Callback):
             if self._in_background(pl_module) and self._last_batch_of_run(trainer, position):
                 pl_module.bank.flush(background=True)
                 return  # (and no stopping decision: the run ends after this batch)
-            pl_module.bank.flush()
+            # a window inside the epoch trains while the next one is traced when the run
+            # goes on past it whatever it decides (so it ends at the same batch)
+            bank, within = pl_module.bank, position < len(groups) - 1
+            in_one = self.train_while_tracing and pl_module.shards is None
+            bank.flush(background=within and in_one and bank.goes_on())
         elif groups and groups.window > 1 and (position + 1) % groups.batches_per_group == 0:
             pl_module.bank.settle_buffered()  # a group's worth: off the device
         self._stop_when_done(trainer, pl_module)
@@ -102,8 +119,9 @@ class ProbeUpdater(Callback):
             pl_module.sync_live()  # ranks: the probes that flush retired
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
-        if pl_module.bank.training_pending:  # the last batch's: nothing is buffered
-            return
+        bank = pl_module.bank
+        if bank.training_pending and not bank.batches_waiting:  # nothing is buffered
+            return  # (the last batch's training, going on while the test set is traced)
         pl_module.bank.flush()
         self._stop_when_done(trainer, pl_module)
 
@@ -143,6 +161,8 @@ class ProbeUpdater(Callback):
 
     @staticmethod
     def _stop_when_done(trainer: L.Trainer, pl_module: ProbeModule) -> None:
+        if pl_module.bank.training_running:
+            return  # a window still trains on the worker: decided at a later batch's end
         pl_module.sync_live()  # ranks: one decision, taken from each probe's owner
         if pl_module.bank.done:
             trainer.should_stop = True

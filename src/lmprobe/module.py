@@ -338,7 +338,7 @@ class ProbeModule(L.LightningModule):
             settle(parts)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
-        live = sorted(self.bank.live)
+        live = self.bank.live_names()  # (a window training on the worker: its probes)
         if not live:
             return None
         if len(self.bank.heldout_index):
