@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from lmprobe import LinearProbe, LmProbeError, ProbeRunner
+from lmprobe import LinearProbe, LmProbeError, ProbeConfig, ProbeRunner
 from lmprobe.app import build, load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +105,16 @@ def test_train_writes_every_output(tiny_cfg, tmp_path):
     probe = LinearProbe.load(run / "probes" / index["transformer.h.3.output"])
     assert probe.predict(np.zeros((2, 64), dtype=np.float32)).shape == (2,)
     assert (run / "accuracy_by_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the figure is the run's own: pyplot does not keep it (a sweep would pile them up)
+    import matplotlib.pyplot as plt
+
+    from lmprobe.results import accuracy_by_layer
+
+    figures = plt.get_fignums()
+    configs = {name: ProbeConfig(name, [0, 1]) for name in table.index}
+    figure = accuracy_by_layer(table, configs)
+    assert plt.get_fignums() == figures
+    assert len(figure.axes[0].lines) >= 2  # the probes' curve and the majority class
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

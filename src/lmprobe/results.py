@@ -93,11 +93,12 @@ def accuracy_by_layer(
     table: pd.DataFrame, configs: dict[str, ProbeConfig], metric: str = "accuracy"
 ):
     """A matplotlib figure: ``metric`` against layer, one line per submodule kind and pooling,
-    with its 95% bootstrap interval as a band and the majority-class baseline dotted."""
-    import matplotlib
+    with its 95% bootstrap interval as a band and the majority-class baseline dotted.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Built without pyplot: pyplot would keep every run's figure alive until closed (a sweep
+    in one process piles them up), and choosing its backend here would change the user's
+    own (a notebook's inline plots); a bare ``Figure`` renders PNG with Agg by itself."""
+    from matplotlib.figure import Figure
 
     # label -> (layer, value, low, high, majority, control, random-init) points
     lines: dict[str, list[tuple[int, float, float, float, float, float, float]]] = {}
@@ -120,7 +121,8 @@ def accuracy_by_layer(
                 row.get(f"random_init_{metric}", nan),
             )
         )
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for label, points in sorted(lines.items()):
         layers, values, low, high, majority, control, random_init = (
             list(v) for v in zip(*sorted(points), strict=True)
