@@ -209,14 +209,10 @@ def bare_batches(model, batches: list[dict], device) -> float:
 
 
 def model_inputs(batch: dict, device) -> dict[str, torch.Tensor]:
-    """The inputs ``trace_features`` gives the model for ``batch`` (positions of real
-    tokens, no keys-and-values cache), on ``device``."""
-    from lmprobe.features import position_ids_for
+    """The inputs ``trace_features`` gives the benchmark's GPT-2 for ``batch``, on ``device``."""
+    from lmprobe import features
 
-    mask = batch["attention_mask"].to(device, non_blocking=True)
-    ids = batch["input_ids"].to(device, non_blocking=True)
-    positions = position_ids_for(mask)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
+    return features.model_inputs(batch, device, ("position_ids", "use_cache"))
 
 
 def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) -> float:

@@ -133,6 +133,24 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+def model_inputs(
+    batch: dict[str, torch.Tensor], device: torch.device | str, forward_takes: Collection[str]
+) -> dict[str, Any]:
+    """What a trace gives the model for ``batch``, on ``device``: its ids and attention
+    mask, and, where the forward takes them (``forward_takes``, see
+    ``models.forward_parameters``), positions of real tokens only and ``use_cache=False``."""
+    attention_mask = batch["attention_mask"].to(device, non_blocking=True)
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
+    inputs["attention_mask"] = attention_mask
+    if "position_ids" in forward_takes:
+        inputs["position_ids"] = position_ids_for(attention_mask)
+    if "use_cache" in forward_takes:
+        # A probing forward never reuses its keys and values; building the cache copies
+        # every layer's (3-8% of the forward's time on the CPU benchmark)
+        inputs["use_cache"] = False
+    return inputs
+
+
 class PendingFeatures:
     """One batch's rows for one key, whose matrix may still be on the model's device.
 
@@ -276,16 +294,8 @@ def trace_features(
         raise ValueError("control probes need the data's control labels (batch['control'])")
     doc_index = batch["index"].cpu()
     real_host = batch["attention_mask"].cpu().bool()
-    attention_mask = batch["attention_mask"].to(device, non_blocking=True)
-    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
-    inputs["attention_mask"] = attention_mask
-    if "position_ids" in forward_takes:
-        inputs["position_ids"] = position_ids_for(attention_mask)
-    if "use_cache" in forward_takes:
-        # A probing forward never reuses its keys and values; building the cache copies
-        # every layer's (3-5% of the forward's time on the CPU benchmark)
-        inputs["use_cache"] = False
-    real = attention_mask.bool()
+    inputs = model_inputs(batch, device, forward_takes)
+    real = inputs["attention_mask"].bool()
     word_ids = batch["word_ids"].cpu() if "word_ids" in batch else None
     rows: dict[FeatureKey, torch.Tensor | WordRows | None] = {}
     targets: dict[FeatureKey, tuple[np.ndarray, np.ndarray]] = {}
