@@ -8,7 +8,9 @@ Configurations (see bench/README.md):
   control  the cpu bank of 12 probes with control-task twins vs without
 
 Floor and lmprobe run in one process, interleaved, ``--repeats`` times after a warm-up;
-the table shows medians and the JSON keeps every sample. Run with OMP_NUM_THREADS=1 on
+the table shows medians and the JSON keeps every sample. cpu/gpu rows also give each case's
+ratio to the stricter floor (``floor, no cache``: the forward with ``use_cache=False``, as
+lmprobe's traces run it). Run with OMP_NUM_THREADS=1 on
 small CPU machines (``make bench`` does). ``--breakdown`` (cpu/gpu) splits lmprobe's cost
 over the floor: the same forward over lmprobe's own batches (padding), then traced by
 nnsight, then with pooling and the copy to the host; the rest is the probes and Lightning,
@@ -422,6 +424,8 @@ def run_config(name: str, args) -> Iterator[dict]:
             except Exception as error:  # a diagnostic: never lose the timings for it
                 print(f"counting syncs failed: {error!r}", file=sys.stderr)
         n_batches = sum(-(-len(d) // batch_size) for d in (train, test))
+        # the stricter floor, where there is one: every case's ratio to it as well
+        strict = "floor, no cache" if "floor, no cache" in samples else None
         for case, value in medians.items():
             yield (
                 {
@@ -434,6 +438,14 @@ def run_config(name: str, args) -> Iterator[dict]:
                     # the median of each round's own ratio: drift between rounds cancels
                     "paired_ratio": statistics.median(
                         a / b for a, b in zip(samples[case], samples[base], strict=False)
+                    ),
+                    "ratio_no_cache": value / medians[strict] if strict else None,
+                    "paired_no_cache": (
+                        statistics.median(
+                            a / b for a, b in zip(samples[case], samples[strict], strict=False)
+                        )
+                        if strict
+                        else None
                     ),
                     "peak_mib": peak.get(case),
                     "peak_ratio": peak[case] / peak[base] if case in peak else None,
@@ -485,7 +497,8 @@ def main() -> None:
     print(f"machine: {machine()}; torch {torch.__version__}")
     print(
         f"{'config':7} {'case':21} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} "
-        f"{'paired':>6} {'peak MiB':>9} {'peak x':>6} {'syncs/batch':>11}",
+        f"{'paired':>6} {'/no-cache':>9} {'paired':>6} {'peak MiB':>9} {'peak x':>6} "
+        f"{'syncs/batch':>11}",
         flush=True,
     )
     rows = []
@@ -497,10 +510,15 @@ def main() -> None:
             rows.append(row)
             peak = f"{row['peak_mib']:9.0f} {row['peak_ratio']:6.2f}" if row["peak_mib"] else "-"
             syncs = row["syncs_per_batch"]
+            strict = (
+                f"{row['ratio_no_cache']:9.2f} {row['paired_no_cache']:6.2f}"
+                if row["ratio_no_cache"] is not None
+                else f"{'-':>9} {'-':>6}"
+            )
             print(
                 f"{row['config']:7} {row['case']:21} {row['batch_size']:5d} {row['dtype']:9} "
-                f"{row['median_s']:9.3f} {row['ratio']:6.2f} {row['paired_ratio']:6.2f} {peak:>16} "
-                f"{'-' if syncs is None else f'{syncs:.2f}':>11}",
+                f"{row['median_s']:9.3f} {row['ratio']:6.2f} {row['paired_ratio']:6.2f} {strict} "
+                f"{peak:>16} {'-' if syncs is None else f'{syncs:.2f}':>11}",
                 flush=True,
             )
             # written after every row, so a later failure (out of memory, say) loses nothing
