@@ -10,11 +10,11 @@ Configurations (see bench/README.md):
 Floor and lmprobe run in one process, interleaved, ``--repeats`` times after a warm-up;
 the table shows medians and the JSON keeps every sample. cpu/gpu rows also give each case's
 ratio to the stricter floor (``floor, no cache``: the forward with ``use_cache=False``, as
-lmprobe's traces run it). Run with OMP_NUM_THREADS=1 on
-small CPU machines (``make bench`` does). ``--breakdown`` (cpu/gpu) splits lmprobe's cost
-over the floor: the same forward over lmprobe's own batches (padding), then traced by
-nnsight, then with pooling and the copy to the host; the rest is the probes and Lightning,
-also timed within each lmprobe run as ``outside the traces``.
+lmprobe's traces run it). Run with OMP_NUM_THREADS=1 on small CPU machines (``make bench``
+does). ``--breakdown`` (cpu/gpu) splits lmprobe's cost over the floor: the same forward
+over lmprobe's own batches (padding), then traced by nnsight, then with pooling and the
+copy to the host; the rest is the probes and Lightning, also timed within each lmprobe run
+as ``outside the traces``.
 """
 
 from __future__ import annotations
