@@ -427,6 +427,10 @@ def run_config(name: str, args) -> Iterator[dict]:
         # the stricter floor, where there is one: every case's ratio to it as well
         strict = "floor, no cache" if "floor, no cache" in samples else None
         for case, value in medians.items():
+            ratio, paired = ratios(samples, case, base)
+            ratio_no_cache, paired_no_cache = (
+                ratios(samples, case, strict) if strict else (None, None)
+            )
             yield (
                 {
                     "config": name,
@@ -434,25 +438,24 @@ def run_config(name: str, args) -> Iterator[dict]:
                     "batch_size": batch_size,
                     "dtype": str(dtype).replace("torch.", ""),
                     "median_s": value,
-                    "ratio": value / medians[base],
-                    # the median of each round's own ratio: drift between rounds cancels
-                    "paired_ratio": statistics.median(
-                        a / b for a, b in zip(samples[case], samples[base], strict=False)
-                    ),
-                    "ratio_no_cache": value / medians[strict] if strict else None,
-                    "paired_no_cache": (
-                        statistics.median(
-                            a / b for a, b in zip(samples[case], samples[strict], strict=False)
-                        )
-                        if strict
-                        else None
-                    ),
+                    "ratio": ratio,
+                    "paired_ratio": paired,
+                    "ratio_no_cache": ratio_no_cache,
+                    "paired_no_cache": paired_no_cache,
                     "peak_mib": peak.get(case),
                     "peak_ratio": peak[case] / peak[base] if case in peak else None,
                     "syncs_per_batch": syncs[case] / n_batches if case in syncs else None,
                     "samples_s": samples[case],
                 }
             )
+
+
+def ratios(samples: dict[str, list[float]], case: str, against: str) -> tuple[float, float]:
+    """``case``'s median time over ``against``'s, and the median of each round's own ratio
+    (drift between rounds cancels)."""
+    medians = statistics.median(samples[case]) / statistics.median(samples[against])
+    rounds = zip(samples[case], samples[against], strict=False)
+    return medians, statistics.median(a / b for a, b in rounds)
 
 
 def machine() -> str:
