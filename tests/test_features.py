@@ -239,6 +239,75 @@ def test_a_trace_builds_no_cache_where_the_forward_takes_use_cache(gpt2, hf_gpt2
     assert [k.get("use_cache", "absent") for k in given] == [False, False, "absent", "absent"]
 
 
+def test_sites_are_pooled_as_the_forward_passes_them_and_the_fallback_reads_the_same(
+    gpt2, monkeypatch
+):
+    """lmprobe.observers: every site (outputs, an attention tuple, a first input) is pooled
+    in the forward's own greenlet, not in a worker the forward hands off to; where nnsight
+    has no observers the trace's body reads each site instead, and the features are the
+    same bit for bit (that they equal a plain HF forward: the tests above)."""
+    import greenlet
+
+    from lmprobe import features
+    from lmprobe.features import FeatureKey, trace_features
+    from lmprobe.models import forward_order
+
+    sites = [*SITES, "transformer.h.1.input"]
+    keys = [FeatureKey(site, pooling, None) for site in sites for pooling in ("mean", "last")]
+    keys.append(FeatureKey("transformer.h.2.output", "mean", None, control=True))
+    order = forward_order(gpt2, sites)
+    enc = gpt2.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    batch = {**enc, "labels": torch.tensor([0, 1, 0, 1]), "control": torch.tensor([1, 1, 0, 0])}
+    batch["index"] = torch.arange(len(TEXTS))
+    in_worker: list[bool] = []
+    pool = features.pool
+
+    def recording(*args, **kwargs):
+        in_worker.append(getattr(greenlet.getcurrent(), "mediator", None) is not None)
+        return pool(*args, **kwargs)
+
+    monkeypatch.setattr(features, "pool", recording)
+    observed = {k: v.host() for k, v in trace_features(gpt2, batch, keys, order).items()}
+    assert in_worker == [False] * (len(keys) - 1)  # the control twin shares its features
+    in_worker.clear()
+    monkeypatch.setattr(features.SiteObserver, "attach", lambda _self: False)
+    read = {k: v.host() for k, v in trace_features(gpt2, batch, keys, order).items()}
+    assert in_worker == [True] * (len(keys) - 1)
+    for key in keys:
+        for got, expected in zip(observed[key], read[key], strict=True):
+            np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(observed[keys[-1]].y, [1, 1, 0, 0])
+
+
+def test_a_site_the_forward_does_not_reach_before_the_deepest_is_named(gpt2):
+    from lmprobe.errors import LmProbeError
+    from lmprobe.features import FeatureKey, trace_features
+
+    keys = [FeatureKey(site, "mean", None) for site in ("transformer.h.3.output", SITES[0])]
+    enc = gpt2.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    batch = {**enc, "labels": torch.zeros(len(TEXTS), dtype=torch.long)}
+    batch["index"] = torch.arange(len(TEXTS))
+    wrong_order = {"transformer.h.3.output": 0, SITES[0]: 1}  # h.3 runs after h.2
+    with pytest.raises(LmProbeError, match=r"'transformer.h.3.output' did not run before"):
+        trace_features(gpt2, batch, keys, wrong_order)
+
+
+def test_an_nnsight_that_does_not_call_the_observer_is_named(gpt2, monkeypatch):
+    """Should a later nnsight keep the cache list but stop handing it values, the trace says
+    so instead of returning features it never pooled."""
+    from lmprobe.errors import LmProbeError
+    from lmprobe.features import FeatureKey, trace_features
+    from lmprobe.observers import SiteObserver
+
+    monkeypatch.setattr(SiteObserver, "subscriptions", lambda _self: {})
+    key = FeatureKey(SITES[0], "mean", None)
+    enc = gpt2.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    batch = {**enc, "labels": torch.zeros(len(TEXTS), dtype=torch.long)}
+    batch["index"] = torch.arange(len(TEXTS))
+    with pytest.raises(LmProbeError, match=r"did not hand lmprobe's observer"):
+        trace_features(gpt2, batch, [key], {key.submodule: 0})
+
+
 def _masked_mean_by_hand(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """float64 mean of each document's real positions, one document at a time."""
     return torch.stack([hidden[i][real[i]].double().mean(0) for i in range(len(hidden))])

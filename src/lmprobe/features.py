@@ -1,5 +1,6 @@
-"""Turning one batch into probe features: a single nnsight trace, reads in forward order,
-pooling on the model's device, and an early stop after the deepest site needed."""
+"""Turning one batch into probe features: a single nnsight trace, each site pooled on the
+model's device where the forward passes it (``lmprobe.observers``), and an early stop after
+the deepest site needed."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lmprobe.dataset import words_present
 from lmprobe.errors import LmProbeError, NonFiniteActivationError
 from lmprobe.handoffs import handoffs_only_at
 from lmprobe.models import envoy_at, input_device, torch_module
+from lmprobe.observers import SiteObserver
 from lmprobe.poolings import POOLINGS, TOKEN_LEVEL, WORD_POOLINGS
 
 log = logging.getLogger("lmprobe")
@@ -260,6 +262,29 @@ def gather(parts: Sequence[PendingFeatures], drop_failed: bool = False) -> Featu
     return Features.concat(hosts)
 
 
+def location(envoy: Any, site: str) -> str:
+    """nnsight's name for where the forward passes ``site``'s value (``envoy``: its module)."""
+    return f"{envoy.path}.{site.rpartition('.')[2]}"
+
+
+def read(envoy: Any, site: str) -> Any:
+    """Inside a trace's body: the value at ``site`` (a module's output or first input)."""
+    return envoy.output if site.endswith(".output") else envoy.input
+
+
+def site_tensor(site: str, value: Any) -> torch.Tensor:
+    """The activations in the value a site gives, or a clear error where there are none."""
+    if isinstance(value, (tuple, list)):  # e.g. attention returns (hidden, weights)
+        value = value[0]
+    if not isinstance(value, torch.Tensor):  # e.g. a whole model's ModelOutput
+        raise LmProbeError(
+            f"submodule {site!r} gives a {type(value).__name__}, not a tensor of "
+            f"activations; probe a block or layer inside it instead (e.g. a path "
+            f"ending in .h.0.output or .layers.0.output; probes=all_layers finds them)"
+        )
+    return value
+
+
 def trace_features(
     lm: Any,
     batch: dict[str, torch.Tensor],
@@ -334,6 +359,19 @@ def trace_features(
         by_site.setdefault(key.submodule, []).append(key)
     sites = sorted(by_site, key=order.__getitem__)
     saved: dict[FeatureKey, torch.Tensor] = {}
+
+    def take(site: str, value: Any) -> None:
+        """Pool the value the forward gave at ``site`` for every key that reads it."""
+        value = site_tensor(site, value)
+        for key in by_site[site]:
+            twin = key._replace(control=not key.control)
+            if twin in saved:  # a control twin reads the very same features
+                saved[key] = saved[twin]
+            else:
+                saved[key] = pool(value, real, key.pooling, rows[key])
+
+    envoys = {site: envoy_at(lm, site.rpartition(".")[0]) for site in sites}
+    deepest = sites[-1]
     trace_kwargs = {"remote": True} if remote else {}
     # Locally, only the probed modules' paths hand off to nnsight (lmprobe.handoffs);
     # a remote model runs elsewhere, with its own modules.
@@ -342,26 +380,31 @@ def trace_features(
         if remote
         else handoffs_only_at(torch_module(lm), [site.rpartition(".")[0] for site in sites])
     )
+    # Every site is pooled as the forward passes it (lmprobe.observers); the body only
+    # waits at the deepest one, to stop there.
+    observer = SiteObserver({location(envoys[site], site): site for site in sites}, take)
     with torch.no_grad(), quiet, lm.trace(inputs, **trace_kwargs) as tracer:
-        for site in sites:
-            module_path, _, kind = site.rpartition(".")
-            envoy = envoy_at(lm, module_path)
-            value = envoy.output if kind == "output" else envoy.input
-            if isinstance(value, (tuple, list)):  # e.g. attention returns (hidden, weights)
-                value = value[0]
-            if not isinstance(value, torch.Tensor):  # e.g. a whole model's ModelOutput
-                raise LmProbeError(
-                    f"submodule {site!r} gives a {type(value).__name__}, not a tensor of "
-                    f"activations; probe a block or layer inside it instead (e.g. a path "
-                    f"ending in .h.0.output or .layers.0.output; probes=all_layers finds them)"
-                )
-            for key in by_site[site]:
-                twin = key._replace(control=not key.control)
-                if twin in saved:  # a control twin reads the very same features
-                    saved[key] = saved[twin]
-                else:
-                    saved[key] = nnsight.save(pool(value, real, key.pooling, rows[key]))
+        if remote or not observer.attach():  # remotely, or an nnsight with no observers
+            for site in sites:
+                take(site, read(envoys[site], site))
+                for key in by_site[site]:
+                    saved[key] = nnsight.save(saved[key])
+        else:
+            read(envoys[deepest], deepest)
         tracer.stop()  # nothing after the deepest site is needed: skip the rest, lm_head too
+    if observer.attached:
+        if deepest not in observer.seen:  # the body read it, so the forward passed it
+            raise LmProbeError(
+                f"nnsight {nnsight.__version__} did not hand lmprobe's observer the values "
+                f"the forward passed (lmprobe.observers follows nnsight 0.8.1's cache "
+                f"protocol); install nnsight 0.8.1"
+            )
+        for site in sites:
+            if site not in observer.seen:
+                raise LmProbeError(
+                    f"submodule {site!r} did not run before {deepest!r} in the model's "
+                    f"forward; probe modules the forward calls (probes=all_layers finds them)"
+                )
     return {
         key: PendingFeatures(saved[key], *targets[key], key.submodule, batch_label, on_nonfinite)
         for key in keys
