@@ -218,20 +218,23 @@ def model_inputs(batch: dict, device) -> dict[str, torch.Tensor]:
 
 
 def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) -> float:
-    """lmprobe's trace over its own batches: ``pooled=False`` saves every block's output
-    as it is (nnsight's share); ``pooled=True`` is ``trace_features`` itself, pooling and
-    moving the features to the host (pooling's share), with no probes, callbacks or
-    Lightning."""
-    import nnsight
-
-    from lmprobe.features import FeatureKey, trace_features
+    """lmprobe's trace over its own batches: ``pooled=False`` keeps every block's output as
+    it is, the way ``trace_features`` reads them (an observer, the body waiting at the
+    deepest block only: nnsight's share); ``pooled=True`` is ``trace_features`` itself,
+    pooling and moving the features to the host (pooling's share), with no probes,
+    callbacks or Lightning."""
+    from lmprobe.features import FeatureKey, location, read, trace_features
     from lmprobe.handoffs import handoffs_only_at
-    from lmprobe.models import torch_module
+    from lmprobe.models import envoy_at, torch_module
+    from lmprobe.observers import SiteObserver
 
     keys = [FeatureKey(f"transformer.h.{i}.output", "mean", None) for i in range(n_layer)]
     order = {key.submodule: i for i, key in enumerate(keys)}
     model = torch_module(lm)
     paths = [key.submodule.rpartition(".")[0] for key in keys]
+    envoys = {key.submodule: envoy_at(lm, path) for key, path in zip(keys, paths, strict=True)}
+    locations = {location(envoy, site): site for site, envoy in envoys.items()}
+    deepest = keys[-1].submodule
     sync(device)
     start = time.perf_counter()
     for batch in batches:
@@ -240,10 +243,13 @@ def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) 
                 pending.host()
             continue
         inputs = model_inputs(batch, device)
+        kept: dict[str, torch.Tensor] = {}
+        observer = SiteObserver(locations, kept.__setitem__)
         with torch.no_grad(), handoffs_only_at(model, paths), lm.trace(inputs) as tracer:
-            for i in range(n_layer):
-                nnsight.save(lm.transformer.h[i].output)
+            observer.attach()
+            read(envoys[deepest], deepest)
             tracer.stop()
+        assert len(kept) == n_layer
     sync(device)
     return time.perf_counter() - start
 
