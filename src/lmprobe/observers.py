@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-try:  # the worker handle nnsight 0.8 registers a trace's caches on
+try:  # the worker handle nnsight 0.8 registers a trace's caches on, and what envoy.input reads
     from nnsight.intervention.interleaver import Mediator as _Mediator
+    from nnsight.intervention.util import first_input
 except ImportError:  # another nnsight: read each site in the trace's body
     _Mediator = None
 
@@ -65,6 +66,5 @@ class SiteObserver:
             return
         self.seen.add(site)
         if site.endswith(".input"):
-            args, kwargs = value
-            value = args[0] if args else next(iter(kwargs.values()))
+            value = first_input(*value)  # value: the module's (args, kwargs)
         self.on_value(site, value)
