@@ -378,3 +378,39 @@ def test_mean_pooling_follows_its_mask_when_the_mask_changes_between_calls():
     torch.testing.assert_close(
         pooled.double(), _masked_mean_by_hand(hidden, real), rtol=1e-6, atol=1e-6
     )
+
+
+def test_a_trace_in_inference_mode_makes_the_mean_weights_once_per_batch(gpt2, monkeypatch):
+    """Lightning's test steps run under torch.inference_mode, whose tensors have no version
+    for the mean's weights to be kept by: ``trace_features`` makes its mask outside it, so
+    one batch's weights are made once for all its mean-pooled sites, as in training steps,
+    and the features are the same as outside inference mode."""
+    from lmprobe import poolings
+    from lmprobe.features import FeatureKey, trace_features
+    from lmprobe.models import forward_order
+
+    sites = [f"transformer.h.{i}.output" for i in range(4)]
+    keys = [FeatureKey(site, "mean", None) for site in sites]
+    order = forward_order(gpt2, sites)
+    enc = gpt2.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    batch = {**enc, "labels": torch.tensor([0, 1, 0, 1]), "index": torch.arange(len(TEXTS))}
+    made: list[torch.Tensor] = []
+    weights = poolings._weights
+
+    def counting(real: torch.Tensor) -> torch.Tensor:
+        made.append(real)
+        return weights(real)
+
+    monkeypatch.setattr(poolings, "_weights", counting)
+    plain = {k: v.host() for k, v in trace_features(gpt2, batch, keys, order).items()}
+    assert len(made) == 1
+    made.clear()
+    with torch.inference_mode():
+        inference_batch = {k: v.clone() for k, v in batch.items()}
+        assert inference_batch["attention_mask"].is_inference()
+        tested = {
+            k: v.host() for k, v in trace_features(gpt2, inference_batch, keys, order).items()
+        }
+    assert len(made) == 1
+    for key in keys:
+        np.testing.assert_array_equal(tested[key].X, plain[key].X)

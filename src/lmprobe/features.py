@@ -320,7 +320,11 @@ def trace_features(
     doc_index = batch["index"].cpu()
     real_host = batch["attention_mask"].cpu().bool()
     inputs = model_inputs(batch, device, forward_takes)
-    real = inputs["attention_mask"].bool()
+    # Outside inference mode (Lightning's test steps run in it): a tensor made there has a
+    # version, so mean pooling makes its weights once per batch, not once per site
+    # (lmprobe.poolings).
+    with torch.inference_mode(False):
+        real = inputs["attention_mask"].bool()
     word_ids = batch["word_ids"].cpu() if "word_ids" in batch else None
     rows: dict[FeatureKey, torch.Tensor | WordRows | None] = {}
     targets: dict[FeatureKey, tuple[np.ndarray, np.ndarray]] = {}

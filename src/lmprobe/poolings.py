@@ -43,43 +43,46 @@ def pooling_names() -> tuple[str, ...]:
 @register_pooling("mean")
 def mean(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     if hidden.device.type == "cpu" and hidden.dtype == torch.float32:
-        # On the CPU one batched product with the float mask reads the activations
-        # once, where `where` + `sum` write a masked copy and read it again: less than
-        # half the time per site on the CPU benchmark's batches. A NaN or inf at a padding
+        # On the CPU one batched product with each document's weights (1 / its length at
+        # a real token, 0 at padding) reads the activations once and is the mean itself,
+        # where `where` + `sum` write a masked copy and read it again: less than half the
+        # time per site on the CPU benchmark's batches. The weights already divide, so no
+        # op follows the product: inside a trace every extra small op per site cost far
+        # more than it does on its own (see _last_weights). A NaN or inf at a padding
         # position would leak through the product (0 x NaN), so a sum that is not finite
         # is redone the masked way below (on the CPU, asking makes nothing wait).
-        mask, count = _mask_and_count(real)
-        total = torch.bmm(mask, hidden).squeeze(1)
-        if math.isfinite(total.sum()):
-            return total / count
+        pooled = torch.bmm(_mean_weights(real), hidden).squeeze(1)
+        if math.isfinite(pooled.sum()):
+            return pooled
     total = torch.where(real.unsqueeze(-1), hidden, 0).sum(1, dtype=torch.float32)
     return total / real.sum(1, keepdim=True).to(torch.float32)
 
 
-# The float mask and lengths of the last mask ``mean`` saw: a trace pools every site with
-# one mask, so they are made once per batch (inside nnsight's trace the 12 poolings of a
-# CPU-benchmark batch took 1.1 ms against 0.2 ms outside; a plain sum did not show that
-# difference, and its cause was not found), which halved the shortcut's time per site. Kept as
-# (mask, its version, float mask, lengths): the version changes when the mask is modified
-# in place. Inference tensors (Lightning's test and validation steps) have no version, so
-# theirs are not kept.
-_last_mask: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
+# The weights of the last mask ``mean`` saw: a trace pools every site with one mask, so
+# they are made once per batch (inside nnsight's trace the 12 poolings of a CPU-benchmark
+# batch took 1.1 ms against 0.2 ms outside; a plain sum did not show that difference, and
+# its cause was not found), which halved the shortcut's time per site. Kept as (mask, its
+# version, weights): the version changes when the mask is modified in place. Inference
+# tensors (made under torch.inference_mode) have no version, so theirs are not kept
+# (``trace_features`` makes its mask outside inference mode, so Lightning's test steps
+# keep theirs too).
+_last_weights: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
 
-def _mask_and_count(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(documents, 1, tokens) float32 mask and (documents, 1) float32 lengths of ``real``."""
-    global _last_mask
+def _mean_weights(real: torch.Tensor) -> torch.Tensor:
+    """(documents, 1, tokens) float32: 1 / the document's length at its real tokens, else 0."""
+    global _last_weights
     if real.is_inference():
-        return _float_mask(real)
-    cached = _last_mask  # read once: another thread may replace it meanwhile
+        return _weights(real)
+    cached = _last_weights  # read once: another thread may replace it meanwhile
     if cached is None or cached[0] is not real or cached[1] != real._version:
-        cached = _last_mask = (real, real._version, *_float_mask(real))
-    return cached[2], cached[3]
+        cached = _last_weights = (real, real._version, _weights(real))
+    return cached[2]
 
 
-def _float_mask(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _weights(real: torch.Tensor) -> torch.Tensor:
     mask = real.to(torch.float32)
-    return mask.unsqueeze(1), mask.sum(1, keepdim=True)
+    return (mask / mask.sum(1, keepdim=True)).unsqueeze(1)
 
 
 @register_pooling("last")
