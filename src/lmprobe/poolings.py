@@ -59,13 +59,13 @@ def mean(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 # The weights of the last mask ``mean`` saw: a trace pools every site with one mask, so
-# they are made once per batch (inside nnsight's trace the 12 poolings of a CPU-benchmark
-# batch took 1.1 ms against 0.2 ms outside; a plain sum did not show that difference, and
-# its cause was not found), which halved the shortcut's time per site. Kept as (mask, its
-# version, weights): the version changes when the mask is modified in place. Inference
-# tensors (made under torch.inference_mode) have no version, so theirs are not kept
-# (``trace_features`` makes its mask outside inference mode, so Lightning's test steps
-# keep theirs too).
+# they are made once per batch, which halved the shortcut's time per site (inside nnsight's
+# trace the 12 poolings of a CPU-benchmark batch took 1.1 ms against 0.2 ms in a hot loop:
+# in the middle of a forward every small op costs more, as the model's weights leave the
+# CPU's cache with time; bench/README.md). Kept as (mask, its version, weights): the
+# version changes when the mask is modified in place. Inference tensors (made under
+# torch.inference_mode) have no version, so theirs are not kept (``trace_features`` makes
+# its mask outside inference mode, so Lightning's test steps keep theirs too).
 _last_weights: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
 
