@@ -374,7 +374,8 @@ def trace_features(
             else:
                 saved[key] = pool(value, real, key.pooling, rows[key])
 
-    envoys = {site: envoy_at(lm, site.rpartition(".")[0]) for site in sites}
+    paths = {site: site.rpartition(".")[0] for site in sites}  # each site's module
+    envoys = {site: envoy_at(lm, path) for site, path in paths.items()}
     deepest = sites[-1]
     trace_kwargs = {"remote": True} if remote else {}
     # Locally, only the probed modules' paths hand off to nnsight (lmprobe.handoffs);
@@ -382,7 +383,7 @@ def trace_features(
     quiet = (
         contextlib.nullcontext()
         if remote
-        else handoffs_only_at(torch_module(lm), [site.rpartition(".")[0] for site in sites])
+        else handoffs_only_at(torch_module(lm), list(paths.values()))
     )
     # Every site is pooled as the forward passes it (lmprobe.observers); the body only
     # waits at the deepest one, to stop there.
