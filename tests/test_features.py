@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -414,3 +416,51 @@ def test_a_trace_in_inference_mode_makes_the_mean_weights_once_per_batch(gpt2, m
     assert len(made) == 1
     for key in keys:
         np.testing.assert_array_equal(tested[key].X, plain[key].X)
+
+
+def test_mean_pooling_without_padding_skips_the_finiteness_check_and_keeps_nan_and_inf(
+    monkeypatch,
+):
+    """A batch with no padding position has no 0 x NaN to guard against: the CPU shortcut
+    returns the product unchecked (no sum, no isfinite), and a NaN or inf at a real
+    position still reaches its own document's features and no other's."""
+    from types import SimpleNamespace
+
+    from lmprobe import poolings
+
+    checks: list[float] = []
+
+    def isfinite(value: float) -> bool:
+        checks.append(value)
+        return math.isfinite(value)
+
+    monkeypatch.setattr(poolings, "math", SimpleNamespace(isfinite=isfinite))
+    mean = poolings.POOLINGS["mean"]
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 7, 16)
+    full = torch.ones(4, 7, dtype=torch.bool)
+    pooled = mean(hidden, full)
+    torch.testing.assert_close(
+        pooled.double(), _masked_mean_by_hand(hidden, full), rtol=1e-6, atol=1e-6
+    )
+    assert checks == []
+
+    bad = hidden.clone()
+    bad[1, 3, 2] = float("nan")
+    bad[2, 0, 5] = float("inf")
+    pooled = mean(bad, full.clone())  # another mask: its weights are made again
+    assert torch.isnan(pooled[1, 2]) and torch.isposinf(pooled[2, 5])
+    finite = torch.ones_like(pooled, dtype=torch.bool)
+    finite[1, 2] = finite[2, 5] = False
+    assert torch.isfinite(pooled[finite]).all()
+    assert checks == []
+
+    padded = full.clone()
+    padded[0, :2] = False  # a padding position: the product is checked once
+    padded_bad = hidden.clone()
+    padded_bad[0, 0] = float("nan")
+    pooled = mean(padded_bad, padded)
+    assert len(checks) == 1 and torch.isfinite(pooled).all()
+    torch.testing.assert_close(
+        pooled.double(), _masked_mean_by_hand(hidden, padded), rtol=1e-6, atol=1e-6
+    )

@@ -52,7 +52,12 @@ class TracedAhead:
         keep = np.isin(doc, self.docs)
         order = np.flatnonzero(keep)[np.argsort(doc[keep], kind="stable")]
         site, policy = parts[0].site, parts[0].on_nonfinite
-        self._rows[key] = (X[order], y[order], doc[order], site, policy)
+        doc_sorted = doc[order]
+        for _, _, other, _, _ in self._rows.values():
+            if np.array_equal(other, doc_sorted):  # rows of the very same documents: share
+                doc_sorted = other  # the array, so ``take`` finds a batch's rows once for both
+                break
+        self._rows[key] = (X[order], y[order], doc_sorted, site, policy)
         held = np.flatnonzero(np.isin(doc, union))
         batch_of = np.repeat(np.arange(len(parts)), [len(p) for p in parts])[held]
         slices = []
@@ -64,7 +69,10 @@ class TracedAhead:
 
     def holds(self, index: np.ndarray, keys: Iterable[FeatureKey]) -> bool:
         """Whether this batch's rows (documents ``index``) are all here for every key."""
-        return all(k in self._rows for k in keys) and bool(np.isin(index, self.docs).all())
+        if not all(k in self._rows for k in keys) or not len(self.docs):
+            return False
+        at = np.minimum(np.searchsorted(self.docs, index), len(self.docs) - 1)
+        return bool((self.docs[at] == index).all())  # (docs: sorted, unique)
 
     def take(
         self, index: np.ndarray, keys: Iterable[FeatureKey], label: str
@@ -72,16 +80,25 @@ class TracedAhead:
         """The batch's rows per key, as its own trace would give them (checked for finite
         values when they reach the bank, labelled ``label`` in that error)."""
         taken = {}
+        picks: dict[int, np.ndarray] = {}  # keys with the same documents' rows share one
         for key in keys:
             X, y, doc, site, policy = self._rows[key]
-            lo = np.searchsorted(doc, index, "left")
-            counts = np.searchsorted(doc, index, "right") - lo
-            # the rows lo[i] .. lo[i] + counts[i] of each document i, in the batch's order
-            starts = np.repeat(lo - np.cumsum(counts) + counts, counts)
-            pick = starts + np.arange(int(counts.sum()))
+            pick = picks.get(id(doc))
+            if pick is None:
+                pick = picks[id(doc)] = _rows_of(doc, index)
             rows = torch.from_numpy(np.ascontiguousarray(X[pick]))
             taken[key] = PendingFeatures(rows, y[pick], doc[pick], site, label, policy)
         return taken
+
+
+def _rows_of(doc: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Where the rows of documents ``index`` are in ``doc`` (sorted): each document's rows
+    in their own order, the documents in the order of ``index``."""
+    lo = np.searchsorted(doc, index, "left")
+    counts = np.searchsorted(doc, index, "right") - lo
+    # the rows lo[i] .. lo[i] + counts[i] of each document i, in the batch's order
+    starts = np.repeat(lo - np.cumsum(counts) + counts, counts)
+    return starts + np.arange(int(counts.sum()))
 
 
 def offload(parts: list[PendingFeatures]) -> None:

@@ -358,18 +358,23 @@ def trace_features(
             index = None
             targets[key] = (given.numpy(), doc_index.numpy())
         rows[key] = None if index is None else index.to(device, non_blocking=True)
-    by_site: dict[str, list[FeatureKey]] = {}
+    # What each site's value becomes, worked out before the forward, so that its handoffs
+    # run as little Python as they can (inside the forward everything costs more:
+    # bench/README.md): per site, each key that reads it, with its rows, and the control
+    # twin of the same features listed before it, whose pooled matrix it shares.
+    by_site: dict[str, list[tuple[FeatureKey, FeatureKey | None]]] = {}
     for key in keys:
-        by_site.setdefault(key.submodule, []).append(key)
+        twin = key._replace(control=not key.control)
+        shared = twin if any(twin == k for k, _ in by_site.get(key.submodule, ())) else None
+        by_site.setdefault(key.submodule, []).append((key, shared))
     sites = sorted(by_site, key=order.__getitem__)
     saved: dict[FeatureKey, torch.Tensor] = {}
 
     def take(site: str, value: Any) -> None:
         """Pool the value the forward gave at ``site`` for every key that reads it."""
         value = site_tensor(site, value)
-        for key in by_site[site]:
-            twin = key._replace(control=not key.control)
-            if twin in saved:  # a control twin reads the very same features
+        for key, twin in by_site[site]:
+            if twin is not None:  # a control twin reads the very same features
                 saved[key] = saved[twin]
             else:
                 saved[key] = pool(value, real, key.pooling, rows[key])
@@ -392,7 +397,7 @@ def trace_features(
         if remote or not observer.attach():  # remotely, or an nnsight with no observers
             for site in sites:
                 take(site, read(envoys[site], site))
-                for key in by_site[site]:
+                for key, _ in by_site[site]:
                     saved[key] = nnsight.save(saved[key])
         else:
             read(envoys[deepest], deepest)

@@ -50,9 +50,13 @@ def mean(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         # op follows the product: inside a trace every extra small op per site cost far
         # more than it does on its own (see _last_weights). A NaN or inf at a padding
         # position would leak through the product (0 x NaN), so a sum that is not finite
-        # is redone the masked way below (on the CPU, asking makes nothing wait).
-        pooled = torch.bmm(_mean_weights(real), hidden).squeeze(1)
-        if math.isfinite(pooled.sum()):
+        # is redone the masked way below (on the CPU, asking makes nothing wait). A batch
+        # without padding (most length-sorted ones) has no such position: every weight is
+        # > 0, so a product that is not finite comes from a real activation that is not,
+        # as the masked way's would; it skips the check, two ops per site.
+        weights, padded = _mean_weights(real)
+        pooled = torch.bmm(weights, hidden).squeeze(1)
+        if not padded or math.isfinite(pooled.sum()):
             return pooled
     total = torch.where(real.unsqueeze(-1), hidden, 0).sum(1, dtype=torch.float32)
     return total / real.sum(1, keepdim=True).to(torch.float32)
@@ -66,11 +70,12 @@ def mean(hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 # version changes when the mask is modified in place. Inference tensors (made under
 # torch.inference_mode) have no version, so theirs are not kept (``trace_features`` makes
 # its mask outside inference mode, so Lightning's test steps keep theirs too).
-_last_weights: tuple[torch.Tensor, int, torch.Tensor] | None = None
+_last_weights: tuple[torch.Tensor, int, tuple[torch.Tensor, bool]] | None = None
 
 
-def _mean_weights(real: torch.Tensor) -> torch.Tensor:
-    """(documents, 1, tokens) float32: 1 / the document's length at its real tokens, else 0."""
+def _mean_weights(real: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(documents, 1, tokens) float32: 1 / the document's length at its real tokens, else 0;
+    and whether the mask has a padding position."""
     global _last_weights
     if real.is_inference():
         return _weights(real)
@@ -80,9 +85,9 @@ def _mean_weights(real: torch.Tensor) -> torch.Tensor:
     return cached[2]
 
 
-def _weights(real: torch.Tensor) -> torch.Tensor:
+def _weights(real: torch.Tensor) -> tuple[torch.Tensor, bool]:
     mask = real.to(torch.float32)
-    return (mask / mask.sum(1, keepdim=True)).unsqueeze(1)
+    return (mask / mask.sum(1, keepdim=True)).unsqueeze(1), not bool(real.all())
 
 
 @register_pooling("last")
