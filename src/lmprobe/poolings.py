@@ -9,7 +9,8 @@ handled by the trace itself.
 
 Padding positions are excluded with ``where`` rather than multiplied by zero, so a NaN in a
 padding position (fully masked attention rows can produce one) never leaks in (``mean``'s
-CPU shortcut multiplies, and falls back to ``where`` when the result is not finite).
+CPU shortcut multiplies, and in a batch with padding falls back to ``where`` when the
+result is not finite).
 Results are float32, and sums accumulate in float32, so bf16/fp16 models pool as precisely
 as fp32 ones.
 """
