@@ -305,3 +305,53 @@ def test_a_failed_draw_ahead_falls_back_to_drawing_at_the_end(gpt2, docs, monkey
     assert "drawing the bootstrap's resamples ahead failed" in caplog.text
     bounds = [c for c in drawn_ahead.columns if c.endswith(("_low", "_high"))]
     pd.testing.assert_frame_equal(drawn_ahead[bounds], drawn_at_the_end[bounds])
+
+
+def scored(classes, y, proba):
+    """A ``ClassificationScores`` of ``classes`` fed rows of labels ``y`` and ``proba``."""
+    from lmprobe.metrics import ClassificationScores
+
+    scores = ClassificationScores(np.asarray(classes))
+    pred = np.asarray(classes)[proba.argmax(1)]
+    scores.update(y[:40], pred[:40], proba[:40])  # two chunks, as a test pass adds them
+    scores.update(y[40:], pred[40:], proba[40:])
+    return scores.auroc()
+
+
+def test_multiclass_auroc_averages_over_the_classes_present_in_the_targets():
+    """Issue 33, item 3: a class seen in training only (3 here) has no positives in the test
+    rows; AUROC is the macro one-vs-rest average over the classes present (0, 1, 2), as
+    precision, recall and F1 average over the classes present, not a 0 for class 3."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 90)
+    logits = rng.normal(size=(90, 4)) + 1.5 * np.eye(4)[y]
+    # class 3's column is 0 in every row, so the present columns are probabilities and
+    # scikit-learn's multi-class call with labels=present takes the same scores
+    proba = np.exp(logits[:, :3]) / np.exp(logits[:, :3]).sum(1, keepdims=True)
+    proba = np.concatenate([proba, np.zeros((90, 1))], axis=1)
+    expected = skm.roc_auc_score(
+        y, proba[:, :3], multi_class="ovr", average="macro", labels=[0, 1, 2]
+    )
+    assert scored([0, 1, 2, 3], y, proba) == pytest.approx(expected, abs=1e-6)
+    # class 3 with its own share of probability: the same average of one-vs-rest curves
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    indicator = (y[:, None] == np.arange(3)).astype(int)
+    expected = skm.roc_auc_score(indicator, proba[:, :3], average="macro")
+    by_class = [skm.roc_auc_score(y == c, proba[:, c]) for c in range(3)]
+    assert expected == pytest.approx(np.mean(by_class))
+    assert scored([0, 1, 2, 3], y, proba) == pytest.approx(expected, abs=1e-6)
+    assert expected > 0.7  # (informative scores: the old average over 4 was under 0.75)
+
+
+def test_a_chance_level_many_class_auroc_is_one_half():
+    """500 classes, 300 test rows (most classes absent), random probabilities: about 0.5,
+    and scikit-learn's one-vs-rest average over the classes present."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 500, 300)
+    proba = rng.dirichlet(np.ones(500), size=300)
+    present = np.unique(y)
+    indicator = (y[:, None] == present).astype(int)
+    expected = skm.roc_auc_score(indicator, proba[:, present], average="macro")
+    auroc = scored(np.arange(500), y, proba)
+    assert auroc == pytest.approx(expected, abs=1e-6)
+    assert abs(auroc - 0.5) < 0.03

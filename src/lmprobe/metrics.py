@@ -233,16 +233,20 @@ class ClassificationScores:
         )
 
     def auroc(self) -> float:
-        """Area under the ROC curve from the probabilities (binary; macro one-vs-rest for
-        more classes); NaN without probabilities or with one class in the targets."""
+        """Area under the ROC curve from the probabilities (binary; for more classes the
+        macro one-vs-rest average over the classes present in the targets, as precision,
+        recall and F1 average over the classes present: a class seen in training only has
+        no positives to rank); NaN without probabilities or with one class in the targets."""
         rows = self.rows()
-        if rows["proba"] is None or len(np.unique(rows["target"])) < 2:
+        present = np.unique(rows["target"])
+        if rows["proba"] is None or len(present) < 2:
             return math.nan
         proba = torch.from_numpy(rows["proba"])  # no rounding: saturated values would tie
-        target = torch.from_numpy(rows["target"])
         if len(self.classes) == 2:
-            return float(tmf.binary_auroc(proba[:, 1], target))
-        return float(tmf.multiclass_auroc(proba, target, len(self.classes), average="macro"))
+            return float(tmf.binary_auroc(proba[:, 1], torch.from_numpy(rows["target"])))
+        # each class's one-vs-rest curve ranks its own column only: keep the present columns
+        target = torch.from_numpy(np.searchsorted(present, rows["target"]))
+        return float(tmf.multiclass_auroc(proba[:, present], target, len(present), average="macro"))
 
 
 class RegressionScores:
