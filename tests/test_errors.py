@@ -284,6 +284,27 @@ FILES = [  # (file name, content, ProbeDataModule options, fragments of the mess
         {},
         ["mixed.jsonl", "'1' (str)", "1 (int)", "label_map"],
     ),
+    (  # issue 33: an object text was read as its repr, an object label a raw TypeError
+        "objtext.jsonl",
+        "".join(
+            json.dumps({"text": {"body": "b"} if i == 3 else f"t{i}", "label": i % 2}) + "\n"
+            for i in range(10)
+        ),
+        {},
+        ["objtext.jsonl", "column 'text'", "dict in row 4", "{'body': 'b'}"],
+    ),
+    (
+        "objlabel.jsonl",
+        '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", "label": {"y": 1}}\n',
+        {},
+        ["objlabel.jsonl", "column 'label'", "dict in row 3"],
+    ),
+    (
+        "listlabel.json",
+        '[{"text": "a", "label": 1}, {"text": "b", "label": [0, 1]}]',
+        {},
+        ["listlabel.json", "column 'label'", "list in row 2"],
+    ),
     (
         "notparquet.csv",
         "text,label\na,1\n",

@@ -449,6 +449,9 @@ def select_rows(
     check_columns(
         list(frame.columns), [text_column, label_column, *(exclude or {}), *(include or {})], source
     )
+    check_plain_values(
+        frame, [text_column, label_column, *(exclude or {}), *(include or {})], source
+    )
     frame = frame[[text_column, label_column]].join(frame.drop(columns=[text_column, label_column]))
     for column, values in (exclude or {}).items():
         keep = ~frame[column].isin(list(values))
@@ -491,6 +494,33 @@ def check_columns(present: Sequence[Any], needed: Sequence[str], source: str) ->
                 f"{', '.join(map(str, present))}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
             )
+
+
+#: What ``infer_dtype`` calls an object column of plain values (no dicts or lists in it).
+PLAIN_KINDS = {"string", "empty", "integer", "floating", "boolean", "mixed-integer-float"}
+
+
+def check_plain_values(
+    frame: pd.DataFrame, columns: Sequence[str], source: str, first_row: int = 0
+) -> None:
+    """The ``columns`` of ``frame`` hold plain values (texts, numbers), not JSON objects or
+    lists, which would reach the model as their Python repr or fail deep in pandas; else an
+    error names the column, the row (``first_row`` + position + 1) and the value."""
+    for column in dict.fromkeys(columns):
+        if column not in frame.columns or frame[column].dtype != object:
+            continue
+        values = frame[column]
+        if pd.api.types.infer_dtype(values, skipna=True) in PLAIN_KINDS:
+            continue
+        for position, value in enumerate(values):
+            if not pd.api.types.is_scalar(value):
+                shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:57]}..."
+                raise LmProbeError(
+                    f"{source}: column {column!r} holds a {type(value).__name__} in row "
+                    f"{first_row + position + 1} ({shown}), not a text or a number; write a "
+                    f"plain value there (flatten the JSON) or choose another column "
+                    f"(data.text_column, data.label_column)"
+                )
 
 
 def check_label_types(labels: pd.Series, label_column: str, source: str) -> None:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from lmprobe import readers
 from lmprobe.packed import PackedDataset, TokenStore
-from lmprobe.readers import check_columns
+from lmprobe.readers import check_columns, check_plain_values
 
 #: The thin frame's text column when the text is not needed for anything else: this value
 #: where the row has a text, missing where it has none.
@@ -93,6 +93,7 @@ def scan(
     for chunk in chunks:
         seen.update(dict.fromkeys(chunk.columns))
         n = len(chunk)
+        check_plain_values(chunk, thin_columns, source, row)
         if text_column in chunk.columns:
             texts = chunk[text_column]
             absent = missing_text(texts).to_numpy()
