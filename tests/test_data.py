@@ -137,3 +137,45 @@ def test_a_dataset_row_keeps_its_index_and_rejects_rows_past_either_end():
     for i in (n, -n - 1):
         with pytest.raises(IndexError, match=f"row {i} of a dataset of {n} documents"):
             dataset[i]
+
+
+def test_test_texts_repeating_training_texts_are_counted_in_a_warning(tmp_path, tokenizer, caplog):
+    """Issue 33, item 7: a test file that repeats training texts (3 of its 10 documents
+    here), and a single file whose repeated texts fall in both splits, are warned about
+    with the count and the files; distinct texts give no warning."""
+    texts, labels = make_texts(40, seed=5)
+    texts = [f"{i} {t}" for i, t in enumerate(texts)]  # all distinct
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    pd.DataFrame({"text": texts[:30], "label": labels[:30]}).to_csv(train, index=False)
+    repeated = texts[:3] + texts[33:]
+    pd.DataFrame({"text": repeated, "label": labels[:3] + labels[33:]}).to_csv(test, index=False)
+    ProbeDataModule(path=str(train), test_path=str(test), tokenizer=tokenizer).setup()
+    assert f"3 of the 10 test documents ({test})" in caplog.text
+    assert f"training split ({train})" in caplog.text
+    caplog.clear()
+    pd.DataFrame({"text": texts[30:], "label": labels[30:]}).to_csv(test, index=False)
+    ProbeDataModule(path=str(train), test_path=str(test), tokenizer=tokenizer).setup()
+    assert "repeat a text" not in caplog.text
+    # one file cut in two: every text twice, so each test text is also a training text
+    # unless both copies were drawn for the test split
+    single = tmp_path / "single.csv"
+    pd.DataFrame({"text": texts[:20] * 2, "label": labels[:20] * 2}).to_csv(single, index=False)
+    dm = ProbeDataModule(path=str(single), tokenizer=tokenizer, test_size=0.25, seed=0)
+    dm.setup()
+    decode = tokenizer.batch_decode
+    train_texts = set(decode([dm.train_set.tokens(i) for i in range(len(dm.train_set))]))
+    test_texts = decode([dm.test_set.tokens(i) for i in range(len(dm.test_set))])
+    shared = sum(text in train_texts for text in test_texts)
+    assert shared > 0
+    assert f"{shared} of the {len(test_texts)} test documents ({single})" in caplog.text
+
+
+def test_test_sentences_repeating_training_sentences_are_counted(tmp_path, tokenizer, caplog):
+    from test_words import tagged_sentences, write_conllu
+
+    sentences = tagged_sentences(30, seed=1)
+    train = write_conllu(tmp_path / "train.conllu", sentences)
+    test = write_conllu(tmp_path / "test.conllu", sentences[:2] + tagged_sentences(8, seed=2))
+    columns = {"text_column": "form", "label_column": "upos"}
+    ProbeDataModule(path=str(train), test_path=str(test), tokenizer=tokenizer, **columns).setup()
+    assert f"2 of the 10 test sentences ({test})" in caplog.text

@@ -43,7 +43,7 @@ from lmprobe.readers import (
     resolve_data_path,
     select_rows,
 )
-from lmprobe.streaming import TextSpill, pack, scan
+from lmprobe.streaming import TEXT_HASH, TextSpill, pack, scan, shared_texts
 from lmprobe.words import encode_words
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,24 @@ class _SplitRecords(list):
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append({"split": self.split, **record})
+
+
+def warn_shared_texts(
+    train: np.ndarray, test: np.ndarray, train_path: Any, test_path: Any, what: str = "documents"
+) -> None:
+    """A warning counting the test rows whose text (hash) is also a training text: a probe
+    scored on texts it trained on measures memory as well as the property."""
+    shared = shared_texts(train, test)
+    if shared:
+        log.warning(
+            "%d of the %d test %s (%s) repeat a text of the training split (%s): their "
+            "scores are not held out; remove the repeats from one of the files",
+            shared,
+            len(test),
+            what,
+            test_path,
+            train_path,
+        )
 
 
 class ProbeDataModule(L.LightningDataModule):
@@ -337,6 +355,8 @@ class ProbeDataModule(L.LightningDataModule):
                 len(rest), fraction, self.seed, None if strata is None else strata[rest]
             )
             rest, val_idx = rest[inner_train], rest[inner_val]
+        hashes = frame[TEXT_HASH].to_numpy()
+        warn_shared_texts(hashes[rest], hashes[test_idx], path, path)
         full = self._pack(frame, spill, names)
         for split, idx in (("train", rest), ("test", test_idx)):
             if len(np.unique(labels[idx])) < 2:
@@ -449,6 +469,11 @@ class ProbeDataModule(L.LightningDataModule):
         train = frames["train"]
         strata = None if self.continuous else train["_label"].to_numpy()
         parts = self._fractions(len(train), strata)
+        hashes = {split: frame[TEXT_HASH].to_numpy() for split, frame in frames.items()}
+        test = hashes["test"] if "test" in frames else hashes["train"][parts["test"]]
+        warn_shared_texts(
+            hashes["train"][parts["train"]], test, self.path, self.test_path or self.path
+        )
         datasets = {
             split: self._pack(frame, spills[split], names) for split, frame in frames.items()
         }
@@ -476,7 +501,7 @@ class ProbeDataModule(L.LightningDataModule):
             )
         ensure_pad_token(self.tokenizer)
         max_length = effective_max_length(self.max_length, self.model_max_length)
-        vocabulary, types, encoded = None, {}, {}
+        vocabulary, types, encoded, hashes = None, {}, {}, {}
         for split, file in self._split_files():
             path, raw = self._read(file)
             source = f"data file {path!r}" if split == "train" else f"{split} file {path!r}"
@@ -512,6 +537,9 @@ class ProbeDataModule(L.LightningDataModule):
                 if len(sentences) > self.sample_size:
                     keep = np.random.default_rng(self.seed).permutation(len(sentences))
                     sentences = [sentences[i] for i in sorted(keep[: int(self.sample_size)])]
+            hashes[split] = np.fromiter(
+                (hash(tuple(words)) for words, _ in sentences), np.int64, len(sentences)
+            )
             encoded[split] = encode_words(
                 self.tokenizer,
                 [words for words, _ in sentences],
@@ -538,6 +566,14 @@ class ProbeDataModule(L.LightningDataModule):
         train = encoded["train"]
         n_sentences = int(train.sentence.max()) + 1
         parts = self._fractions(n_sentences, None)
+        test = hashes["test"] if "test" in hashes else hashes["train"][parts["test"]]
+        warn_shared_texts(
+            hashes["train"][parts["train"]],
+            test,
+            self.path,
+            self.test_path or self.path,
+            "sentences",
+        )
         full = datasets["train"]
         for split, sentences in parts.items():
             datasets[split] = full.subset(np.flatnonzero(np.isin(train.sentence, sentences)))

@@ -71,6 +71,16 @@ class TextSpill:
         self._file.close()
 
 
+#: The thin frame's column of each row's text hash (``hash`` of the text, this process):
+#: texts repeated between splits are found by it (``shared_texts``).
+TEXT_HASH = "_text_hash"
+
+
+def shared_texts(train: np.ndarray, test: np.ndarray) -> int:
+    """How many of the ``test`` rows' text hashes are also among the ``train`` rows'."""
+    return int(np.isin(test, train).sum())
+
+
 def missing_text(texts: pd.Series) -> pd.Series:
     """Where a row has no text: missing, or only white space (as ``select_rows`` decides)."""
     return texts.isna() | (texts.astype(str).str.strip() == "")
@@ -84,8 +94,8 @@ def scan(
     spill: TextSpill,
 ) -> pd.DataFrame:
     """The thin frame of a source: ``columns`` (label, filters), the text column (a stand-in
-    unless it is one of ``columns``) and ``_row``, the row's position in the source; the
-    texts go to ``spill``. A column missing from some chunks (JSONL objects without that
+    unless it is one of ``columns``), ``_row``, the row's position in the source, and
+    ``TEXT_HASH``; the texts go to ``spill``. A column missing from some chunks (JSONL objects without that
     key) is missing there, as a whole-file read would have it."""
     columns = list(dict.fromkeys(columns))
     thin_columns = list(dict.fromkeys([text_column, *columns]))
@@ -97,11 +107,15 @@ def scan(
         if text_column in chunk.columns:
             texts = chunk[text_column]
             absent = missing_text(texts).to_numpy()
-            texts = texts.astype(str)
-            spill.add(["" if gone else text for text, gone in zip(texts, absent, strict=True)])
+            texts = [
+                "" if gone else text for text, gone in zip(texts.astype(str), absent, strict=True)
+            ]
+            spill.add(texts)
+            hashes = np.fromiter(map(hash, texts), np.int64, n)
         else:
             absent = np.ones(n, dtype=bool)
             spill.add([""] * n)
+            hashes = np.zeros(n, dtype=np.int64)
         thin = pd.DataFrame(
             {
                 c: chunk[c] if c in chunk.columns else pd.Series([None] * n, index=chunk.index)
@@ -111,6 +125,7 @@ def scan(
         if text_column not in columns:
             thin[text_column] = np.where(absent, None, TEXT_PRESENT)
         thin["_row"] = np.arange(row, row + n, dtype=np.int64)
+        thin[TEXT_HASH] = hashes
         parts.append(thin.reset_index(drop=True))
         row += n
     spill.finish()
