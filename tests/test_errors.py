@@ -260,6 +260,19 @@ CONFIG = [
     ("on_nonfinite=ignore", ["on_nonfinite='ignore'", "skip"]),
     ("baseline=untrained", ["baseline='untrained'"]),
     ("trainer.max_epochs=0", ["max_epochs=0", ">= 1"]),
+    (  # issue 33: the error came after the model loaded and said to set name=
+        "probes.pooling=[mean,mean]",
+        ["probes.pooling=['mean', 'mean']", "'mean' twice", "list each once"],
+    ),
+    ("probes.submodules=[transformer.h.0.output,transformer.h.0.output]", ["probes.submodules"]),
+    (  # issue 33: val_size was ignored beside val_path
+        "data.val_size=0.2 & data.val_path=MISSING/val.csv",
+        ["data.val_size=0.2", "data.val_path=", "val.csv", "data.val_size=0"],
+    ),
+    (  # issue 33: was raised after the model loaded
+        "probes.kind=sgd_regressor & control=true & data.label_map={neg: 0, pos: 1}",
+        ["probes.kind='sgd_regressor'", "control=false", "classifier"],
+    ),
     ("callbacks.probe_updater.chunk_rows=0", ["callbacks.probe_updater.chunk_rows=0", ">= 1"]),
 ]
 
@@ -315,6 +328,8 @@ FILES = [  # (file name, content, ProbeDataModule options, fragments of the mess
     ("short.conllu", "1\tword\tword\n", {}, ["line 1", "short.conllu", "3 tab-separated"]),
     ("map.csv", "text,label\n" + GOOD_ROWS, {"label_map": {"pos": 1}}, ["['neg']", "label_map"]),
     ("latin.csv", None, {}, ["line 3", "latin.csv", "latin-1"]),
+    # issue 33: numpy's scalars printed as [np.int64(1)]
+    ("one.csv", "text,label\n" + "a b,1\n" * 6, {}, ["one.csv", "single label [1] "]),
 ]
 
 
@@ -335,6 +350,9 @@ def app_cfg(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(
         "lmprobe.app.load_model", lambda *a: pytest.fail("the model loaded before the error")
     )
+    monkeypatch.setattr(  # (with a feature store, its frame: config, tokenizer, no weights)
+        "lmprobe.app.model_for_data", lambda *a: pytest.fail("the model loaded before the error")
+    )
 
     def compose(override: str):
         override = override.replace("MISSING", str(tmp_path / "missing"))
@@ -346,7 +364,7 @@ def app_cfg(tmp_path, tiny_model_dir, monkeypatch):
                 "data=csv",
                 f"data.path={good}",
                 "logger=none",
-                override,
+                *override.split(" & "),  # several overrides joined by " & "
             ],
         )
 
@@ -411,3 +429,51 @@ def test_logger_keys_are_typed_too(tmp_path, tiny_model_dir, override, name):
         compose_cfg(tmp_path / "run", ["logger=many_loggers", override])
     assert "\n" not in str(excinfo.value)
     assert name in f"{excinfo.value} {excinfo.value.__cause__}"
+
+
+def test_numpy_classes_in_messages_print_as_written():
+    """Issue 33: classes from numpy (``list(np.unique(y))``) are named as ``[1]``, not
+    numpy's ``[np.int64(1)]``."""
+    import numpy as np
+
+    for classes, names in (([1, 1], ("[1, 1]", "duplicates")), ([1], ("[1]", "one class"))):
+        with pytest.raises(LmProbeError) as excinfo:
+            ProbeConfig("transformer.h.0.output", list(np.array(classes)))
+        check(excinfo, *names)
+        assert "np." not in str(excinfo.value)
+
+
+def test_fractional_float_input_ids_are_refused():
+    """Issue 33: float ids were cast to int64 silently (1.5 read as the id 1); whole floats
+    (a float tensor of ids) still read as their ids."""
+    mask = torch.ones(2, 3, dtype=torch.long)
+    for ids in (torch.tensor([[1.0, 2.0, 3.0], [4.0, 1.5, 6.0]]), [[1, 2, 3], [4, 1.5, 6]]):
+        with pytest.raises(LmProbeError) as excinfo:
+            ProbeDataset(ids, mask, [0, 1])
+        check(excinfo, "input_ids", "1.5", "(1, 1)", "whole number")
+    whole = ProbeDataset(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), mask, [0, 1])
+    assert whole.input_ids.dtype == torch.long and whole.input_ids[1, 1] == 5
+    with pytest.raises(LmProbeError) as excinfo:
+        ProbeDataset([[1, 2, 3], [4, 5, 6]], mask.float() / 2, [0, 1])
+    check(excinfo, "attention_mask", "0.5")
+
+
+def test_partial_fit_with_a_label_outside_the_classes_is_refused_and_changes_nothing():
+    """Issue 33: scikit-learn's raw ValueError (after the scaler had taken the chunk); now
+    one line naming the label and the classes, and the probe is as it was."""
+    import numpy as np
+
+    from lmprobe import LinearProbe
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 4)).astype(np.float32)
+    probe = LinearProbe(classes=[0, 1]).partial_fit(X, np.arange(20) % 2)
+    coef, mean = probe.estimator_.coef_.copy(), probe.scaler_.mean_.copy()
+    with pytest.raises(LmProbeError) as excinfo:
+        probe.partial_fit(X[:3], np.array([2, 0, 1]))
+    check(excinfo, "label 2", "[0, 1]", "classes=")
+    assert np.array_equal(probe.estimator_.coef_, coef)
+    assert np.array_equal(probe.scaler_.mean_, mean)
+    with pytest.raises(LmProbeError) as excinfo:  # the first call, with classes given
+        LinearProbe(classes=[0, 1]).partial_fit(X[:3], np.array([0, 1, 3]))
+    check(excinfo, "label 3", "[0, 1]")

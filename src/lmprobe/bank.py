@@ -25,7 +25,7 @@ import torch
 from sklearn import config_context
 
 from lmprobe.config import ProbeConfig
-from lmprobe.errors import LmProbeError
+from lmprobe.errors import LmProbeError, plain
 from lmprobe.features import FeatureKey, Features, PendingFeatures, gather, settle
 from lmprobe.io import probe_from_tensors, probe_to_tensors
 from lmprobe.metrics import column_of, metric_columns, row_log_loss
@@ -141,7 +141,7 @@ class ProbeBank:
         if duplicates:
             raise LmProbeError(
                 f"probe name {duplicates[0]!r} is used twice; give each ProbeConfig a "
-                f"distinct name= (e.g. '{duplicates[0]}/last')"
+                f"distinct name= (e.g. '{duplicates[0]}/last'; in the app, probes.names)"
             )
         for config in configs:
             resolve_probe_kind(config.kind)  # an unknown kind fails before any model work
@@ -394,7 +394,7 @@ class ProbeBank:
             unknown = [v for v in present.tolist() if v not in set(config.classes)]
             if unknown:
                 raise LmProbeError(
-                    f"{split} label {unknown[0]!r} is not in classes {config.classes} of probe "
+                    f"{split} label {unknown[0]!r} is not in classes {plain(config.classes)} of probe "
                     f"{name!r}; add it to classes"
                     + (" or set null_label" if config.token_level else "")
                 )

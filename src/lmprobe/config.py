@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmprobe.errors import LmProbeError
+from lmprobe.errors import LmProbeError, plain
 from lmprobe.poolings import TOKEN_LEVEL, WORD_POOLINGS, pooling_names
 
 SITE_SUFFIXES = ("output", "input")
@@ -120,7 +120,9 @@ class ProbeConfig:
         elif not self.classes:
             raise LmProbeError(f"{where}: classes is empty; list the label values, e.g. [0, 1]")
         if kind.needs_classes and len(set(self.classes)) != len(self.classes):
-            raise LmProbeError(f"{where}: classes {self.classes} has duplicates; list each once")
+            raise LmProbeError(
+                f"{where}: classes {plain(self.classes)} has duplicates; list each once"
+            )
         if kind.max_classes is not None and len(self.classes) > kind.max_classes:
             raise LmProbeError(
                 f"{where}: kind {self.kind!r} takes at most {kind.max_classes} classes, not "
@@ -128,11 +130,11 @@ class ProbeConfig:
             )
         if kind.needs_classes and len(self.classes) < 2:
             raise LmProbeError(
-                f"{where}: classes {self.classes} has one class; a probe needs at least two"
+                f"{where}: classes {plain(self.classes)} has one class; a probe needs at least two"
             )
         if self.null_label is not None and self.null_label in (self.classes or []):
             raise LmProbeError(
-                f"{where}: null_label={self.null_label!r} is also a class in {self.classes}; "
+                f"{where}: null_label={self.null_label!r} is also a class in {plain(self.classes)}; "
                 f"pick a null_label outside the classes (e.g. -100)"
             )
         if not 0.0 <= float(self.heldout_size) < 1.0:
@@ -163,6 +165,20 @@ class ProbeConfig:
             )
 
 
+def check_listed_once(key: str, values: Any) -> None:
+    """A list option of the probe bank (``probes.pooling``, ...) names each value once: a
+    value listed twice would make two probes of one name."""
+    if values is None or isinstance(values, str):
+        return
+    values = list(values)
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:
+        raise LmProbeError(
+            f"config key {key}={values} lists {twice!r} twice, which would make two probes "
+            f"of one name; list each once"
+        )
+
+
 def probe_bank(
     model: Any,
     classes: Sequence[Any],
@@ -185,6 +201,10 @@ def probe_bank(
     """
     from lmprobe.models import decoder_block_paths
 
+    for key, values in (("submodules", submodules), ("pooling", pooling), ("names", names)):
+        check_listed_once(f"probes.{key}", values)
+    if words:
+        check_listed_once("probes.word_pooling", word_pooling)
     test_size = options.pop("test_size", None)  # lm_probe's name for heldout_size
     if test_size is not None:
         options["heldout_size"] = test_size

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from lmprobe.bank import DEFAULT_CHUNK_ROWS
 from lmprobe.conll import resolve_column
 from lmprobe.dataset import ProbeDataset, auto_window, batches, split_indices
-from lmprobe.errors import LmProbeError, closest
+from lmprobe.errors import LmProbeError, closest, plain
 from lmprobe.packed import PackedDataset
 from lmprobe.readers import (
     READERS,
@@ -131,6 +131,13 @@ def check_data_options(prefix: str = "", presplit: bool = False, **options: Any)
             f"{prefix}test_size={test_size} and {prefix}val_size={val_size} leave no training "
             f"rows; their sum must be below 1"
         )
+    for key in ("val_path", "val_split"):  # a validation file: val_size cuts nothing
+        if options.get(key) is not None and val_size:
+            raise LmProbeError(
+                f"{prefix}val_size={val_size} and {prefix}{key}={options[key]!r} both give "
+                f"a validation split; set {prefix}val_size=0 to validate on the {key} file, "
+                f"or {prefix}{key}=null to cut val_size from the training file"
+            )
     if options.get("unknown_labels") not in (None, *UNKNOWN_LABEL_POLICIES):
         raise bad("unknown_labels", f"use one of {', '.join(UNKNOWN_LABEL_POLICIES)}")
     fmt = options.get("file_format")
@@ -252,6 +259,7 @@ class ProbeDataModule(L.LightningDataModule):
             max_length=max_length,
             test_size=test_size,
             val_size=val_size,
+            val_path=val_path,
             num_workers=num_workers,
             group_size=group_size,
             length_window=length_window,
@@ -343,7 +351,7 @@ class ProbeDataModule(L.LightningDataModule):
         labels = frame["_label"].to_numpy()
         if names is not None and len(names) < 2:
             raise LmProbeError(
-                f"data file {path!r} has a single label {list(names.values())} after filtering; "
+                f"data file {path!r} has a single label {plain(names.values())} after filtering; "
                 f"a probe needs at least two classes"
             )
         strata = None if self.continuous else labels
@@ -486,7 +494,7 @@ class ProbeDataModule(L.LightningDataModule):
     def _check_classes(names: dict[int, Any] | None, path: Any) -> None:
         if names is not None and len(names) < 2:
             raise LmProbeError(
-                f"data file {path!r} has a single label {list(names.values())} after filtering; "
+                f"data file {path!r} has a single label {plain(names.values())} after filtering; "
                 f"a probe needs at least two classes"
             )
 

@@ -15,15 +15,25 @@ from lmprobe.errors import LmProbeError
 
 
 def _as_long_tensor(value: Any, what: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.long()
-    try:
-        return torch.tensor(np.asarray(value)).long()  # a copy: inputs may be read-only
-    except (TypeError, ValueError) as err:
-        raise LmProbeError(
-            f"{what} could not be read as an integer array ({err}); pass equal-length rows, "
-            f"e.g. tokenize with padding=True"
-        ) from None
+    """``value`` as int64; floats only where they are whole numbers (a cast would truncate
+    1.5 to the id 1 without a word)."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.tensor(np.asarray(value))  # a copy: inputs may be read-only
+        except (TypeError, ValueError) as err:
+            raise LmProbeError(
+                f"{what} could not be read as an integer array ({err}); pass equal-length "
+                f"rows, e.g. tokenize with padding=True"
+            ) from None
+    if value.is_floating_point():
+        whole = value == value.round()  # (NaN is not)
+        if not bool(whole.all()):
+            at = tuple(int(i) for i in torch.nonzero(~whole)[0])
+            raise LmProbeError(
+                f"{what} holds {value[at].item()!r} at {at}, not a whole number; pass the "
+                f"tokenizer's integer ids"
+            )
+    return value.long()
 
 
 def _as_label_tensor(value: Any) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 class LmProbeError(ValueError):
@@ -25,3 +26,12 @@ def closest(value: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     if not found:
         found = difflib.get_close_matches(value, candidates, n=n, cutoff=0.0)
     return found
+
+
+def plain(values: Iterable[Any]) -> list[Any]:
+    """``values`` as a list of Python scalars, for messages: numpy's own print as
+    ``np.int64(1)`` (numpy 2), where a user wrote ``1``."""
+    return [
+        value.item() if hasattr(value, "item") and hasattr(value, "dtype") else value
+        for value in values
+    ]

@@ -485,9 +485,21 @@ class LinearProbe(ClassifierMixin, _ScaledSGD):
         self, X: np.ndarray, y: np.ndarray, classes: Sequence[Any] | None = None
     ) -> LinearProbe:
         X, y = np.asarray(X, dtype=np.float32), np.asarray(y)
-        if not hasattr(self, "estimators_"):
+        first_call = not hasattr(self, "estimators_")
+        if first_call:
             chosen = classes if classes is not None else self.classes
-            self.classes_ = np.unique(np.asarray(chosen if chosen is not None else y))
+            known = np.unique(np.asarray(chosen if chosen is not None else y))
+        else:
+            known = self.classes_
+        try:  # before any state changes, so a refused chunk leaves the probe as it was
+            column_of(known, y)
+        except ValueError as err:
+            raise LmProbeError(
+                f"{type(self).__name__}.partial_fit: {err}; a probe learns the classes it "
+                f"starts with: pass classes=[...] listing every label when creating it"
+            ) from None
+        if first_call:
+            self.classes_ = known
             self._start(y)
         if len(y) == 0:
             return self

@@ -246,6 +246,11 @@ def check_config(cfg: DictConfig) -> None:
                 f"config key probes.pooling={value!r} is not a pooling: use one of "
                 f"{', '.join(pooling_names())}"
             )
+    from lmprobe.config import check_listed_once
+
+    for key in ("submodules", "pooling", "word_pooling", "names"):
+        value = OmegaConf.select(cfg, f"probes.{key}")
+        check_listed_once(f"probes.{key}", value if OmegaConf.is_list(value) else None)
     word_pooling = OmegaConf.select(cfg, "probes.word_pooling")
     for value in [word_pooling] if isinstance(word_pooling, str) else list(word_pooling or []):
         if value not in WORD_POOLINGS:
@@ -282,7 +287,13 @@ def check_config(cfg: DictConfig) -> None:
     if kind is not None:
         from lmprobe.probes import resolve_probe_kind
 
-        resolve_probe_kind(kind)
+        task = resolve_probe_kind(kind).task
+        control = OmegaConf.select(cfg, "probes.control", default=None)
+        if task != "classification" and (control or (control is None and cfg.get("control"))):
+            raise LmProbeError(
+                f"config key probes.kind={kind!r} with control=true: control tasks are for "
+                f"classifier probes; set control=false or probes.kind=sgd_classifier"
+            )
     from lmprobe.baselines import check_baseline
 
     check_baseline(cfg.get("baseline"))
