@@ -564,3 +564,28 @@ def test_a_streamed_split_is_keyed_and_stored_without_padding_it_in_memory(
     assert digests["a"] == digests["b"]
     assert digests["a"][0] != digests["a"][1]  # another split, other documents
     assert digests["a"] != digests["c"]  # one text changed
+
+
+def test_the_key_follows_the_weights_contents_with_the_modification_time_kept(
+    key_cfg, tmp_path, base_tokenizer, monkeypatch
+):
+    """Issue 33, item 6: weights replaced by others of the same size, the modification
+    time kept (cp -p, rsync -a, tar), were served the old features; the key now hashes the
+    files' contents, read once per version of a file (then from the cache)."""
+    from lmprobe import store
+
+    cfg, model = key_cfg
+    base = run_keys(cfg())
+    assert run_keys(cfg()) == base  # unchanged files: the same key
+    getattr(store, "_file_digests", {}).clear()  # a new process: digests from the cache file
+    monkeypatch.setattr(store, "open", lambda *a: pytest.fail("weights read again"), raising=False)
+    assert run_keys(cfg()) == base
+    monkeypatch.undo()
+    other = saved_model(tmp_path / "other", base_tokenizer, seed=1)
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    shutil.copy2(other / "model.safetensors", weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the old time, kept
+    assert weights.stat().st_size == stat.st_size
+    assert weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert not set(run_keys(cfg()).values()) & set(base.values())

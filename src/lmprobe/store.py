@@ -90,18 +90,52 @@ def default_dir() -> Path:
 
 
 # ------------------------------------------------------------------------ keys
+#: A file's content digest by its (path, size, mtime, inode, ctime): computed once per
+#: process, and kept between runs in ``.file_digests.json`` of the default store.
+_file_digests: dict[str, str] = {}
+
+
+def _digest_cache() -> Path:
+    return default_dir() / ".file_digests.json"
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of ``path``'s contents, read once per version of the file: the cache is
+    keyed by its size, modification time, inode and status-change time (ctime, which
+    rewriting a file changes even when its modification time is set back, as ``cp -p``,
+    ``rsync -a`` and tar do)."""
+    st = path.stat()  # follows the hub cache's symlinks to the blobs
+    key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}"
+    if not _file_digests:
+        with suppress(OSError, ValueError):
+            stored = json.loads(_digest_cache().read_text(encoding="utf-8"))
+            if isinstance(stored, dict):
+                _file_digests.update({k: v for k, v in stored.items() if isinstance(v, str)})
+    if key not in _file_digests:
+        h = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(_HASH_BLOCK):
+                h.update(block)
+        _file_digests[key] = h.hexdigest()
+        with suppress(OSError):  # a cache that cannot be written only costs a re-read
+            cache = _digest_cache()
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(_file_digests), encoding="utf-8")
+            os.replace(tmp, cache)
+    return _file_digests[key]
+
+
 def files_digest(directory: Path) -> str:
-    """Names, sizes and modification times of every file under ``directory`` (hidden ones
-    aside), hashed: new weights, a new tokenizer file or a re-converted model change it.
-    Reading the weights themselves would cost seconds per run on a large model; a copy with
-    new modification times is a miss, never a wrong hit."""
+    """Names and contents (``file_digest``) of every file under ``directory`` (hidden ones
+    aside), hashed: new weights, a new tokenizer file or a re-converted model change it,
+    whatever their sizes and modification times. The weights are read once per version."""
     h = hashlib.sha256()
     for path in sorted(directory.rglob("*")):
         rel = path.relative_to(directory)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
-        st = path.stat()  # follows the hub cache's symlinks to the blobs
-        h.update(f"{rel.as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{rel.as_posix()}\0{file_digest(path)}\n".encode())
     return h.hexdigest()
 
 
