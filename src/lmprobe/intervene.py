@@ -639,6 +639,14 @@ def check_config(cfg: Any) -> None:
         raise LmProbeError(
             "config key intervene: erase and steer are both false; use intervene=none"
         )
+    if node.get("erase", True):
+        import importlib.util
+
+        if importlib.util.find_spec("concept_erasure") is None:
+            raise LmProbeError(
+                "intervene=erase needs the concept-erasure package: "
+                "pip install 'lmprobe-lightning[intervene]'"
+            )
 
 
 def app_stage(cfg, module, lm, datamodule, table, out, loggers, keep_outputs) -> pd.DataFrame:
