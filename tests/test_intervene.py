@@ -268,3 +268,31 @@ def test_app_writes_intervention_outputs(tmp_path, tiny_model_dir):
     np.testing.assert_allclose([e.value for e in leace], expected, rtol=1e-6)
     assert f"intervention/{site}/steer/bits_per_token" in events.Tags()["scalars"]
     assert "intervention" in events.Tags()["images"]
+
+
+def test_ddp_and_intervene_is_one_line_before_any_work(tmp_path, tiny_model_dir):
+    from test_app import compose_cfg
+
+    from lmprobe.schema import check_config
+
+    cfg = compose_cfg(
+        tmp_path / "run",
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            "trainer.strategy=ddp",
+            "trainer.devices=2",
+            "intervene=erase",
+        ],
+    )
+    with pytest.raises(LmProbeError, match="runs in one process"):
+        check_config(cfg)
+
+
+def test_steering_needs_binary_labels(gpt2, docs):
+    _, enc, labels = docs
+    three = torch.as_tensor(labels) + (torch.arange(len(labels)) % 3 == 0).long()
+    data = ProbeDataset(enc["input_ids"][:60], enc["attention_mask"][:60], three[:60])
+    runner = ProbeRunner(gpt2, [ProbeConfig(SITE, [0, 1, 2], early_stopping=False)])
+    runner.fit_probes(data, None, num_epoch=1, batch_size=30, enable_progress_bar=False)
+    with pytest.raises(LmProbeError, match="steering needs binary labels"):
+        runner.intervene(data, data, SITE, erase=False, steer=True)
