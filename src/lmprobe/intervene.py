@@ -448,7 +448,6 @@ def _interval(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _summarise(site, module, conditions, tallies, scored, order, n_resamples, seed, table):
     """The rows of one site: point values, bootstrap intervals over documents, and paired
     intervals of each change from the unedited run."""
-    base = tallies[id(conditions[0])]
     # every ratio statistic: (numerators, denominators) per document, one row each
     stats: list[tuple[str, int, np.ndarray, np.ndarray]] = []
     for c, condition in enumerate(conditions):
@@ -461,27 +460,18 @@ def _summarise(site, module, conditions, tallies, scored, order, n_resamples, se
     den = np.stack([s[3] for s in stats])
     with np.errstate(invalid="ignore", divide="ignore"):
         point = num.sum(1) / den.sum(1)
-        samples = (
-            np.concatenate(
-                [
-                    (num @ counts) / (den @ counts)
-                    for counts in resample_counts(num.shape[1], n_resamples, seed)
-                ]
-                or [np.full((len(stats), 0), np.nan)],
-                axis=1,
-            )
-            if n_resamples > 0
-            else np.full((len(stats), 0), np.nan)
-        )
+        draws = resample_counts(num.shape[1], n_resamples, seed) if n_resamples > 0 else []
+        samples = [(num @ counts) / (den @ counts) for counts in draws]
+    samples = np.concatenate(samples, axis=1) if samples else None
     index = {(s[0], s[1]): i for i, s in enumerate(stats)}
-    low, high = _interval(samples) if samples.shape[1] else (point * np.nan, point * np.nan)
+    nan = np.full(len(stats), np.nan)
+    low, high = _interval(samples) if samples is not None else (nan, nan)
 
     def value(stat: str, c: int) -> dict[str, float]:
         i, i0 = index[(stat, c)], index[(stat, 0)]
-        change = samples[i] - samples[i0]
-        change_low, change_high = _interval(change[None])[0][0], _interval(change[None])[1][0]
-        if not samples.shape[1]:
-            change_low = change_high = math.nan
+        change_low = change_high = math.nan
+        if samples is not None:
+            change_low, change_high = (b[0] for b in _interval((samples[i] - samples[i0])[None]))
         return {
             "": point[i],
             "_low": low[i],
@@ -519,7 +509,6 @@ def _summarise(site, module, conditions, tallies, scored, order, n_resamples, se
                 row["majority_accuracy"] = float(majority[name])
             row.update({f"bits_per_token{k}": v for k, v in bits.items()})
             rows.append(row)
-    del base
     return pd.DataFrame(rows)
 
 
