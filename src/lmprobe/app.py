@@ -323,6 +323,11 @@ def _train(cfg: DictConfig, out: Path) -> pd.DataFrame:
             logger.experiment.add_figure("accuracy_by_layer", figure)
             logger.experiment.flush()
     show_best(table, cfg)
+    if cfg.get("intervene"):  # after the run's outputs are safe (README, "Interventions")
+        from lmprobe.intervene import app_stage
+
+        lm = load_model(cfg.model)
+        app_stage(cfg, module, lm, datamodule, table, out, trainer.loggers, keep_outputs)
     return table
 
 

@@ -205,6 +205,47 @@ class ProbeRunner:
         datamodule = ProbeDataModule(train_set=dataset, test_set=dataset, batch_size=batch_size)
         return score_test_set(self.trainer, self.module, datamodule)
 
+    def intervene(
+        self,
+        train_set: ProbeDataset,
+        test_set: ProbeDataset,
+        sites: str | Sequence[str] | None = None,
+        *,
+        erase: bool = True,
+        steer: bool = False,
+        alphas: Sequence[float] = (-1.0, -0.5, 0.5, 1.0),
+        batch_size: int = 8,
+        bootstrap: int = 1000,
+        **leace_options: Any,
+    ) -> pd.DataFrame:
+        """After ``fit_probes``: erase the labels' linear information (LEACE, the probe's own
+        direction(s), random directions of the same rank) and/or steer along the probe's
+        direction at each of ``sites`` (probe names or submodules; ``None``: the best probe
+        by test accuracy), run the LM on ``test_set`` and score every probe and the LM's
+        loss; one row per site, condition, alpha and probe (``lmprobe.intervene``)."""
+        from lmprobe.intervene import intervene
+
+        for split, dataset in (("train_set", train_set), ("test_set", test_set)):
+            if not isinstance(dataset, DATASETS):
+                raise LmProbeError(
+                    f"{split} is a {type(dataset).__name__}; wrap it in ProbeDataset"
+                )
+        return intervene(
+            self.module,
+            self.model,
+            train_set,
+            test_set,
+            sites,
+            erase=erase,
+            steer=steer,
+            alphas=alphas,
+            batch_size=batch_size,
+            bootstrap=bootstrap,
+            seed=self.seed,
+            table=self._metrics,
+            leace_options=leace_options,
+        )
+
     @property
     def metrics(self) -> pd.DataFrame:
         """Test-set metrics, one row per probe (loss, accuracy, precision, recall, f1, matthews)."""

@@ -178,6 +178,18 @@ class CSVLoggerSchema:
 
 
 @dataclass
+class InterveneSchema:
+    """Interventions after training (``intervene=erase`` / ``steer``; ``lmprobe.intervene``)."""
+
+    erase: bool = True
+    steer: bool = False
+    sites: list[str] | None = None  # probe names or submodules; null: the best probe
+    alphas: list[float] = field(default_factory=lambda: [-1.0, -0.5, 0.5, 1.0])
+    batch_size: int | None = None  # null: data.batch_size
+    bootstrap: int = DEFAULT_RESAMPLES  # resamples of documents for the 95% intervals
+
+
+@dataclass
 class TrainSchema:
     task_name: str = "probe"
     seed: int = 0
@@ -196,6 +208,7 @@ class TrainSchema:
     callbacks: Any = None
     # {dir, max_gb} or false: Any, so that feature_store=false can replace the whole node
     feature_store: Any = None
+    intervene: Any = None  # intervene=erase or steer (conf/intervene)
 
 
 def register_configs() -> None:
@@ -209,6 +222,7 @@ def register_configs() -> None:
     ):
         store.store(group=group, name="schema", node=node)
     store.store(group="data", name="hf_schema", node=HFDataSchema)
+    store.store(group="intervene", name="schema", node=InterveneSchema)
     for name, node in (
         ("probe_updater_schema", ProbeUpdaterSchema),
         ("probe_early_stopping_schema", ProbeEarlyStoppingSchema),
@@ -329,6 +343,9 @@ def check_config(cfg: DictConfig) -> None:
                 f"config key feature_store.max_gb={max_gb!r}: use a size in GB > 0 "
                 f"(or null: no cap)"
             )
+    from lmprobe.intervene import check_config as check_intervene
+
+    check_intervene(cfg)
     if cfg.get("on_nonfinite", "error") not in NONFINITE_POLICIES:
         raise LmProbeError(
             f"config key on_nonfinite={cfg.on_nonfinite!r}: use one of "
