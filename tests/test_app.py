@@ -239,7 +239,17 @@ def test_interrupted_run_keeps_results_and_resumes(tiny_cfg, tmp_path, how):
     assert (table["steps"] > steps).all()
 
 
-def test_same_seed_identical_metrics_csv(tmp_path, tiny_model_dir, csv_file):
+@pytest.mark.parametrize("kind", ["sgd_classifier", "sgd_regressor", "logistic"])
+def test_same_seed_identical_metrics_csv(tmp_path, tiny_model_dir, csv_file, kind):
+    """Byte for byte, the classifiers with control twins (MDL code lengths of both) and the
+    regressor (issue 35's step rule)."""
+    extra = ["control=true", f"probes.kind={kind}"]
+    if kind == "sgd_regressor":
+        texts, _ = make_texts(120, seed=5)
+        csv_file = tmp_path / "numeric.csv"
+        frame = {"text": texts, "label": [len(t) / 7 for t in texts]}
+        pd.DataFrame(frame).to_csv(csv_file, index=False)
+        extra = ["probes.kind=sgd_regressor"]
     outputs = []
     for name in ("a", "b"):
         cfg = compose_cfg(
@@ -252,11 +262,17 @@ def test_same_seed_identical_metrics_csv(tmp_path, tiny_model_dir, csv_file):
                 "trainer.max_epochs=2",
                 "trainer.enable_progress_bar=false",
                 "logger=none",
+                *extra,
             ],
         )
         train(cfg)
         outputs.append((tmp_path / name / "metrics.csv").read_bytes())
     assert outputs[0] == outputs[1]
+    columns = pd.read_csv(tmp_path / "a" / "metrics.csv", index_col="probe")
+    if kind == "sgd_regressor":
+        assert np.isfinite(columns["r2"]).all()
+    else:
+        assert np.isfinite(columns[["compression", "control_compression"]]).all(axis=None)
 
 
 def test_results_are_written_atomically(tmp_path, monkeypatch):
@@ -374,8 +390,18 @@ STOPS_IN_THE_WINDOW = ["probes.patience=4", "probes.threshold=0.5", "probes.warm
         # mid-window with the model traced in the steps (no feature store): the held-out
         # slice and the first window were traced together before training (lmprobe.ahead)
         ({"batch": 2, "epoch": 0}, ["feature_store=false"]),
+        # the exact multinomial kind (issue 35): its final fit and its code length
+        ({"batch": 5, "epoch": 1}, ["probes.kind=logistic"]),
     ],
-    ids=["epoch0-mid", "epoch0-last", "epoch1-mid", "test", "window-mid-stopping", "traced"],
+    ids=[
+        "epoch0-mid",
+        "epoch0-last",
+        "epoch1-mid",
+        "test",
+        "window-mid-stopping",
+        "traced",
+        "logistic",
+    ],
 )
 def test_a_resumed_run_learns_exactly_what_an_uninterrupted_run_learns(
     tiny_model_dir, csv_file, tmp_path, monkeypatch, where, extra
@@ -434,7 +460,7 @@ def test_a_resumed_run_learns_exactly_what_an_uninterrupted_run_learns(
         other = resumed[name]
         assert other.alpha_ == probe.alpha_ and other.n_samples_seen_ == probe.n_samples_seen_
         np.testing.assert_array_equal(other.classifier_.coef_, probe.classifier_.coef_, name)
-    columns = ["accuracy", "loss", "steps", "alpha", "refit"]
+    columns = ["accuracy", "loss", "steps", "alpha", "refit", "codelength_bits"]
     a = pd.read_csv(tmp_path / "whole" / "metrics.csv", index_col="probe")[columns]
     b = pd.read_csv(tmp_path / "resumed" / "metrics.csv", index_col="probe")[columns]
     pd.testing.assert_frame_equal(a, b)

@@ -93,6 +93,74 @@ def test_regression_probe_matches_least_squares(offset, yscale):
     assert np.corrcoef(pred, expected)[0, 1] > 0.99
 
 
+def wide_data(n=400, d=600, seed=0):
+    """More features than rows, as a layer of a real LM on a few hundred words: 20 latent
+    factors behind the features and the target, columns at scales 1e-2..1e2, and row norms
+    spread over a decade (standardised rows of real activations reach 10x the mean)."""
+    rng = np.random.default_rng(seed)
+    F = rng.normal(size=(n, 20))
+    X = F @ rng.normal(size=(20, d)) + 0.5 * rng.normal(size=(n, d))
+    X *= np.exp(0.7 * rng.normal(size=(n, 1)))
+    X = X * 10.0 ** rng.uniform(-2, 2, d) + rng.normal(size=d)
+    return X.astype(np.float32), F @ rng.normal(size=20) + 0.5 * rng.normal(size=n)
+
+
+def ridge_on_standardised(X, y, alphas):
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=alphas)).fit(X, y)
+
+
+def test_regression_probe_converges_with_six_times_more_features_than_rows():
+    """Issue 35: with scikit-learn's step (invscaling, eta0=0.01) SGD on 600 standardised
+    features diverged; the squared-loss step rule reaches ridge regression's optimum
+    (SGDRegressor's alpha is ridge's alpha / rows) on the same standardised features, at
+    an alpha (the grid's 10) where the optimum is reached in 30 passes."""
+    alpha = 10.0
+    X, y = wide_data()
+    train, test = slice(0, 100), slice(100, None)
+    probe = RegressionProbe(random_state=0, model_kwargs={"alpha": alpha})
+    for epoch in range(30):
+        order = np.random.default_rng(epoch).permutation(100)
+        for start in range(0, 100, 16):
+            rows = order[start : start + 16]
+            probe.partial_fit(X[rows], y[rows])
+    reference = ridge_on_standardised(X[train], y[train], [alpha * 100])
+    expected, pred = reference.predict(X[test]), probe.predict(X[test])
+    assert skm.r2_score(y[test], expected) > 0.3  # the reference itself fits
+    assert skm.r2_score(y[test], pred) == pytest.approx(skm.r2_score(y[test], expected), abs=0.02)
+    assert np.corrcoef(pred, expected)[0, 1] > 0.99
+
+
+def test_default_regression_probe_with_three_times_more_features_than_rows():
+    """The defaults through the bank (the alpha grid chosen on held-out MSE, early stopping,
+    the refit on every training row): finite and near RidgeCV (whose leave-one-out choice
+    sees every row, where the probe's sees its 20 held-out ones)."""
+    from lmprobe.bank import ProbeBank
+    from lmprobe.features import Features, PendingFeatures
+
+    X, y = wide_data(seed=2)
+    n = 200
+    config = ProbeConfig(SITE, None, kind="sgd_regressor")
+    bank = ProbeBank([config], seed=0)
+    key = bank.key(config.name)
+    union = bank.heldout_plan(n)
+    bank.set_heldout(union, n, {key: Features(X[union], y[union], union)})
+    train = np.setdiff1d(np.arange(n), union)
+    for epoch in range(30):
+        order = np.random.default_rng(epoch).permutation(train)
+        for start in range(0, len(order), 16):
+            rows = order[start : start + 16]
+            bank.update({key: PendingFeatures(torch.from_numpy(X[rows]), y[rows], rows)}, None)
+    assert bank.refit(config.name, Features(X[train], y[train], train), n, chunk_rows=64)
+    reference = ridge_on_standardised(X[:n], y[:n], np.logspace(-2, 5, 29))
+    r2 = skm.r2_score(y[n:], bank.probes[config.name].predict(X[n:]))
+    print(r2, reference.score(X[n:], y[n:]))
+    assert r2 >= reference.score(X[n:], y[n:]) - 0.03
+
+
 def test_regression_probe_fit_is_one_pass_from_scratch_and_refuses_unfitted_use():
     from sklearn.exceptions import NotFittedError
 

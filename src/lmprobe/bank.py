@@ -35,6 +35,10 @@ from lmprobe.uncertainty import MAX_KEPT_DRAWS, bootstrap, paired_p_values, resa
 log = logging.getLogger("lmprobe")
 
 DEFAULT_CHUNK_ROWS = 256
+# The online code's block boundaries, as fractions of the training rows (Voita & Titov,
+# 2020), and the seed stream of the rows' order for it.
+MDL_FRACTIONS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)
+MDL_STREAM = 2020
 
 
 def _checked_rows() -> Any:
@@ -196,8 +200,9 @@ class ProbeBank:
         self.prepared = False
         self.tables: dict[str, pd.DataFrame] = {}
         self.class_tables: dict[str, pd.DataFrame] = {}  # per-class metrics of each pass
-        # The first epoch is the online pass: its blocks add to each probe's code length.
+        # The first epoch counts each probe's training classes (the majority baseline).
         self.online_pass = True
+        # The online code length when training ends (``code_length``; 0 bits: not known).
         self.code_bits: dict[str, float] = dict.fromkeys(self.configs, 0.0)
         self.uniform_bits: dict[str, float] = dict.fromkeys(self.configs, 0.0)
         self.class_counts: dict[str, np.ndarray] = {n: np.zeros(0) for n in self.configs}
@@ -588,25 +593,13 @@ class ProbeBank:
         return parts
 
     def _fit(self, name: str, X: np.ndarray, y: np.ndarray) -> None:
-        """``partial_fit`` one block of rows; in the online pass (the first epoch) first add
-        the block's code length under the probe as it is: the online (prequential) code of
-        MDL probing, Voita & Titov 2020 (a uniform code for the first block)."""
+        """``partial_fit`` one block of rows; in the first epoch also count its classes (the
+        majority baseline's training counts)."""
         probe = self.probes[name]
         classes = getattr(probe, "classes_", None)
         if classes is None and probe.task == "classification":
             classes = np.unique(np.asarray(self.configs[name].classes))
         if self.online_pass and classes is not None:
-            uniform = len(y) * math.log2(len(classes))
-            if not probe.is_fitted:
-                bits = uniform
-            elif hasattr(probe, "predict_proba"):
-                proba = probe.predict_proba(X)
-                column = column_of(np.asarray(classes), y)
-                bits = float(row_log_loss(proba, column).sum()) / math.log(2)
-            else:  # a kind without probabilities has no code length
-                bits = math.nan
-            self.code_bits[name] += bits
-            self.uniform_bits[name] += uniform
             counts = np.bincount(column_of(np.asarray(classes), y), minlength=len(classes))
             before = self.class_counts[name]
             self.class_counts[name] = before + counts if len(before) else counts
@@ -645,7 +638,8 @@ class ProbeBank:
         """``refit`` each ``(name, rows)``; returns the probes refitted. ``background``: on
         the worker thread, after the training running there (returns none)."""
         if not background:
-            return [name for name, r in rows if self.refit(name, r, n_docs, chunk_rows)]
+            self.wait()
+            return [name for name, r in rows if self._finish(name, r, n_docs, chunk_rows)]
         before = self._pending
         # a refit replaces a fitted probe's state (never leaves one unfitted), but not in
         # one step: ``trained_any`` must not read it meanwhile
@@ -656,7 +650,7 @@ class ProbeBank:
             if before is not None:
                 before.result()
             for name, r in rows:
-                self._refit(name, r, n_docs, chunk_rows)
+                self._finish(name, r, n_docs, chunk_rows)
 
         self._pending = _Background(refits)
         return []
@@ -675,10 +669,74 @@ class ProbeBank:
         self.wait()
         return self._refit(name, rows, n_docs, chunk_rows)
 
+    def _finish(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
+        """The code length and the refit of one probe (returns whether it was refitted): the
+        code length first, with what training chose, except for a kind fitted from every
+        row (``fits_rows``), whose blocks are coded with what its final fit chose."""
+        if getattr(self.probes[name], "fits_rows", False):
+            refitted = self._refit(name, rows, n_docs, chunk_rows)
+            self._code_length(name, rows, n_docs, chunk_rows)
+            return refitted
+        self._code_length(name, rows, n_docs, chunk_rows)
+        return self._refit(name, rows, n_docs, chunk_rows)
+
+    def _all_rows(self, name: str, rows: Features, n_docs: int) -> Features | None:
+        """The probe's kept training rows and its held-out slice, in document order; None
+        unless they hold every one of the ``n_docs`` training documents."""
+        heldout = self.heldout.get(name)
+        if heldout is not None and len(heldout.y):
+            rows = Features.concat([rows, heldout])
+        if len(np.unique(rows.doc)) != n_docs:
+            return None
+        order = np.argsort(rows.doc, kind="stable")
+        return Features(rows.X[order], rows.y[order], rows.doc[order])
+
+    def _passes(self, name: str, n_rows: int) -> int:
+        """The passes over its training rows the probe made (its ``n_samples_seen_``)."""
+        heldout = self.heldout.get(name)
+        trained_rows = n_rows - (len(heldout.y) if heldout is not None else 0)
+        seen = getattr(self.probes[name], "n_samples_seen_", 0) or 0
+        return max(1, round(seen / max(trained_rows, 1)))
+
+    def _fresh_fit(
+        self,
+        name: str,
+        X: np.ndarray,
+        y: np.ndarray,
+        passes: int,
+        chunk_rows: int,
+        classes: np.ndarray | None = None,
+    ) -> Probe:
+        """A new probe of ``name``'s config with what its held-out slice chose (its
+        ``alpha``; ``classes``: every class, whatever ``y`` holds), trained on ``X, y``
+        ``passes`` times, each pass in one seeded permutation, ``chunk_rows`` at a time."""
+        config, probe = self.configs[name], self.probes[name]
+        kwargs = dict(config.model_kwargs)
+        if getattr(probe, "fits_rows", False):
+            kwargs["C"] = probe.C_
+        elif hasattr(probe, "alpha_"):
+            kwargs["alpha"] = probe.alpha_
+        changes: dict[str, Any] = {"model_kwargs": kwargs}
+        if classes is not None:
+            changes["classes"] = np.asarray(classes).tolist()
+        fresh = make_probe(dataclasses.replace(config, **changes), self.seed)
+        if getattr(fresh, "fits_rows", False):
+            with _checked_rows():
+                return fresh.fit_rows(X, y)
+        with _checked_rows():
+            for epoch in range(passes):
+                perm = np.random.default_rng((self.seed, epoch)).permutation(len(y))
+                for start in range(0, len(y), chunk_rows):
+                    chunk = perm[start : start + chunk_rows]
+                    fresh.partial_fit(X[chunk], y[chunk])
+        return fresh
+
     def _refit(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
         heldout = self.heldout.get(name)
         probe = self.probes[name]
         seen = getattr(probe, "n_samples_seen_", None)
+        if getattr(probe, "fits_rows", False):
+            return self._fit_rows(name, rows, n_docs)
         if (
             not self.configs[name].refit
             or self.refitted[name]  # once (a run resumed after its refit ends again)
@@ -688,30 +746,81 @@ class ProbeBank:
             or not seen
         ):
             return False
-        rows = Features.concat([rows, heldout])
-        if len(np.unique(rows.doc)) != n_docs:
+        every = self._all_rows(name, rows, n_docs)
+        if every is None:
             log.info("probe %r keeps its training-rows-only fit: not every row was kept", name)
             return False
-        trained_rows = len(rows.y) - len(heldout.y)
-        passes = max(1, round(seen / max(trained_rows, 1)))
-        order = np.argsort(rows.doc, kind="stable")
-        X, y = rows.X[order], rows.y[order]
-        config = self.configs[name]
-        kwargs = dict(config.model_kwargs)
-        if hasattr(probe, "alpha_"):
-            kwargs["alpha"] = probe.alpha_
-        refitted = make_probe(dataclasses.replace(config, model_kwargs=kwargs), self.seed)
-        with _checked_rows():
-            for epoch in range(passes):
-                perm = np.random.default_rng((self.seed, epoch)).permutation(len(y))
-                for start in range(0, len(y), chunk_rows):
-                    chunk = perm[start : start + chunk_rows]
-                    refitted.partial_fit(X[chunk], y[chunk])
+        passes = self._passes(name, len(every.y))
+        refitted = self._fresh_fit(name, every.X, every.y, passes, chunk_rows)
         # in place: a probe object taken before the fit (lm_probe's runner.probes) is the
         # final one afterwards; it now holds the chosen alpha alone
         probe.__dict__.clear()
         probe.__dict__.update(refitted.__dict__)
         self.refitted[name] = True
+        return True
+
+    def _fit_rows(self, name: str, rows: Features, n_docs: int) -> bool:
+        """A kind fitted from every row (``fits_rows``): its final fit, from the kept
+        training rows and the held-out slice (which chooses among its settings; with
+        ``refit`` the final fit then also learns from it)."""
+        probe, config = self.probes[name], self.configs[name]
+        if self.refitted[name] or not probe.is_fitted:
+            return False
+        if self._all_rows(name, rows, n_docs) is None:
+            log.info("probe %r keeps its online fit: not every training row was kept", name)
+            return False
+        order = np.argsort(rows.doc, kind="stable")
+        heldout = self.heldout.get(name) or Features(rows.X[:0], rows.y[:0], rows.doc[:0])
+        final = make_probe(config, self.seed)
+        with _checked_rows():
+            final.fit_rows(rows.X[order], rows.y[order], heldout.X, heldout.y, config.refit)
+        probe.__dict__.clear()
+        probe.__dict__.update(final.__dict__)
+        self.refitted[name] = True
+        return True
+
+    def code_length(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
+        """The online code length of ``name``'s training labels (MDL probing, Voita & Titov
+        2020), in ``code_bits`` (and the uniform code's in ``uniform_bits``).
+
+        Every training row (the held-out slice included; ``rows`` are the kept ones, as for
+        ``refit``) in one seeded random order, cut at ``MDL_FRACTIONS`` of the rows: the
+        first block costs the uniform code, ``log2(classes)`` bits a row; each later block
+        costs ``-log2 p(label)`` under a fresh probe trained on every row before it exactly
+        as ``refit`` trains (the chosen ``alpha``, as many passes as the probe made,
+        ``chunk_rows`` at a time; a kind fitted from every row: its final fit's rule with the
+        setting it chose). Computed once, before the refit (after the final fit for a kind
+        fitted from every row); not for a kind without probabilities or rows not all kept.
+        Returns whether it was computed."""
+        self.wait()
+        return self._code_length(name, rows, n_docs, chunk_rows)
+
+    def _code_length(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
+        probe = self.probes[name]
+        if (
+            self.uniform_bits[name]  # once (a resumed run)
+            or (self.refitted[name] and not getattr(probe, "fits_rows", False))
+            or probe.task != "classification"
+            or not hasattr(probe, "predict_proba")
+            or not probe.is_fitted
+        ):
+            return False
+        every = self._all_rows(name, rows, n_docs)
+        if every is None:
+            log.info("probe %r has no code length: not every training row was kept", name)
+            return False
+        passes, classes = self._passes(name, len(every.y)), np.asarray(probe.classes_)
+        order = np.random.default_rng((self.seed, MDL_STREAM)).permutation(len(every.y))
+        X, y = every.X[order], every.y[order]
+        ends = sorted({max(1, round(f * len(y))) for f in MDL_FRACTIONS})
+        bits = ends[0] * math.log2(len(classes))
+        for start, end in zip(ends[:-1], ends[1:], strict=True):
+            coder = self._fresh_fit(name, X[:start], y[:start], passes, chunk_rows, classes)
+            proba = coder.predict_proba(X[start:end])
+            column = column_of(np.asarray(coder.classes_), y[start:end])
+            bits += float(row_log_loss(proba, column).sum()) / math.log(2)
+        self.code_bits[name] = bits
+        self.uniform_bits[name] = len(y) * math.log2(len(classes))
         return True
 
     # ------------------------------------------------------------------ scoring

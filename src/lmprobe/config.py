@@ -154,6 +154,11 @@ class ProbeConfig:
                 alpha_grid(self.model_kwargs)
             except LmProbeError as err:
                 raise LmProbeError(f"{where}: {err}") from None
+        if "C" in self.model_kwargs and hasattr(kind, "Cs"):  # the logistic kind's grid
+            try:
+                _ = kind(model_kwargs=dict(self.model_kwargs)).Cs
+            except LmProbeError as err:
+                raise LmProbeError(f"{where}: {err}") from None
         if (
             self.kind == "sgd_classifier"
             and "loss" in self.model_kwargs
