@@ -198,13 +198,23 @@ class TrainSchema:
     feature_store: Any = None
 
 
+def open_keys(schema: type, *keys: str) -> DictConfig:
+    """``schema`` with the dicts at ``keys`` open to new keys: Hydra's struct mode does not
+    reach into them, so ``probes.model_kwargs.alpha=0.01`` needs no ``+`` (a free-form
+    dict of estimator options has no keys to declare)."""
+    node = OmegaConf.structured(schema)
+    for key in keys:
+        OmegaConf.set_struct(node[key], False)
+    return node
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainSchema)
     for group, node in (
         ("model", ModelSchema),
         ("data", DataSchema),
-        ("probes", ProbesSchema),
+        ("probes", open_keys(ProbesSchema, "model_kwargs")),
         ("trainer", TrainerSchema),
     ):
         store.store(group=group, name="schema", node=node)
