@@ -178,6 +178,35 @@ class CSVLoggerSchema:
 
 
 @dataclass
+class WandbLoggerSchema:
+    _target_: str = "lightning.pytorch.loggers.WandbLogger"
+    save_dir: str = "."
+    project: str | None = "lmprobe"
+    name: str | None = None
+    offline: bool = False
+    id: str | None = None  # resume this W&B run
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] | None = None
+    notes: str | None = None
+    log_model: bool = False
+    prefix: str = ""
+
+
+@dataclass
+class MLFlowLoggerSchema:
+    _target_: str = "lightning.pytorch.loggers.MLFlowLogger"
+    experiment_name: str = "lightning_logs"
+    run_name: str | None = None
+    tracking_uri: str | None = None
+    tags: dict[str, Any] | None = None
+    artifact_location: str | None = None
+    run_id: str | None = None  # log into this existing run
+    log_model: bool = False
+    prefix: str = ""
+
+
+@dataclass
 class TrainSchema:
     task_name: str = "probe"
     seed: int = 0
@@ -228,6 +257,8 @@ def register_configs() -> None:
     for name, node in (
         ("tensorboard_schema", TensorBoardLoggerSchema),
         ("csv_schema", CSVLoggerSchema),
+        ("wandb_schema", WandbLoggerSchema),
+        ("mlflow_schema", MLFlowLoggerSchema),
     ):
         store.store(group="logger", name=name, node=node)
 
