@@ -21,7 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lmprobe import distributed
@@ -277,6 +277,7 @@ def _train(cfg: DictConfig, out: Path) -> pd.DataFrame:
     )
     module.feature_source = source
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    log_config(loggers, cfg)
     callbacks = build_callbacks(cfg)
     callbacks.append(RunOutputs(out, datamodule))
     trainer = build(
@@ -318,10 +319,7 @@ def _train(cfg: DictConfig, out: Path) -> pd.DataFrame:
             f"could not write {'; '.join(problems)}; the run's probes, metrics.csv and "
             f"last.ckpt are kept in {rescue} instead: copy them to where they belong"
         )
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_figure("accuracy_by_layer", figure)
-            logger.experiment.flush()
+    log_figure(trainer.loggers, figure, out / "accuracy_by_layer.png")
     show_best(table, cfg)
     if cfg.get("intervene"):  # after the run's outputs are safe (README, "Interventions")
         from lmprobe.intervene import app_stage
@@ -329,6 +327,34 @@ def _train(cfg: DictConfig, out: Path) -> pd.DataFrame:
         lm = load_model(cfg.model)
         app_stage(cfg, module, lm, datamodule, table, out, trainer.loggers, keep_outputs)
     return table
+
+
+def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
+    """The composed config (Hydra's own node aside) as each logger's hyperparameters;
+    Lightning's loggers write them on rank 0 only."""
+    params = {
+        key: OmegaConf.to_container(cfg[key], resolve=True)
+        if OmegaConf.is_config(cfg[key])
+        else cfg[key]
+        for key in cfg
+        if key != "hydra"
+    }
+    for logger in loggers:
+        logger.log_hyperparams(params)
+
+
+def log_figure(loggers: list[Logger], figure: Any, png: Path) -> None:
+    """The accuracy-by-layer figure (``png``: the copy in the run directory) to each
+    logger that keeps images; a W&B run ends here, so a sweep's next job starts its own."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_figure("accuracy_by_layer", figure)
+            logger.experiment.flush()
+        elif isinstance(logger, WandbLogger):
+            logger.log_image("accuracy_by_layer", [str(png)])
+            logger.experiment.finish()
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(png))
 
 
 def headline_metric(table: pd.DataFrame, wanted: str = "accuracy") -> str:

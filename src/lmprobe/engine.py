@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,26 @@ from lmprobe.module import ProbeModule
 from lmprobe.uncertainty import DEFAULT_RESAMPLES
 
 log = logging.getLogger("lmprobe")
+
+# Lightning's own pytree helpers (lightning/pytorch/utilities/_pytree.py, 2.6) build torch's
+# deprecated LeafSpec: a FutureWarning at every fit and test that no user can act on.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    category=FutureWarning,
+    module=r"lightning\.pytorch\.utilities\._pytree",
+)
+
+
+class _NoAdvertisement(logging.Filter):
+    """Drops Lightning's "Tip: ... try installing litlogger" line, printed by every Trainer
+    that has no LitLogger: an advertisement, not information about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertisement())
 
 # Probing has no optimizer and writes its own outputs: no Lightning checkpoints unless asked
 # for, no model summary (the LM is not a parameter of the module), no sanity validation.

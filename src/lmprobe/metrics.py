@@ -9,6 +9,7 @@ metric is one entry here; it then appears in ``metrics.csv``, the loggers and
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -101,6 +102,15 @@ CLASSIFICATION_METRICS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "f1": _macro(2),
     "matthews": matthews,
 }
+
+# Spearman's correlation ranks the whole test set, so it keeps every prediction by design:
+# torchmetrics' note that it does (a UserWarning per regression probe) tells a user nothing.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Metric `SpearmanCorrcoef` will save all targets and predictions",
+    category=UserWarning,
+    module=r"torchmetrics\.",
+)
 
 # factory() -> metric over (prediction, target), both float
 REGRESSION_METRICS: dict[str, Callable[[], torchmetrics.Metric]] = {

@@ -190,6 +190,35 @@ class InterveneSchema:
 
 
 @dataclass
+class WandbLoggerSchema:
+    _target_: str = "lightning.pytorch.loggers.WandbLogger"
+    save_dir: str = "."
+    project: str | None = "lmprobe"
+    name: str | None = None
+    offline: bool = False
+    id: str | None = None  # resume this W&B run
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] | None = None
+    notes: str | None = None
+    log_model: bool = False
+    prefix: str = ""
+
+
+@dataclass
+class MLFlowLoggerSchema:
+    _target_: str = "lightning.pytorch.loggers.MLFlowLogger"
+    experiment_name: str = "lightning_logs"
+    run_name: str | None = None
+    tracking_uri: str | None = None
+    tags: dict[str, Any] | None = None
+    artifact_location: str | None = None
+    run_id: str | None = None  # log into this existing run
+    log_model: bool = False
+    prefix: str = ""
+
+
+@dataclass
 class TrainSchema:
     task_name: str = "probe"
     seed: int = 0
@@ -211,13 +240,23 @@ class TrainSchema:
     intervene: Any = None  # intervene=erase or steer (conf/intervene)
 
 
+def open_keys(schema: type, *keys: str) -> DictConfig:
+    """``schema`` with the dicts at ``keys`` open to new keys: Hydra's struct mode does not
+    reach into them, so ``probes.model_kwargs.alpha=0.01`` needs no ``+`` (a free-form
+    dict of estimator options has no keys to declare)."""
+    node = OmegaConf.structured(schema)
+    for key in keys:
+        OmegaConf.set_struct(node[key], False)
+    return node
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainSchema)
     for group, node in (
         ("model", ModelSchema),
         ("data", DataSchema),
-        ("probes", ProbesSchema),
+        ("probes", open_keys(ProbesSchema, "model_kwargs")),
         ("trainer", TrainerSchema),
     ):
         store.store(group=group, name="schema", node=node)
@@ -232,6 +271,8 @@ def register_configs() -> None:
     for name, node in (
         ("tensorboard_schema", TensorBoardLoggerSchema),
         ("csv_schema", CSVLoggerSchema),
+        ("wandb_schema", WandbLoggerSchema),
+        ("mlflow_schema", MLFlowLoggerSchema),
     ):
         store.store(group="logger", name=name, node=node)
 
