@@ -269,6 +269,21 @@ def main() -> None:
     runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
 
 
+def _train_py(phase: str, how: str, *args: str) -> subprocess.CompletedProcess:
+    """``train.py *args`` in a subprocess, ``phase`` stopped by ``how`` (``main``)."""
+    code = "import sys; sys.path.insert(0, 'tests'); import test_interruptions as t; t.main()"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-c", code, phase, how, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
 @pytest.mark.parametrize(
     "phase,how",
     [("baseline", "sigterm"), ("baseline", "sigint"), ("figure", "sigint"), ("store", "sigterm")],
@@ -280,19 +295,30 @@ def test_train_py_exits_non_zero_with_its_message(
     SIGTERM is a SystemExit without a code), SIGTERM while the store filled killed the
     process (its temporary files left): now status 1, lmprobe's line, what was computed."""
     run = tmp_path / "run"
-    code = "import sys; sys.path.insert(0, 'tests'); import test_interruptions as t; t.main()"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", code, phase, how, f"hydra.run.dir={run}"]
-        + overrides(tiny_model_dir, phase_data, phase),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
+    result = _train_py(
+        phase, how, f"hydra.run.dir={run}", *overrides(tiny_model_dir, phase_data, phase)
     )
     assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
     lines = [line for line in result.stderr.splitlines() if "RunInterrupted: " in line]
     assert len(lines) == 1, result.stderr[-3000:]
     check_kept(run, phase, how, lines[0].split("RunInterrupted: ", 1)[1], feature_store_dir)
+
+
+def test_a_signal_stops_a_sweep(tiny_model_dir, phase_data, tmp_path):
+    """Ctrl-C in a sweep's first job stops the sweep with status 1 and lmprobe's line (it
+    was recorded in the job's error.txt and the next job ran)."""
+    sweep = tmp_path / "sweep"
+    result = _train_py(
+        "figure",
+        "sigint",
+        "-m",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+        *overrides(tiny_model_dir, phase_data, "figure"),
+    )
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0"]
+    lines = [line for line in result.stderr.splitlines() if "RunInterrupted: " in line]
+    assert len(lines) == 1, result.stderr[-3000:]
+    check_kept(sweep / "0", "figure", "sigint", lines[0].split("RunInterrupted: ", 1)[1])
+    assert not (sweep / "0" / "error.txt").exists()

@@ -435,10 +435,15 @@ def optimized_metric(table: pd.DataFrame | None, cfg: DictConfig) -> float | Non
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    """``train.py``'s body. In a sweep, a failing job records its error and lets the others run."""
+    """``train.py``'s body. In a sweep, a failing job records its error and lets the others
+    run; Ctrl-C or SIGTERM stops the sweep (``RunInterrupted``)."""
     in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return optimized_metric(train(cfg), cfg)
+    except RunInterrupted as err:
+        if in_sweep:  # now: Hydra would run the sweep's other jobs after an Exception
+            raise SystemExit(f"{type(err).__module__}.{type(err).__name__}: {err}") from None
+        raise
     except Exception as err:
         if not in_sweep:
             raise
