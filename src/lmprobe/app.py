@@ -28,6 +28,7 @@ from lmprobe import distributed
 from lmprobe.baselines import merge_baseline
 from lmprobe.engine import baseline_table, fit_and_test, show_lmprobe_log
 from lmprobe.errors import LmProbeError, RunInterrupted
+from lmprobe.interrupts import INTERRUPTS, check_stop, signals_held, stop_signals
 from lmprobe.models import context_length, local_model_dir, model_frame
 from lmprobe.module import ProbeModule
 from lmprobe.probes import resolve_probe_kind
@@ -201,33 +202,83 @@ class RunOutputs(Callback):
     def __init__(self, directory: Path, datamodule: Any) -> None:
         self.directory = directory
         self.datamodule = datamodule
+        self.kept: Path | None = None  # where the outputs of a stopped run went
 
     def on_exception(self, trainer: L.Trainer, pl_module: ProbeModule, exception: BaseException):
+        self.keep(trainer, pl_module, type(exception).__name__)
+
+    def keep(
+        self,
+        trainer: L.Trainer,
+        pl_module: ProbeModule,
+        why: str,
+        table: pd.DataFrame | None = None,
+        figure: Any = None,
+    ) -> Path | None:
+        """Write what the run computed and ``last.ckpt``; returns where (None: nothing to
+        keep). ``table``: the finished test pass's metrics (else the scores so far, marked
+        partial). Once per run: a stop that Lightning handled has written them already."""
+        if self.kept is not None:
+            return self.kept
         bank = pl_module.bank
         if pl_module.shards is not None:  # each rank holds only its own probes' state
             if trainer.is_global_zero:
-                log.warning(
-                    "run stopped (%s): a multi-process run keeps no partial results",
-                    type(exception).__name__,
-                )
-            return
+                log.warning("run stopped (%s): a multi-process run keeps no partial results", why)
+            return None
         if not any(bank.steps.values()):
-            return  # stopped before any probe saw data (e.g. a bad label): nothing to keep
-        table = bank.tables.get("test")
+            return None  # stopped before any probe saw data (e.g. a bad label): nothing to keep
+        partial = table is None
+        if table is None:
+            table = bank.tables.get("test")
         if table is None:  # what the test pass scored before it stopped, if it ran
             table = bank.finish_scoring("test", drop_failed=True)
-        outputs = run_outputs(table, pl_module, self.datamodule, partial=True)
+        outputs = run_outputs(table, pl_module, self.datamodule, partial=partial, figure=figure)
         outputs.append(("last.ckpt", lambda d: trainer.save_checkpoint(d / "last.ckpt")))
         rescue, problems = keep_outputs(self.directory, outputs)
-        where = rescue or self.directory
+        where = self.kept = rescue or self.directory
         if problems:  # the run's own error follows; this one must not hide it
             log.error("could not write %s; kept in %s instead", "; ".join(problems), rescue)
         log.warning(
             "run stopped (%s): probes trained so far are in %s; resume with ckpt_path=%s",
-            type(exception).__name__,
+            why,
             where / "probes",
             where / "last.ckpt",
         )
+        return where
+
+
+def nothing_trained(store: bool = False) -> RunInterrupted:
+    """The one-line error of a run stopped before any probe saw data."""
+    stored = " (the feature store keeps the splits it finished)" if store else ""
+    return RunInterrupted(
+        "run interrupted before any probe was trained: nothing to keep or resume; run the "
+        f"same command again{stored}"
+    )
+
+
+def interrupted(
+    keeper: RunOutputs,
+    trainer: L.Trainer,
+    module: ProbeModule,
+    table: pd.DataFrame | None = None,
+    figure: Any = None,
+    missing: str = "",
+) -> RunInterrupted:
+    """The one-line error of a run stopped by Ctrl-C or SIGTERM, after writing what it
+    computed (``RunOutputs.keep``; a second Ctrl-C meanwhile is ignored). ``table``: the
+    finished test pass's metrics; ``missing``: what a resumed run adds to them."""
+    with signals_held(then_raise=False):
+        where = keeper.keep(trainer, module, "interrupted", table, figure)
+    if where is None:
+        if module.shards is not None:
+            return RunInterrupted("run interrupted: a multi-process run keeps no partial results")
+        return nothing_trained(module.feature_source is not None)
+    kept = "metrics.csv (partial), probes and last.ckpt"
+    if table is not None:
+        kept = f"metrics.csv, probes and last.ckpt{f' (no {missing} yet)' if missing else ''}"
+    return RunInterrupted(
+        f"run interrupted; {kept} are in {where}; resume with ckpt_path={where / 'last.ckpt'}"
+    )
 
 
 def train(cfg: DictConfig) -> pd.DataFrame:
@@ -238,11 +289,16 @@ def train(cfg: DictConfig) -> pd.DataFrame:
     if distributed.requested(cfg.trainer):
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         distributed.check_supported(cfg, multirun)
-        if not distributed.is_rank_zero():  # rank 0 holds the run directory and writes
-            return _train(cfg, out)
-    # locked for this run, and no earlier run's results left to mix with this one's
-    with claim_run_dir(out, bool(cfg.get("overwrite", False)), cfg.get("ckpt_path")):
-        return _train(cfg, out)
+    # Ctrl-C and SIGTERM stop every phase alike: what was computed is written (_train)
+    with stop_signals():
+        try:
+            if distributed.requested(cfg.trainer) and not distributed.is_rank_zero():
+                return _train(cfg, out)  # rank 0 holds the run directory and writes
+            # locked for this run, and no earlier run's results left to mix with this one's
+            with claim_run_dir(out, bool(cfg.get("overwrite", False)), cfg.get("ckpt_path")):
+                return _train(cfg, out)
+        except INTERRUPTS:  # before _train had a module (while loading the model or data)
+            raise nothing_trained() from None
 
 
 def _train(cfg: DictConfig, out: Path) -> pd.DataFrame:
@@ -279,41 +335,53 @@ def _train(cfg: DictConfig, out: Path) -> pd.DataFrame:
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     log_config(loggers, cfg)
     callbacks = build_callbacks(cfg)
-    callbacks.append(RunOutputs(out, datamodule))
+    keeper = RunOutputs(out, datamodule)
+    callbacks.append(keeper)
     trainer = build(
         cfg.trainer, module=module, callbacks=callbacks, logger=loggers or False, _convert_="all"
     )
 
+    table = figure = None
+    missing, finished = "figure", False
     try:
         table = fit_and_test(trainer, module, datamodule, ckpt_path=cfg.get("ckpt_path"))
-    except (KeyboardInterrupt, SystemExit) as err:
-        # Lightning turns Ctrl-C into sys.exit(1) and SIGTERM into SIGTERMException after
-        # calling on_exception (RunOutputs has written everything by then).
-        raise RunInterrupted(
-            f"run interrupted; partial results in {out}; resume with ckpt_path={out / 'last.ckpt'}"
-        ) from err
+        check_stop()
+        if not trainer.is_global_zero:  # rank 0 gathered every probe and writes the outputs
+            return table
+        if cfg.get("baseline"):
+            missing = f"{cfg.baseline} baseline"
 
-    if not trainer.is_global_zero:  # rank 0 gathered every probe and writes the outputs
-        return table
-    if cfg.get("baseline"):
+            def trainer_for(other: ProbeModule) -> L.Trainer:
+                return build(
+                    cfg.trainer,
+                    module=other,
+                    callbacks=build_callbacks(cfg),
+                    logger=False,
+                    _convert_="all",
+                )
 
-        def trainer_for(other: ProbeModule) -> L.Trainer:
-            return build(
-                cfg.trainer,
-                module=other,
-                callbacks=build_callbacks(cfg),
-                logger=False,
-                _convert_="all",
+            other = baseline_table(
+                cfg.baseline, module, datamodule, trainer_for, lm=load_model(cfg.model)
             )
-
-        other = baseline_table(
-            cfg.baseline, module, datamodule, trainer_for, lm=load_model(cfg.model)
-        )
-        table = merge_baseline(table, other, cfg.baseline)
-    figure = accuracy_by_layer(table, module.configs, headline_metric(table))
-    rescue, problems = keep_outputs(
-        out, run_outputs(table, module, datamodule, figure=figure), trainer
-    )
+            check_stop()
+            table = merge_baseline(table, other, cfg.baseline)
+            missing = "figure"
+        figure = accuracy_by_layer(table, module.configs, headline_metric(table))
+        missing = ""
+        with signals_held():  # every output is written, then a Ctrl-C or SIGTERM raised
+            rescue, problems = keep_outputs(
+                out, run_outputs(table, module, datamodule, figure=figure), trainer
+            )
+            if not problems:  # a finished run leaves no checkpoint (one resumed from is stale)
+                (out / "last.ckpt").unlink(missing_ok=True)
+                finished = True
+        check_stop()
+    except INTERRUPTS:
+        if finished:
+            raise RunInterrupted(
+                f"run interrupted after it wrote every output to {out}: nothing to resume"
+            ) from None
+        raise interrupted(keeper, trainer, module, table, figure, missing) from None
     if problems:
         raise LmProbeError(
             f"could not write {'; '.join(problems)}; the run's probes, metrics.csv and "
@@ -398,10 +466,15 @@ def optimized_metric(table: pd.DataFrame | None, cfg: DictConfig) -> float | Non
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    """``train.py``'s body. In a sweep, a failing job records its error and lets the others run."""
+    """``train.py``'s body. In a sweep, a failing job records its error and lets the others
+    run; Ctrl-C or SIGTERM stops the sweep (``RunInterrupted``)."""
     in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return optimized_metric(train(cfg), cfg)
+    except RunInterrupted as err:
+        if in_sweep:  # now: Hydra would run the sweep's other jobs after an Exception
+            raise SystemExit(f"{type(err).__module__}.{type(err).__name__}: {err}") from None
+        raise
     except Exception as err:
         if not in_sweep:
             raise

@@ -17,6 +17,7 @@ from lmprobe.bank import DEFAULT_CHUNK_ROWS
 from lmprobe.callbacks import ProbeEarlyStopping, ProbeMetrics, ProbeUpdater
 from lmprobe.distributed import make_strategy, requested
 from lmprobe.errors import LmProbeError
+from lmprobe.interrupts import check_stop
 from lmprobe.models import input_device
 from lmprobe.module import ProbeModule
 from lmprobe.uncertainty import DEFAULT_RESAMPLES
@@ -144,6 +145,7 @@ def fit_and_test(
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         updater.train_through_test = False
+    check_stop()  # a SIGTERM after the training loop's last check stops before the test
     if not module.bank.trained_any():
         module.bank.wait()
         raise LmProbeError(

@@ -150,8 +150,13 @@ class ClassificationScores:
     the mean log loss over all rows (summed per chunk, divided once at the end), NaN for a
     kind without probabilities. The rows themselves (document, target and predicted column,
     log loss, probabilities) are kept for AUROC and the bootstrap (``lmprobe.uncertainty``).
+
+    The metric state is made and changed under inference mode wherever that happens: a
+    pass begun in Lightning's test loop (inference mode) may be finished outside it (an
+    interrupted run's partial results), where a tensor made inside it cannot change in place.
     """
 
+    @torch.inference_mode()
     def __init__(self, classes: np.ndarray) -> None:
         self.classes = np.asarray(classes)
         if (np.sort(self.classes) != self.classes).any():
@@ -171,6 +176,7 @@ class ClassificationScores:
     def add(self, probe: Any, X: np.ndarray, y: np.ndarray, doc: np.ndarray | None = None) -> None:
         self.update(y, *probe.predict_with_proba(X), doc=doc)
 
+    @torch.inference_mode()
     def update(
         self,
         y: np.ndarray,
@@ -213,6 +219,7 @@ class ClassificationScores:
             self.parts, self._merged = [merged], True
         return dict(zip(("doc", "target", "pred", "loss", "proba"), self.parts[0], strict=True))
 
+    @torch.inference_mode()
     def compute(self) -> dict[str, float]:
         confusion = self.confusion.compute().double().numpy()
         row = {"loss": self.loss_sum / self.count}
@@ -223,6 +230,7 @@ class ClassificationScores:
         row["support"] = self.count
         return row
 
+    @torch.inference_mode()
     def per_class(self, probe: str | None = None) -> pd.DataFrame:
         """Precision, recall, F1 and support (target rows) of each class, one row per class
         (scikit-learn's ``precision_recall_fscore_support`` with ``zero_division=0``); with
@@ -260,8 +268,10 @@ class ClassificationScores:
 
 
 class RegressionScores:
-    """Metrics of one regression probe over every row it is shown, chunk by chunk."""
+    """Metrics of one regression probe over every row it is shown, chunk by chunk (states
+    under inference mode, as ``ClassificationScores``)."""
 
+    @torch.inference_mode()
     def __init__(self) -> None:
         self.metrics = torchmetrics.MetricCollection(
             {name: make() for name, make in REGRESSION_METRICS.items()}
@@ -276,12 +286,14 @@ class RegressionScores:
     def add(self, probe: Any, X: np.ndarray, y: np.ndarray, doc: np.ndarray | None = None) -> None:
         self.update(y, probe.predict(X))
 
+    @torch.inference_mode()
     def update(self, y: np.ndarray, pred: np.ndarray) -> None:
         self.metrics.update(
             torch.as_tensor(pred, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
         )
         self.count += len(y)
 
+    @torch.inference_mode()
     def compute(self) -> dict[str, float]:
         row = {name: float(value) for name, value in self.metrics.compute().items()}
         row["loss"] = row["mse"]
