@@ -35,6 +35,10 @@ from lmprobe.uncertainty import MAX_KEPT_DRAWS, bootstrap, paired_p_values, resa
 log = logging.getLogger("lmprobe")
 
 DEFAULT_CHUNK_ROWS = 256
+# Rows per update of a refit (``ProbeBank.refit``): part of what a refit is, like its step
+# schedule (each update of a classifier probe sets its step), not a setting, so no knob
+# described as call overhead (``chunk_rows``) changes a refitted probe.
+REFIT_ROWS = 256
 
 
 def _checked_rows() -> Any:
@@ -639,13 +643,12 @@ class ProbeBank:
         self,
         rows: Sequence[tuple[str, Features]],
         n_docs: int,
-        chunk_rows: int,
         background: bool = False,
     ) -> list[str]:
         """``refit`` each ``(name, rows)``; returns the probes refitted. ``background``: on
         the worker thread, after the training running there (returns none)."""
         if not background:
-            return [name for name, r in rows if self.refit(name, r, n_docs, chunk_rows)]
+            return [name for name, r in rows if self.refit(name, r, n_docs)]
         before = self._pending
         # a refit replaces a fitted probe's state (never leaves one unfitted), but not in
         # one step: ``trained_any`` must not read it meanwhile
@@ -656,12 +659,12 @@ class ProbeBank:
             if before is not None:
                 before.result()
             for name, r in rows:
-                self._refit(name, r, n_docs, chunk_rows)
+                self._refit(name, r, n_docs)
 
         self._pending = _Background(refits)
         return []
 
-    def refit(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
+    def refit(self, name: str, rows: Features, n_docs: int) -> bool:
         """Retrain ``name`` from scratch on every training row, its held-out slice included,
         with what the slice chose: the ``alpha`` and the number of passes (scikit-learn's
         ``refit=True``, as ``LogisticRegressionCV`` does). Held-out rows pay for choosing;
@@ -670,12 +673,13 @@ class ProbeBank:
         ``rows`` are the probe's training rows (kept features); the refit needs them for all
         ``n_docs`` training documents, else (a probe that stopped during the first epoch, or
         features too large to keep) the probe stays as trained. Each pass feeds the rows, in
-        document order, in one seeded permutation per pass, ``chunk_rows`` at a time.
-        Returns whether the probe was refitted."""
+        document order, in one seeded permutation per pass, ``REFIT_ROWS`` at a time
+        (whatever ``chunk_rows`` the run's updates had). Returns whether the probe was
+        refitted."""
         self.wait()
-        return self._refit(name, rows, n_docs, chunk_rows)
+        return self._refit(name, rows, n_docs)
 
-    def _refit(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
+    def _refit(self, name: str, rows: Features, n_docs: int) -> bool:
         heldout = self.heldout.get(name)
         probe = self.probes[name]
         seen = getattr(probe, "n_samples_seen_", None)
@@ -704,8 +708,8 @@ class ProbeBank:
         with _checked_rows():
             for epoch in range(passes):
                 perm = np.random.default_rng((self.seed, epoch)).permutation(len(y))
-                for start in range(0, len(y), chunk_rows):
-                    chunk = perm[start : start + chunk_rows]
+                for start in range(0, len(y), REFIT_ROWS):
+                    chunk = perm[start : start + REFIT_ROWS]
                     refitted.partial_fit(X[chunk], y[chunk])
         # in place: a probe object taken before the fit (lm_probe's runner.probes) is the
         # final one afterwards; it now holds the chosen alpha alone
