@@ -321,11 +321,38 @@ RESUME_CELLS = [
 ]
 FAST_RESUME = {("sgd_classifier", "mean", True, False, "epoch0-mid")}
 WHERE = {"epoch0-mid": {"batch": 5, "epoch": 0}, "epoch1-mid": {"batch": 6, "epoch": 1}}
+# Found by the matrix, not fixed (cause not found yet): in these cells the resumed SGD
+# probes differ from the uninterrupted run's in their last float32 bits (relative 1e-7 to
+# 3e-5), with the store too (the same stored features in both runs); mean_difference
+# probes (sums) and the other cells are exact.
+RESUME_LAST_BITS = pytest.mark.xfail(
+    strict=True, reason="issue 33 matrix: resumed SGD probes differ in their last bits"
+)
+RESUME_XFAIL = {
+    ("sgd_classifier", "mean", False, False, "epoch1-mid"),
+    ("sgd_classifier", "mean", False, True, "epoch0-mid"),
+    ("sgd_classifier", "mean", False, True, "epoch1-mid"),
+    ("sgd_classifier", "mean", True, False, "epoch1-mid"),
+    ("sgd_classifier", "mean", True, True, "epoch0-mid"),
+    ("sgd_classifier", "mean", True, True, "epoch1-mid"),
+    ("sgd_classifier", "word", False, False, "epoch0-mid"),
+    ("sgd_classifier", "word", False, False, "epoch1-mid"),
+    ("sgd_classifier", "word", True, False, "epoch0-mid"),
+    ("sgd_classifier", "word", True, False, "epoch1-mid"),
+    ("sgd_regressor", "mean", False, False, "epoch1-mid"),
+    ("sgd_regressor", "mean", False, True, "epoch0-mid"),
+    ("sgd_regressor", "mean", False, True, "epoch1-mid"),
+}
+
+
+def resume_marks(cell: tuple) -> list:
+    marks = [] if cell in FAST_RESUME else [matrix]
+    return marks + ([RESUME_LAST_BITS] if cell in RESUME_XFAIL else [])
 
 
 @pytest.mark.parametrize(
     ("kind", "level", "control", "store", "where"),
-    [pytest.param(*c, marks=() if c in FAST_RESUME else matrix) for c in RESUME_CELLS],
+    [pytest.param(*c, marks=resume_marks(c)) for c in RESUME_CELLS],
 )
 def test_app_resumed_after_sigterm_equals_the_uninterrupted_run(
     runs, data_files, tiny_model_dir, kind, level, control, store, where
