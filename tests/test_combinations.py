@@ -378,6 +378,8 @@ def test_app_resumed_after_sigterm_equals_the_uninterrupted_run(
 def run_two_ranks(run: Path, overrides: list[str]) -> Path:
     """``python train.py`` on two CPU ranks (gloo), as tests/test_ddp.py runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # this checkout's lmprobe, not another one installed (the ranks run from run.parent)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
     command = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run}"]
     command += ["trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
     result = subprocess.run(
