@@ -34,7 +34,7 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 test-fast: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not real"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not real and not matrix"
 
 run: setup
 	$(PY) train.py $(ARGS)

@@ -15,7 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import LinearProbe, ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.bank import ProbeBank
+from lmprobe.bank import REFIT_ROWS, ProbeBank
 from lmprobe.errors import LmProbeError
 from lmprobe.probes import DEFAULT_ALPHAS
 
@@ -132,14 +132,14 @@ def test_refit_trains_the_chosen_alpha_on_every_row_as_documented():
             bank.update({key: PendingFeatures(torch.from_numpy(X[rows]), y[rows], rows)}, None)
     chosen = bank.probes[config.name].alpha_
     kept = Features(X[train[::-1]], y[train[::-1]], train[::-1])  # any order: sorted by doc
-    assert not bank.refit(config.name, kept.select_docs(train[:-1]), 300, chunk_rows=64)
-    assert bank.refit(config.name, kept, 300, chunk_rows=64)
+    assert not bank.refit(config.name, kept.select_docs(train[:-1]), 300)
+    assert bank.refit(config.name, kept, 300)
     scaler = StandardScaler()
     sgd = reference_sgd(chosen, 5)
     for epoch in range(3):
         perm = np.random.default_rng((5, epoch)).permutation(300)
-        for start in range(0, 300, 64):
-            rows = perm[start : start + 64]  # rows in document order = row numbers here
+        for start in range(0, 300, REFIT_ROWS):  # 256 rows an update, then the rest
+            rows = perm[start : start + REFIT_ROWS]  # rows in document order = row numbers here
             scaler.partial_fit(X[rows])
             sgd.partial_fit(scaler.transform(X[rows]), y[rows], classes=[0, 1])
     refitted = bank.probes[config.name]

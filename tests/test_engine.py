@@ -235,7 +235,10 @@ def test_features_leave_the_device_once_per_chunk(
     monkeypatch.setattr(ProbeUpdater, "train_while_tracing", while_tracing)
     copied: list[int] = []
     to_host = lmprobe.features.to_host
-    monkeypatch.setattr(lmprobe.features, "to_host", lambda X: copied.append(len(X)) or to_host(X))
+    # (numbers copied: parts of several sites travel flattened, end to end)
+    monkeypatch.setattr(
+        lmprobe.features, "to_host", lambda X: copied.append(X.numel()) or to_host(X)
+    )
     configs = [
         ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False, **ONE_ALPHA)
         for i in (1, 3)
@@ -253,7 +256,7 @@ def test_features_leave_the_device_once_per_chunk(
         assert windows + 2 * per_pass <= len(copied) <= training + 2 * per_pass
     else:
         assert len(copied) == training + 2 * per_pass
-    assert sum(copied) == 2 * 2 * n
+    assert sum(copied) == 2 * 2 * n * 64  # rows 64 wide
 
 
 def test_batches_stay_on_the_host(gpt2, dataset):

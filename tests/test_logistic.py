@@ -59,7 +59,7 @@ def test_logistic_probe_matches_logistic_regression_cv_on_softmax_data(tmp_path)
     n = 800
     config = ProbeConfig("a.output", [0, 1, 2], kind="logistic")
     bank, _, kept = trained_bank(X, y, n, config)
-    assert bank.refit(config.name, kept, n, chunk_rows=64)
+    assert bank.refit(config.name, kept, n)
     probe = bank.probes[config.name]
     assert isinstance(probe, LogisticProbe) and probe.exact
     accuracy = float((probe.predict(X[n:]) == y[n:]).mean())
@@ -84,7 +84,7 @@ def test_logistic_code_length_matches_a_recomputation_by_hand():
     n = 1000
     config = ProbeConfig("a.output", [0, 1, 2], kind="logistic")
     bank, _, kept = trained_bank(X, y, n, config, seed=3)
-    assert bank.refit_all([(config.name, kept)], n, chunk_rows=64) == [config.name]
+    assert bank.refit_all([(config.name, kept)], n) == [config.name]
     C = bank.probes[config.name].C_
     order = np.random.default_rng((3, 2020)).permutation(n)
     Xo, yo = X[order], y[order]

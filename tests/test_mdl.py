@@ -12,7 +12,7 @@ from conftest import reference_sgd
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import ProbeConfig
-from lmprobe.bank import ProbeBank
+from lmprobe.bank import REFIT_ROWS, ProbeBank
 from lmprobe.features import Features, PendingFeatures
 
 FRACTIONS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)
@@ -60,16 +60,16 @@ def test_code_length_matches_a_recomputation_by_hand(n_classes):
             bank.update({key: PendingFeatures(torch.from_numpy(X[rows]), y[rows], rows)}, None)
     alpha = bank.probes[name].alpha_
     kept = Features(X[train], y[train], train)
-    assert not bank.code_length(name, kept.select_docs(train[1:]), n, chunk_rows=64)
-    assert bank.code_length(name, kept, n, chunk_rows=64)
-    bits, uniform, ends = by_hand(X, y, classes, alpha, 2, 64, seed=5)
+    assert not bank.code_length(name, kept.select_docs(train[1:]), n)
+    assert bank.code_length(name, kept, n)
+    bits, uniform, ends = by_hand(X, y, classes, alpha, 2, REFIT_ROWS, seed=5)
     assert ends[:3] == [1, 2, 5] and ends[-2:] == [600, 1200]  # 0.1% of 1,200 rows: 1
     assert bank.code_bits[name] == pytest.approx(bits, rel=1e-6)
     assert bank.uniform_bits[name] == pytest.approx(uniform)
     assert uniform / bits > 1.2  # the labels are predictable: the code compresses
     # computed once, before the refit; the table reports it
-    assert bank.refit(name, kept, n, chunk_rows=64)
-    assert not bank.code_length(name, kept, n, chunk_rows=64)
+    assert bank.refit(name, kept, n)
+    assert not bank.code_length(name, kept, n)
     bank.score("test", {key: PendingFeatures(torch.from_numpy(X), y, np.arange(n))}, None)
     row = bank.finish_scoring("test").loc[name]
     assert row["codelength_bits"] == pytest.approx(bits, rel=1e-6)

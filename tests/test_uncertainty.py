@@ -12,6 +12,7 @@ import torch
 from sklearn import metrics as skm
 
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
+from lmprobe.bank import REFIT_ROWS
 from lmprobe.datamodule import ProbeDataModule
 from lmprobe.engine import fit_and_test, make_trainer, probe_callbacks
 
@@ -127,7 +128,9 @@ def test_online_code_length_equals_a_sum_by_hand(gpt2, dataset):
     docs_ = dataset[:]
     X = runner.get_probe_features(docs_["input_ids"], docs_["attention_mask"])[config.name]
     y = docs_["labels"].numpy()
-    bits, uniform, _ = by_hand(X, y, np.array([0, 1]), 0.05, passes=3, chunk_rows=24, seed=6)
+    bits, uniform, _ = by_hand(
+        X, y, np.array([0, 1]), 0.05, passes=3, chunk_rows=REFIT_ROWS, seed=6
+    )
     row = runner.metrics.loc[config.name]
     assert row["codelength_bits"] == pytest.approx(bits, rel=1e-5)
     assert row["compression"] == pytest.approx(uniform / bits, rel=1e-5)

@@ -104,9 +104,11 @@ def _rows_of(doc: np.ndarray, index: np.ndarray) -> np.ndarray:
 def offload(parts: list[PendingFeatures]) -> None:
     """Move the matrices of ``parts`` to host memory as they are (one copy per device; not
     yet checked for finite values: that happens when their rows are used)."""
-    for device, waiting in by_device(parts).items():
+    for (device, _), waiting in by_device(parts).items():
         if device.type == "cpu":
             continue
-        host = torch.cat([p.X for p in waiting]).cpu()
-        for part, block in zip(waiting, host.split([len(p) for p in waiting]), strict=True):
-            part.X = block
+        # flattened end to end: parts of different sites differ in width
+        host = torch.cat([p.X.reshape(-1) for p in waiting]).cpu()
+        blocks = host.split([p.X.numel() for p in waiting])
+        for part, block in zip(waiting, blocks, strict=True):
+            part.X = block.view(part.X.shape)

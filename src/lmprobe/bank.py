@@ -39,6 +39,10 @@ DEFAULT_CHUNK_ROWS = 256
 # 2020), and the seed stream of the rows' order for it.
 MDL_FRACTIONS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)
 MDL_STREAM = 2020
+# Rows per update of a refit (``ProbeBank.refit``): part of what a refit is, like its step
+# schedule (each update of a classifier probe sets its step), not a setting, so no knob
+# described as call overhead (``chunk_rows``) changes a refitted probe.
+REFIT_ROWS = 256
 
 
 def _checked_rows() -> Any:
@@ -632,14 +636,13 @@ class ProbeBank:
         self,
         rows: Sequence[tuple[str, Features]],
         n_docs: int,
-        chunk_rows: int,
         background: bool = False,
     ) -> list[str]:
         """``refit`` each ``(name, rows)``; returns the probes refitted. ``background``: on
         the worker thread, after the training running there (returns none)."""
         if not background:
             self.wait()
-            return [name for name, r in rows if self._finish(name, r, n_docs, chunk_rows)]
+            return [name for name, r in rows if self._finish(name, r, n_docs)]
         before = self._pending
         # a refit replaces a fitted probe's state (never leaves one unfitted), but not in
         # one step: ``trained_any`` must not read it meanwhile
@@ -650,12 +653,12 @@ class ProbeBank:
             if before is not None:
                 before.result()
             for name, r in rows:
-                self._finish(name, r, n_docs, chunk_rows)
+                self._finish(name, r, n_docs)
 
         self._pending = _Background(refits)
         return []
 
-    def refit(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
+    def refit(self, name: str, rows: Features, n_docs: int) -> bool:
         """Retrain ``name`` from scratch on every training row, its held-out slice included,
         with what the slice chose: the ``alpha`` and the number of passes (scikit-learn's
         ``refit=True``, as ``LogisticRegressionCV`` does). Held-out rows pay for choosing;
@@ -664,21 +667,22 @@ class ProbeBank:
         ``rows`` are the probe's training rows (kept features); the refit needs them for all
         ``n_docs`` training documents, else (a probe that stopped during the first epoch, or
         features too large to keep) the probe stays as trained. Each pass feeds the rows, in
-        document order, in one seeded permutation per pass, ``chunk_rows`` at a time.
-        Returns whether the probe was refitted."""
+        document order, in one seeded permutation per pass, ``REFIT_ROWS`` at a time
+        (whatever ``chunk_rows`` the run's updates had). Returns whether the probe was
+        refitted."""
         self.wait()
-        return self._refit(name, rows, n_docs, chunk_rows)
+        return self._refit(name, rows, n_docs)
 
-    def _finish(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
+    def _finish(self, name: str, rows: Features, n_docs: int) -> bool:
         """The code length and the refit of one probe (returns whether it was refitted): the
         code length first, with what training chose, except for a kind fitted from every
         row (``fits_rows``), whose blocks are coded with what its final fit chose."""
         if getattr(self.probes[name], "fits_rows", False):
-            refitted = self._refit(name, rows, n_docs, chunk_rows)
-            self._code_length(name, rows, n_docs, chunk_rows)
+            refitted = self._refit(name, rows, n_docs)
+            self._code_length(name, rows, n_docs)
             return refitted
-        self._code_length(name, rows, n_docs, chunk_rows)
-        return self._refit(name, rows, n_docs, chunk_rows)
+        self._code_length(name, rows, n_docs)
+        return self._refit(name, rows, n_docs)
 
     def _all_rows(self, name: str, rows: Features, n_docs: int) -> Features | None:
         """The probe's kept training rows and its held-out slice, in document order; None
@@ -704,12 +708,11 @@ class ProbeBank:
         X: np.ndarray,
         y: np.ndarray,
         passes: int,
-        chunk_rows: int,
         classes: np.ndarray | None = None,
     ) -> Probe:
         """A new probe of ``name``'s config with what its held-out slice chose (its
         ``alpha``; ``classes``: every class, whatever ``y`` holds), trained on ``X, y``
-        ``passes`` times, each pass in one seeded permutation, ``chunk_rows`` at a time."""
+        ``passes`` times, each pass in one seeded permutation, ``REFIT_ROWS`` at a time."""
         config, probe = self.configs[name], self.probes[name]
         kwargs = dict(config.model_kwargs)
         if getattr(probe, "fits_rows", False):
@@ -726,12 +729,12 @@ class ProbeBank:
         with _checked_rows():
             for epoch in range(passes):
                 perm = np.random.default_rng((self.seed, epoch)).permutation(len(y))
-                for start in range(0, len(y), chunk_rows):
-                    chunk = perm[start : start + chunk_rows]
+                for start in range(0, len(y), REFIT_ROWS):
+                    chunk = perm[start : start + REFIT_ROWS]
                     fresh.partial_fit(X[chunk], y[chunk])
         return fresh
 
-    def _refit(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
+    def _refit(self, name: str, rows: Features, n_docs: int) -> bool:
         heldout = self.heldout.get(name)
         probe = self.probes[name]
         seen = getattr(probe, "n_samples_seen_", None)
@@ -751,7 +754,7 @@ class ProbeBank:
             log.info("probe %r keeps its training-rows-only fit: not every row was kept", name)
             return False
         passes = self._passes(name, len(every.y))
-        refitted = self._fresh_fit(name, every.X, every.y, passes, chunk_rows)
+        refitted = self._fresh_fit(name, every.X, every.y, passes)
         # in place: a probe object taken before the fit (lm_probe's runner.probes) is the
         # final one afterwards; it now holds the chosen alpha alone
         probe.__dict__.clear()
@@ -779,7 +782,7 @@ class ProbeBank:
         self.refitted[name] = True
         return True
 
-    def code_length(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
+    def code_length(self, name: str, rows: Features, n_docs: int) -> bool:
         """The online code length of ``name``'s training labels (MDL probing, Voita & Titov
         2020), in ``code_bits`` (and the uniform code's in ``uniform_bits``).
 
@@ -788,14 +791,14 @@ class ProbeBank:
         first block costs the uniform code, ``log2(classes)`` bits a row; each later block
         costs ``-log2 p(label)`` under a fresh probe trained on every row before it exactly
         as ``refit`` trains (the chosen ``alpha``, as many passes as the probe made,
-        ``chunk_rows`` at a time; a kind fitted from every row: its final fit's rule with the
+        ``REFIT_ROWS`` at a time; a kind fitted from every row: its final fit's rule with the
         setting it chose). Computed once, before the refit (after the final fit for a kind
         fitted from every row); not for a kind without probabilities or rows not all kept.
         Returns whether it was computed."""
         self.wait()
-        return self._code_length(name, rows, n_docs, chunk_rows)
+        return self._code_length(name, rows, n_docs)
 
-    def _code_length(self, name: str, rows: Features, n_docs: int, chunk_rows: int) -> bool:
+    def _code_length(self, name: str, rows: Features, n_docs: int) -> bool:
         probe = self.probes[name]
         if (
             self.uniform_bits[name]  # once (a resumed run)
@@ -815,7 +818,7 @@ class ProbeBank:
         ends = sorted({max(1, round(f * len(y))) for f in MDL_FRACTIONS})
         bits = ends[0] * math.log2(len(classes))
         for start, end in zip(ends[:-1], ends[1:], strict=True):
-            coder = self._fresh_fit(name, X[:start], y[:start], passes, chunk_rows, classes)
+            coder = self._fresh_fit(name, X[:start], y[:start], passes, classes)
             proba = coder.predict_proba(X[start:end])
             column = column_of(np.asarray(coder.classes_), y[start:end])
             bits += float(row_log_loss(proba, column).sum()) / math.log(2)

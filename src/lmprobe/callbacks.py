@@ -128,8 +128,7 @@ class ProbeUpdater(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         # What the held-out slice chose is final: train the final probes on all the rows
         # (with a test pass to follow, on the worker thread while the test set is traced)
-        chunk_rows = self.chunk_rows or DEFAULT_CHUNK_ROWS
-        pl_module.refit_probes(chunk_rows, background=self._in_background(pl_module))
+        pl_module.refit_probes(background=self._in_background(pl_module))
         pl_module.sync_bank()  # ranks: every probe's final state on every rank
 
     def on_exception(

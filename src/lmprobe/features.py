@@ -228,23 +228,31 @@ def to_host(X: torch.Tensor) -> np.ndarray:
     return X.cpu().numpy()
 
 
-def by_device(parts: Iterable[PendingFeatures]) -> dict[torch.device, list[PendingFeatures]]:
-    """The parts whose matrix is still to be settled (``X`` set), grouped by its device, so
-    each device is copied from (and waited for) once."""
-    grouped: dict[torch.device, list[PendingFeatures]] = {}
+def by_device(
+    parts: Iterable[PendingFeatures],
+) -> dict[tuple[torch.device, torch.dtype], list[PendingFeatures]]:
+    """The parts whose matrix is still to be settled (``X`` set), grouped by its device (and
+    dtype), so each device is copied from (and waited for) once."""
+    grouped: dict[tuple[torch.device, torch.dtype], list[PendingFeatures]] = {}
     for part in parts:
         if part.X is not None:
-            grouped.setdefault(part.X.device, []).append(part)
+            grouped.setdefault((part.X.device, part.X.dtype), []).append(part)
     return grouped
 
 
 def settle(parts: Sequence[PendingFeatures]) -> None:
-    """Bring every part still on a device to the host with one copy (one wait) per device."""
+    """Bring every part still on a device to the host with one copy (one wait) per device.
+    Parts of different sites differ in width (a residual stream, an MLP's inner
+    activations): they travel flattened, end to end, and each takes back its own shape."""
     for waiting in by_device(parts).values():
-        X = to_host(waiting[0].X if len(waiting) == 1 else torch.cat([p.X for p in waiting]))
-        bounds = np.cumsum([len(p) for p in waiting])[:-1]
-        for part, block in zip(waiting, np.split(X, bounds), strict=True):
-            part._settle(block)
+        if len(waiting) == 1:
+            waiting[0]._settle(to_host(waiting[0].X))
+            continue
+        shapes = [p.X.shape for p in waiting]
+        flat = to_host(torch.cat([p.X.reshape(-1) for p in waiting]))
+        bounds = np.cumsum([p.X.numel() for p in waiting])[:-1]
+        for part, shape, block in zip(waiting, shapes, np.split(flat, bounds), strict=True):
+            part._settle(block.reshape(shape))
 
 
 def gather(parts: Sequence[PendingFeatures], drop_failed: bool = False) -> Features:

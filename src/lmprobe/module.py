@@ -396,7 +396,7 @@ class ProbeModule(L.LightningModule):
                 return
         self._train_cache[position] = (index.clone(), features)
 
-    def refit_probes(self, chunk_rows: int, background: bool = False) -> list[str]:
+    def refit_probes(self, background: bool = False) -> list[str]:
         """Refit each probe with a held-out slice on all training rows (``ProbeBank.refit``),
         from the features kept in the first epoch. Returns the probes refitted (none:
         ``background``, the refits then run on the bank's worker thread)."""
@@ -424,7 +424,7 @@ class ProbeModule(L.LightningModule):
                 more = Features(more.X, more.y, missing[more.doc])
                 rows[key] = Features.concat([rows[key], more])
         given = [(n, rows[self.bank.key(n)]) for n in self.configs if self.bank.key(n) in rows]
-        return self.bank.refit_all(given, len(dataset), chunk_rows, background)
+        return self.bank.refit_all(given, len(dataset), background)
 
     def _eval_step(self, stage: str, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
         cached = self._eval_cache.get((stage, batch_idx))
