@@ -46,13 +46,16 @@ def fitted(gpt2, docs):
     return runner, train_set, test_set, table
 
 
-def hand_hook(edit_matrix, bias):
-    """x -> (x - bias) P^T + bias on a block's hidden states, written from LEACE's definition."""
+def hand_hook(edit_matrix, bias, seen=None):
+    """x -> (x - bias) P^T + bias on a block's hidden states, written from LEACE's definition
+    (``seen``: a list the edited value is appended to)."""
 
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         new = (hidden.double() - bias) @ edit_matrix.T + bias
         new = new.to(hidden.dtype)
+        if seen is not None:
+            seen.append(new)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     return hook
@@ -95,8 +98,11 @@ def test_erased_activations_equal_a_hand_hooked_forward(gpt2, hf_gpt2, docs):
             for k, p in trace_features(gpt2, batch, keys, order, forward_takes=takes).items()
         }
         bits, tokens = lm_bits(gpt2, batch, takes)
+    # (the edited block output itself: whether hidden_states[2] shows it depends on when
+    # transformers installed its own output recorders, before or after this hook)
+    site_out: list[torch.Tensor] = []
     handle = hf_gpt2.transformer.h[1].register_forward_hook(
-        hand_hook(eraser.P.double(), eraser.bias.double())
+        hand_hook(eraser.P.double(), eraser.bias.double(), site_out)
     )
     try:
         with torch.no_grad():
@@ -115,7 +121,7 @@ def test_erased_activations_equal_a_hand_hooked_forward(gpt2, hf_gpt2, docs):
     # the site's own probe reads the edit of its pooled features: equal to pooling the edit
     np.testing.assert_allclose(
         projection(torch.from_numpy(clean[SITE])).numpy(),
-        mean_pool(out.hidden_states[2], mask),
+        mean_pool(site_out[0], mask),
         atol=1e-6,
     )
     # the LM's loss under the edit: the model's own cross-entropy, per unpadded document

@@ -154,7 +154,7 @@ def test_default_regression_probe_with_three_times_more_features_than_rows():
         for start in range(0, len(order), 16):
             rows = order[start : start + 16]
             bank.update({key: PendingFeatures(torch.from_numpy(X[rows]), y[rows], rows)}, None)
-    assert bank.refit(config.name, Features(X[train], y[train], train), n, chunk_rows=64)
+    assert bank.refit(config.name, Features(X[train], y[train], train), n)
     reference = ridge_on_standardised(X[:n], y[:n], np.logspace(-2, 5, 29))
     r2 = skm.r2_score(y[n:], bank.probes[config.name].predict(X[n:]))
     print(r2, reference.score(X[n:], y[n:]))
@@ -425,8 +425,8 @@ def test_regressor_takes_no_classes():
 
 
 def test_unknown_kind_lists_the_registered_kinds():
-    with pytest.raises(LmProbeError, match="unknown probe kind 'logistic'") as err:
-        ProbeConfig(SITE, [0, 1], kind="logistic")
+    with pytest.raises(LmProbeError, match="unknown probe kind 'ridge'") as err:
+        ProbeConfig(SITE, [0, 1], kind="ridge")
     listed = str(err.value).split("use one of ", 1)[1]
     assert set(PROBE_KINDS) >= {"sgd_classifier", "sgd_regressor", "mean_difference"}
     for kind in PROBE_KINDS:
