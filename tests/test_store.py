@@ -735,7 +735,8 @@ def test_an_unwritable_store_reads_what_it_has_and_traces_the_rest(
         expected = first.get(name, plain[name])
         assert arrays.keys() == expected.keys()
         for array, value in arrays.items():
-            if array == "heldout_losses_":  # its slice's batches are traced otherwise
-                np.testing.assert_allclose(value, expected[array], rtol=1e-6)
-            else:  # coefficients, intercepts, steps: equal
+            if name in first:  # read from the store: as the run that stored it
                 np.testing.assert_array_equal(value, expected[array], err_msg=f"{name} {array}")
+            else:  # traced, as without a store (which traces its first rows in other
+                # batches, ahead with the held-out slice: float rounding apart)
+                np.testing.assert_allclose(value, expected[array], rtol=1e-4, atol=1e-5)
