@@ -673,7 +673,8 @@ def test_a_file_size_limit_is_an_error_not_a_crash(tmp_path):
     """A store that cannot grow (here RLIMIT_FSIZE, as a full disk) ends the writer with
     lmprobe's message and no temporary file."""
     directory = tmp_path / "store"
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    src = Path(store_module.__file__).parents[1]  # the lmprobe under test
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
     child = subprocess.run(
         [sys.executable, "-c", FSIZE_CHILD, str(directory)],
         env=env,
