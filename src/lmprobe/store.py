@@ -31,6 +31,9 @@ fills a temporary file in the store's directory and renames it into place (``os.
 atomic), so a reader sees a whole entry or none, and two writers of one entry both finish
 with a valid file. The header holds the SHA-256 of the data, checked when an entry is
 opened: a truncated or altered entry is logged, deleted and computed again, never read.
+A writer reserves its file's space before mapping it, so a full disk is a one-line error
+(entries already written are kept); a store that cannot be written at all (no permission,
+read-only) is logged once, and the run traces the features it lacks without storing them.
 """
 
 from __future__ import annotations
