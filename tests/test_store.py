@@ -589,3 +589,155 @@ def test_the_key_follows_the_weights_contents_with_the_modification_time_kept(
     assert weights.stat().st_size == stat.st_size
     assert weights.stat().st_mtime_ns == stat.st_mtime_ns
     assert not set(run_keys(cfg()).values()) & set(base.values())
+
+
+# ------------------------------------------------- a full or unwritable store
+def test_a_full_store_stops_with_one_line_and_keeps_what_it_wrote(
+    store_cfg, tmp_path, monkeypatch, feature_store_dir
+):
+    """The writer reserves an entry's space before mapping it: a full disk is an error of
+    the reservation (here: from the second entry on), not a SIGBUS in the map's pages."""
+    import errno
+
+    calls = []
+
+    def full(*args):
+        calls.append(args)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    assert hasattr(os, "posix_fallocate")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    cfg = store_cfg("run", "probes.submodules=[transformer.h.0.output]", "trainer.max_epochs=1")
+    with pytest.raises(LmProbeError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert message.startswith("feature store: cannot write ") and "\n" not in message
+    assert f"in {feature_store_dir} (No space left on device); free space there, " in message
+    assert "set feature_store.dir to a directory with room, or feature_store=false" in message
+    assert len(calls) == 2
+    assert [p.name for p in feature_store_dir.glob(".*.tmp")] == []  # no temporary file
+    assert len(list(feature_store_dir.glob("*.safetensors"))) == 1  # the train split's entry
+    assert not (tmp_path / "run" / ".lmprobe.lock").exists()  # the run's lock released
+    monkeypatch.undo()  # with room again, the run reads the kept entry and goes on
+    monkeypatch.setenv("LMPROBE_FEATURE_STORE", str(feature_store_dir))
+    train(store_cfg("run", "probes.submodules=[transformer.h.0.output]", "trainer.max_epochs=1"))
+    assert len(list(feature_store_dir.glob("*.safetensors"))) == 3
+
+
+def test_without_fallocate_the_reservation_writes_zeros(tmp_path, monkeypatch):
+    import errno
+
+    store = FeatureStore(tmp_path / "store", None)
+    doc, pos = np.arange(300), np.full(300, -1)
+    X = np.arange(300 * 7, dtype=np.float32).reshape(300, 7)
+    monkeypatch.delattr(os, "posix_fallocate")
+    writer = store.writer("d" * 64, {}, doc, pos, 300)
+    writer.fill(doc, X, doc, None)
+    writer.commit()
+    np.testing.assert_array_equal(store.open("d" * 64, doc, pos, 300).X, X)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    writer = store.writer("e" * 64, {}, doc, pos, 300)
+    with pytest.raises(
+        LmProbeError, match=r"cannot write 1[0-9]\.[0-9] KB for entry eeeeeeeeeeee in "
+    ):
+        writer.fill(doc, X, doc, None)
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["d" * 64 + ".safetensors"]
+
+
+FSIZE_CHILD = textwrap.dedent(
+    """
+    import resource, signal, sys
+    import numpy as np
+    from lmprobe import LmProbeError
+    from lmprobe.store import FeatureStore
+
+    store = FeatureStore(sys.argv[1], None)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, writes fail (EFBIG)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    doc = np.arange(1000)
+    writer = store.writer("f" * 64, {}, doc, np.full(1000, -1), 1000)
+    try:
+        writer.fill(doc, np.ones((1000, 64), np.float32), doc, None)
+    except LmProbeError as err:
+        print(err)
+    """
+)
+
+
+def test_a_file_size_limit_is_an_error_not_a_crash(tmp_path):
+    """A store that cannot grow (here RLIMIT_FSIZE, as a full disk) ends the writer with
+    lmprobe's message and no temporary file."""
+    directory = tmp_path / "store"
+    src = Path(store_module.__file__).parents[1]  # the lmprobe under test
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    child = subprocess.run(
+        [sys.executable, "-c", FSIZE_CHILD, str(directory)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.startswith("feature store: cannot write 266.0 KB for entry ffffffffffff")
+    assert "(File too large); free space there" in child.stdout
+    assert list(directory.iterdir()) == []
+
+
+def probe_arrays(run: Path) -> dict[str, dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    return {
+        str(p.relative_to(run / "probes")): load_file(p)
+        for p in sorted((run / "probes").rglob("*.safetensors"))
+    }
+
+
+def test_an_unwritable_store_reads_what_it_has_and_traces_the_rest(
+    store_cfg, tmp_path, monkeypatch, feature_store_dir, caplog
+):
+    """Tests run as root, where a read-only mode does not stop writes: the store's
+    temporary files are refused instead (PermissionError, as a read-only directory)."""
+    import tempfile
+
+    two = "probes.submodules=[transformer.h.0.output,transformer.h.1.output]"
+    three = (
+        "probes.submodules=[transformer.h.0.output,transformer.h.1.output,transformer.h.2.output]"
+    )
+    train(store_cfg("first", two, "trainer.max_epochs=1"))
+    entries = sorted(feature_store_dir.iterdir())
+    train(store_cfg("plain", three, "trainer.max_epochs=1", "feature_store=false"))
+    original = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == feature_store_dir:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return original(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(app, "_loaded_models", {})  # the run starts from the model's frame
+    monkeypatch.setattr(app, "_frames", {})
+    with caplog.at_level(logging.INFO, logger="lmprobe"):
+        train(store_cfg("second", three, "trainer.max_epochs=1"))
+    said = [r.getMessage() for r in caplog.records if "cannot write to" in r.getMessage()]
+    assert said == [
+        f"feature store: cannot write to {feature_store_dir} (Permission denied); the "
+        f"features it lacks are traced by every pass, not stored"
+    ]
+    assert sorted(feature_store_dir.iterdir()) == entries  # nothing written
+    first, plain, second = (probe_arrays(tmp_path / r) for r in ("first", "plain", "second"))
+    assert len(second) == 3 and set(first) < set(second)
+    assert all(any(a.endswith(".coef_") for a in arrays) for arrays in second.values())
+    for name, arrays in second.items():  # stored sites as the store's run, the rest traced
+        expected = first.get(name, plain[name])
+        assert arrays.keys() == expected.keys()
+        for array, value in arrays.items():
+            if name in first:  # read from the store: as the run that stored it
+                np.testing.assert_array_equal(value, expected[array], err_msg=f"{name} {array}")
+            else:  # traced, as without a store (which traces its first rows in other
+                # batches, ahead with the held-out slice: float rounding apart)
+                np.testing.assert_allclose(value, expected[array], rtol=1e-4, atol=1e-5)

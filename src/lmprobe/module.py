@@ -117,6 +117,8 @@ class ProbeModule(L.LightningModule):
             self.bank.keys_for(list(self.configs)),
             batch_size=getattr(datamodule, "batch_size", None) or 8,
         )
+        if any(stored.traced for stored in self.features.values()):
+            self.lm = self.feature_source.load_model()  # a frame without weights cannot trace
 
     @property
     def configs(self) -> dict[str, ProbeConfig]:
@@ -149,28 +151,36 @@ class ProbeModule(L.LightningModule):
         self.bank.check_labels(batch["labels"], names)
         keys = self.bank.keys_for(names)
         stored = (self.features or {}).get(split)
-        if stored is not None and stored.has(keys):
-            index = batch["index"].numpy()
-            rows = index if docs is None else docs
-            return {
-                key: stored.features(key, rows, index, label, self.on_nonfinite) for key in keys
-            }
-        if self.features is not None:
+        if self.features is not None and (stored is None or not stored.covers(keys)):
             raise LmProbeError(
                 f"feature store: no stored features of the {split} split for {label} "
                 f"(an lmprobe bug: please report it; feature_store=false avoids the store)"
             )
-        return trace_features(
-            self.lm,
-            batch,
-            keys,
-            self.order,
-            forward_takes=self.forward_takes,
-            remote=self.remote,
-            batch_label=label,
-            on_nonfinite=self.on_nonfinite,
-            all_positions=all_positions,
-        )
+        # keys the store could not take (or every key, without a store) are traced
+        traced = keys if stored is None else [k for k in keys if not stored.has([k])]
+        features = {}
+        if traced:
+            features = trace_features(
+                self.lm,
+                batch,
+                traced,
+                self.order,
+                forward_takes=self.forward_takes,
+                remote=self.remote,
+                batch_label=label,
+                on_nonfinite=self.on_nonfinite,
+                all_positions=all_positions,
+            )
+        if stored is None:
+            return features
+        index = batch["index"].numpy()
+        rows = index if docs is None else docs
+        return {
+            key: features[key]
+            if key in features
+            else stored.features(key, rows, index, label, self.on_nonfinite)
+            for key in keys
+        }
 
     def extract_shared(
         self,

@@ -31,11 +31,15 @@ fills a temporary file in the store's directory and renames it into place (``os.
 atomic), so a reader sees a whole entry or none, and two writers of one entry both finish
 with a valid file. The header holds the SHA-256 of the data, checked when an entry is
 opened: a truncated or altered entry is logged, deleted and computed again, never read.
+A writer reserves its file's space before mapping it, so a full disk is a one-line error
+(entries already written are kept); a store that cannot be written at all (no permission,
+read-only) is logged once, and the run traces the features it lacks without storing them.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import logging
@@ -77,10 +81,38 @@ STALE_TMP_SECONDS = 24 * 3600
 _HASH_BLOCK = 16 * 2**20
 _PLACEHOLDER = "0" * 64  # the checksum's place in a header, before the data is hashed
 _DTYPES = {"F32": np.dtype("<f4"), "I64": np.dtype("<i8")}
+# Errors of a store that has no room (a full disk, a quota, a file size limit): the run
+# stops with one line; any other error of writing (no permission, a read-only file system)
+# leaves the store unwritten and the run traces what it lacks.
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class CorruptEntry(Exception):
     """An entry that cannot be trusted (truncated, altered, another format)."""
+
+
+def _size(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GB"
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def reserve(fd: int, size: int) -> None:
+    """Allocate the first ``size`` bytes of ``fd``'s file on disk, so that a full disk is
+    an ``OSError`` here rather than a SIGBUS when a page of a sparse file's map is written:
+    ``os.posix_fallocate``, else (a system or file system without it) zeros written."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is not None:
+        try:
+            fallocate(fd, 0, size)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+    zeros = bytes(min(size, _HASH_BLOCK))
+    done = os.lseek(fd, 0, os.SEEK_END)
+    while done < size:
+        done += os.pwrite(fd, zeros[: size - done], done)
 
 
 def default_dir() -> Path:
@@ -349,21 +381,36 @@ class EntryWriter:
         n = len(self.doc)
         return {"X": ("F32", (n, width)), "doc": ("I64", (n,)), "pos": ("I64", (n,))}
 
+    def create(self) -> None:
+        """The temporary file, empty (an ``OSError`` where the store cannot be written)."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.key}.", suffix=".tmp", dir=self.store.directory)
+        os.close(fd)
+        self.tmp = Path(tmp)
+
     def _open(self, width: int) -> None:
         self.width = width
         header = _header(self._arrays(width), self._metadata(_PLACEHOLDER))
         self.data = len(header)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.key}.", suffix=".tmp", dir=self.store.directory)
-        self.tmp = Path(tmp)
+        if self.tmp is None:
+            self.create()
         n = len(self.doc)
-        with os.fdopen(fd, "r+b") as handle:
-            handle.write(header)
-            handle.truncate(self.data + n * width * 4 + 16 * n)
-            handle.seek(self.data + n * width * 4)
-            handle.write(self.doc.astype("<i8").tobytes())
-            handle.write(self.pos.astype("<i8").tobytes())
-            handle.flush()
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_WRITE)
+        size = self.data + n * width * 4 + 16 * n
+        try:
+            with open(self.tmp, "r+b") as handle:
+                reserve(handle.fileno(), size)
+                handle.write(header)
+                handle.seek(self.data + n * width * 4)
+                handle.write(self.doc.astype("<i8").tobytes())
+                handle.write(self.pos.astype("<i8").tobytes())
+                handle.flush()
+                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_WRITE)
+        except OSError as err:
+            self.abort()
+            raise LmProbeError(
+                f"feature store: cannot write {_size(size)} for entry {self.key[:12]} in "
+                f"{self.store.directory} ({err.strerror or err}); free space there, set "
+                f"feature_store.dir to a directory with room, or feature_store=false"
+            ) from None
         self._X = np.frombuffer(self._map, np.float32, n * width, self.data).reshape(n, width)
 
     def fill(
@@ -509,14 +556,25 @@ class FeatureStore:
 
 # ------------------------------------------------------------------ serving rows
 class StoredFeatures:
-    """The stored features of one split, served as a trace would give them for a batch."""
+    """The stored features of one split, served as a trace would give them for a batch;
+    ``traced``: keys the store lacks and could not take, traced by every pass instead."""
 
-    def __init__(self, dataset: ProbeDataset, entries: dict[FeatureKey, Entry]) -> None:
+    def __init__(
+        self,
+        dataset: ProbeDataset,
+        entries: dict[FeatureKey, Entry],
+        traced: Iterable[FeatureKey] = (),
+    ) -> None:
         self.dataset = dataset
         self.entries = entries
+        self.traced = set(traced)
 
     def has(self, keys: Iterable[FeatureKey]) -> bool:
         return all(base_key(key) in self.entries for key in keys)
+
+    def covers(self, keys: Iterable[FeatureKey]) -> bool:
+        """Every key is stored or traced."""
+        return all(base_key(key) in self.entries or base_key(key) in self.traced for key in keys)
 
     def features(
         self, key: FeatureKey, docs: np.ndarray, index: np.ndarray, label: str, on_nonfinite: str
@@ -575,51 +633,78 @@ class FeatureSource:
         all missing keys at once) only those it lacks."""
         keys = list(dict.fromkeys(base_key(k) for k in keys))
         prepared: dict[str, StoredFeatures] = {}
+        unwritable: OSError | None = None
         for split, dataset in splits.items():
             if dataset is None:
                 continue
             data = dataset_digest(dataset)
             entries: dict[FeatureKey, Entry] = {}
             missing: dict[FeatureKey, EntryWriter] = {}
-            for key in keys:
-                name, fields = entry_key(self.model, data, key)
-                doc, pos = row_layout(dataset, key)
-                entry = self.store.open(name, doc, pos, len(dataset))
-                if entry is not None:
-                    entries[key] = entry
-                else:
-                    missing[key] = self.store.writer(name, fields, doc, pos, len(dataset))
-            if missing:
-                log.info(
-                    "feature store: %d of %d sites of the %s split found; tracing %d "
-                    "(%d documents) into %s",
-                    len(entries),
-                    len(keys),
-                    split,
-                    len(missing),
-                    len(dataset),
-                    self.store.directory,
-                )
-                self._fill(split, dataset, missing, batch_size)
-                for key, writer in missing.items():
-                    doc, pos = writer.doc, writer.pos
-                    entry = self.store.open(writer.key, doc, pos, len(dataset), verify=False)
-                    if entry is None:  # deleted between our rename and here (a full disk?)
-                        raise LmProbeError(
-                            f"feature store: entry {writer.key[:12]} vanished right after "
-                            f"it was written in {self.store.directory}; set "
-                            f"feature_store.dir to a directory no other process cleans, "
-                            f"or feature_store=false"
-                        )
-                    entries[key] = entry
-            else:
-                log.info(
-                    "feature store: all %d sites of the %s split found in %s",
-                    len(keys),
-                    split,
-                    self.store.directory,
-                )
-            prepared[split] = StoredFeatures(dataset, entries)
+            traced: list[FeatureKey] = []
+            try:
+                for key in keys:
+                    name, fields = entry_key(self.model, data, key)
+                    doc, pos = row_layout(dataset, key)
+                    entry = self.store.open(name, doc, pos, len(dataset))
+                    if entry is not None:
+                        entries[key] = entry
+                        continue
+                    writer = self.store.writer(name, fields, doc, pos, len(dataset))
+                    try:
+                        writer.create()
+                    except OSError as err:
+                        if err.errno in _NO_ROOM:
+                            raise LmProbeError(
+                                f"feature store: cannot create an entry in "
+                                f"{self.store.directory} ({err.strerror}); free space there, "
+                                f"set feature_store.dir to a directory with room, or "
+                                f"feature_store=false"
+                            ) from None
+                        if unwritable is None:
+                            log.warning(
+                                "feature store: cannot write to %s (%s); the features it "
+                                "lacks are traced by every pass, not stored",
+                                self.store.directory,
+                                err.strerror or err,
+                            )
+                        unwritable = err
+                        traced.append(key)
+                        continue
+                    missing[key] = writer
+                if missing:
+                    log.info(
+                        "feature store: %d of %d sites of the %s split found; tracing %d "
+                        "(%d documents) into %s",
+                        len(entries),
+                        len(keys),
+                        split,
+                        len(missing),
+                        len(dataset),
+                        self.store.directory,
+                    )
+                    self._fill(split, dataset, missing, batch_size)
+                    for key, writer in missing.items():
+                        doc, pos = writer.doc, writer.pos
+                        entry = self.store.open(writer.key, doc, pos, len(dataset), verify=False)
+                        if entry is None:  # deleted between our rename and here
+                            raise LmProbeError(
+                                f"feature store: entry {writer.key[:12]} vanished right after "
+                                f"it was written in {self.store.directory}; set "
+                                f"feature_store.dir to a directory no other process cleans, "
+                                f"or feature_store=false"
+                            )
+                        entries[key] = entry
+                elif not traced:
+                    log.info(
+                        "feature store: all %d sites of the %s split found in %s",
+                        len(keys),
+                        split,
+                        self.store.directory,
+                    )
+            finally:
+                for writer in missing.values():
+                    writer.abort()
+            prepared[split] = StoredFeatures(dataset, entries, traced)
         self.store.evict(e.path for p in prepared.values() for e in p.entries.values())
         return prepared
 
