@@ -1,6 +1,7 @@
 # Set-up is part of every target: the virtual environment is created on first use.
 #   make test   - lint-free test suite (tiny in-process GPT-2 + the real SmolLM2 tests)
 #   make run    - the default probing run (python train.py), offline
+#   make lint   - ruff, and the documentation site built with mkdocs build --strict
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -50,6 +51,8 @@ run: setup
 lint: setup
 	$(PY) -m ruff check src tests bench train.py
 	$(PY) -m ruff format --check src tests bench train.py
+	@site=$$(mktemp -d) && echo "mkdocs build --strict (site in $$site, removed after)" && \
+	  $(PY) -m mkdocs build --strict --quiet --site-dir "$$site"; status=$$?; rm -rf "$$site"; exit $$status
 
 format: setup
 	$(PY) -m ruff format src tests bench train.py
