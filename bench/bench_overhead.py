@@ -501,7 +501,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, default=None, help="append a cProfile of one lmprobe run here"
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("overhead.json"))
     args = parser.parse_args()
     print(f"machine: {machine()}; torch {torch.__version__}")
     print(
