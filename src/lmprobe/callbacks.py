@@ -203,20 +203,25 @@ class ProbeEarlyStopping(Callback):
         # by length together, they pad less than each on its own (lmprobe.ahead).
         sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         window, window_end = None, -1
-        if isinstance(sampler, LengthGroupedBatches) and trainer.current_epoch == 0:
+        if isinstance(sampler, LengthGroupedBatches):  # (the same batches every epoch)
             window, window_end = sampler.first_window()
         if not bank.prepared:
+            if trainer.current_epoch > 0:
+                window, window_end = None, -1
             pl_module.prepare_heldout(dataset, batch_size, self.seed, window, window_end)
-        elif (  # resumed within the first window of a run that traced it ahead
-            0 < bank.epoch_batches <= window_end
+        elif (  # resumed in a run that traced the first window ahead (in its first epoch)
+            (bank.epoch_batches > 0 or trainer.current_epoch > 0)
             and len(bank.heldout_index)
             and bank.live
             and pl_module.can_trace_ahead(window)
         ):
+            # the same batches as the uninterrupted run traced, so the very same rows: for
+            # the rest of the window, for later epochs and for the refit
             union, live = bank.heldout_index, sorted(bank.live)
             pl_module.trace_ahead(dataset, batch_size, union, window, window_end, live)
-            # the batches trained on before the interruption: later epochs replay their rows
-            for position in range(bank.epoch_batches):
+            # the window's batches trained on before the interruption: later epochs (and
+            # the refit) replay their rows
+            for position in range(min(bank.epoch_batches, window_end + 1)):
                 pl_module.keep_ahead(position, sampler.batch(position))
 
     def on_train_batch_end(
