@@ -15,8 +15,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,23 @@ MDL_STREAM = 2020
 # schedule (each update of a classifier probe sets its step), not a setting, so no knob
 # described as call overhead (``chunk_rows``) changes a refitted probe.
 REFIT_ROWS = 256
+
+
+def check_update_threads(value: Any) -> None:
+    """``update_threads`` is ``None`` (the host's cores) or a whole number >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise LmProbeError(
+            f"update_threads={value!r}: use a whole number >= 1 (threads training probes at "
+            f"once) or null (one per core)"
+        )
+
+
+def host_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on every platform)
+        return os.cpu_count() or 1
 
 
 def _checked_rows() -> Any:
@@ -169,6 +188,9 @@ class ProbeBank:
                 self.configs[twin.name] = twin
                 self.control_of[twin.name] = config.name
         self.seed = seed
+        # Threads training independent probes at once (``_each``; None: the host's cores).
+        # scikit-learn's SGD loop releases the GIL, and each probe's result is the same.
+        self.update_threads: int | None = None
         self._control_table: np.ndarray | None = None
         # Training handed to a worker thread (``flush(background=True)``), if any: every
         # method that reads or changes the probes' state waits for it first (``wait``).
@@ -480,7 +502,7 @@ class ProbeBank:
             self._deferred.append((features, chunk_rows))
             return []
         self.wait()
-        trained = []
+        due = []
         for name in sorted(self.live):
             rows = features.get(self.key(name))
             if rows is None or len(rows) == 0:
@@ -490,9 +512,8 @@ class ProbeBank:
             full = self._train_rows.add(name, rows, chunk_rows)
             max_steps = self.configs[name].max_steps
             if full or (max_steps is not None and self.steps[name] >= max_steps):
-                if self._train(name):
-                    trained.append(name)
-        return trained
+                due.append(name)
+        return self._train_names(due)
 
     def flush(self, drop_failed: bool = False, background: bool = False) -> list[str]:
         """Train every live probe on its buffered rows (end of epoch, before validation,
@@ -511,15 +532,14 @@ class ProbeBank:
         else:
             background = False
         if not background:
-            trained = [name for name in names if self._train(name, drop_failed)]
+            trained = self._train_names(names, drop_failed)
             self._train_rows.clear()
             return trained
         taken = [(name, *self._take(name)) for name in names]
         self._train_rows.clear()
 
         def train() -> None:
-            for name, rows, buffered in taken:
-                self._train_on(name, rows, buffered)
+            self._each(self._train_on, taken)
 
         self._pending_rows = any(rows is not None for _, rows, _ in taken)
         self._live_before = sorted(self.live)
@@ -551,8 +571,30 @@ class ProbeBank:
             self.row_rank[order] = np.arange(len(order))
         self.group_of, self.group_batches = group_of, group_batches
 
-    def _train(self, name: str, drop_failed: bool = False) -> bool:
-        return self._train_on(name, *self._take(name, drop_failed))
+    def _train_names(self, names: Sequence[str], drop_failed: bool = False) -> list[str]:
+        """Train each probe of ``names`` on its buffered rows (``_each``); returns those
+        trained. If taking some probe's rows fails (non-finite rows), the probes whose rows
+        were taken before it are trained first, as they were when probes trained one by one."""
+        taken: list[tuple[str, Features | None, int]] = []
+        try:
+            for name in names:
+                taken.append((name, *self._take(name, drop_failed)))
+        finally:
+            done = self._each(self._train_on, taken)
+        return [name for (name, _, _), trained in zip(taken, done, strict=True) if trained]
+
+    def _each(self, job: Callable[..., Any], items: Sequence[tuple]) -> list[Any]:
+        """``job(*item)`` for every item, each item a different probe's work, on up to
+        ``update_threads`` threads (one: in order, here). Probes share no training state and
+        scikit-learn's SGD loop releases the GIL, so independent probes train on the host's
+        cores at once with the results of one by one. Returns the results in order; every
+        job runs, then the first error (in order) is raised."""
+        threads = min(self.update_threads or host_cores(), len(items))
+        if threads <= 1:
+            return [job(*item) for item in items]
+        with ThreadPoolExecutor(threads, thread_name_prefix="lmprobe-probes") as pool:
+            futures = [pool.submit(job, *item) for item in items]
+        return [future.result() for future in futures]
 
     def _take(self, name: str, drop_failed: bool = False) -> tuple[Features | None, int]:
         """A probe's buffered rows (on the host, checked) and the steps they count."""
@@ -642,7 +684,8 @@ class ProbeBank:
         the worker thread, after the training running there (returns none)."""
         if not background:
             self.wait()
-            return [name for name, r in rows if self._finish(name, r, n_docs)]
+            done = self._each(self._finish, [(name, r, n_docs) for name, r in rows])
+            return [name for (name, _), refitted in zip(rows, done, strict=True) if refitted]
         before = self._pending
         # a refit replaces a fitted probe's state (never leaves one unfitted), but not in
         # one step: ``trained_any`` must not read it meanwhile
@@ -652,8 +695,7 @@ class ProbeBank:
         def refits() -> None:
             if before is not None:
                 before.result()
-            for name, r in rows:
-                self._finish(name, r, n_docs)
+            self._each(self._finish, [(name, r, n_docs) for name, r in rows])
 
         self._pending = _Background(refits)
         return []
