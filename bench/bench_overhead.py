@@ -108,7 +108,7 @@ SIZED = {
     "llama1b-tokens": ("1b", "none", 512, 512, (8,)),
     "llama8b-tokens": ("8b", "none", 256, 512, (8,)),
 }
-SMOKE = dict(docs=16, tokens=16, batch_size=4)
+SMOKE = dict(docs=40, tokens=16, batch_size=4)
 TINY_GPT2 = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab=1000)
 
 
@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"machine: {machine()}; torch {torch.__version__}")
     print(
-        f"{'config':7} {'case':21} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} "
+        f"{'config':14} {'case':31} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} "
         f"{'paired':>6} {'/no-cache':>9} {'paired':>6} {'peak MiB':>9} {'peak x':>6} "
         f"{'syncs/batch':>11}",
         flush=True,
@@ -674,7 +674,7 @@ def main(argv: list[str] | None = None) -> None:
                 else f"{'-':>9} {'-':>6}"
             )
             print(
-                f"{row['config']:7} {row['case']:21} {row['batch_size']:5d} {row['dtype']:9} "
+                f"{row['config']:14} {row['case']:31} {row['batch_size']:5d} {row['dtype']:9} "
                 f"{row['median_s']:9.3f} {row['ratio']:6.2f} {row['paired_ratio']:6.2f} {strict} "
                 f"{peak:>16} {'-' if syncs is None else f'{syncs:.2f}':>11}",
                 flush=True,

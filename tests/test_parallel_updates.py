@@ -104,11 +104,13 @@ def test_probes_trained_on_threads_learn_what_they_learn_one_by_one():
     assert many.table.equals(one.table)
 
 
-def test_a_failing_probe_fails_the_update_after_the_others_trained():
-    """Every probe's job runs; the first error (in probe order) is raised afterwards."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_failing_probe_fails_the_update_after_the_others_trained(threads):
+    """Every probe's job runs, on one thread or several; the first error (in probe order)
+    is raised afterwards."""
     sites = [f"{s}.output" for s in "abc"]
     bank = ProbeBank([ProbeConfig(s, [0, 1], early_stopping=False) for s in sites], seed=0)
-    bank.update_threads = 3
+    bank.update_threads = threads
     ran = []
 
     def train_on(name, rows, buffered):

@@ -572,29 +572,40 @@ class ProbeBank:
         self.group_of, self.group_batches = group_of, group_batches
 
     def _train_names(self, names: Sequence[str], drop_failed: bool = False) -> list[str]:
-        """Train each probe of ``names`` on its buffered rows (``_each``); returns those
-        trained. If taking some probe's rows fails (non-finite rows), the probes whose rows
-        were taken before it are trained first, as they were when probes trained one by one."""
-        taken: list[tuple[str, Features | None, int]] = []
-        try:
-            for name in names:
-                taken.append((name, *self._take(name, drop_failed)))
-        finally:
-            done = self._each(self._train_on, taken)
-        return [name for (name, _, _), trained in zip(taken, done, strict=True) if trained]
+        """Train each probe of ``names`` on its buffered rows (``_each``), each taking its
+        rows off the buffer (gathered, checked) as it starts, so no more probes' rows are
+        gathered at once than there are threads. Returns the probes trained."""
+
+        def train(name: str) -> bool:
+            return self._train_on(name, *self._take(name, drop_failed))
+
+        done = self._each(train, [(name,) for name in names])
+        return [name for name, trained in zip(names, done, strict=True) if trained]
 
     def _each(self, job: Callable[..., Any], items: Sequence[tuple]) -> list[Any]:
         """``job(*item)`` for every item, each item a different probe's work, on up to
         ``update_threads`` threads (one: in order, here). Probes share no training state and
         scikit-learn's SGD loop releases the GIL, so independent probes train on the host's
         cores at once with the results of one by one. Returns the results in order; every
-        job runs, then the first error (in order) is raised."""
+        job runs, whatever the threads, then the first error (in order) is raised."""
+
+        def outcome(*item: Any) -> tuple[Any, Exception | None]:
+            try:
+                return job(*item), None
+            except Exception as error:  # noqa: BLE001 - raised below, after every job
+                return None, error
+
         threads = min(self.update_threads or host_cores(), len(items))
         if threads <= 1:
-            return [job(*item) for item in items]
-        with ThreadPoolExecutor(threads, thread_name_prefix="lmprobe-probes") as pool:
-            futures = [pool.submit(job, *item) for item in items]
-        return [future.result() for future in futures]
+            outcomes = [outcome(*item) for item in items]
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="lmprobe-probes") as pool:
+                futures = [pool.submit(outcome, *item) for item in items]
+            outcomes = [future.result() for future in futures]
+        for _, error in outcomes:
+            if error is not None:
+                raise error
+        return [result for result, _ in outcomes]
 
     def _take(self, name: str, drop_failed: bool = False) -> tuple[Features | None, int]:
         """A probe's buffered rows (on the host, checked) and the steps they count."""
