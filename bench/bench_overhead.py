@@ -258,16 +258,18 @@ def last_training_in_place(runner: ProbeRunner, train, test, batch_size: int, de
         ProbeUpdater._in_background = in_background
 
 
-def one_update_thread(runner: ProbeRunner, train, test, batch_size: int, device) -> float:
-    """``probe_run`` with the probes trained one at a time (``update_threads=1``, what
+def update_threads(
+    threads: int, runner: ProbeRunner, train, test, batch_size: int, device
+) -> float:
+    """``probe_run`` with the probes trained on ``threads`` threads (1: one at a time, what
     lmprobe did before its probes trained on several threads): the same run, side by side."""
     from lmprobe.callbacks import ProbeUpdater
 
-    threads, ProbeUpdater.update_threads = ProbeUpdater.update_threads, 1
+    before, ProbeUpdater.update_threads = ProbeUpdater.update_threads, threads
     try:
         return probe_run(runner, train, test, batch_size, device)
     finally:
-        ProbeUpdater.update_threads = threads
+        ProbeUpdater.update_threads = before
 
 
 def lmprobe_batches(runner: ProbeRunner, train, test, batch_size: int, device) -> list[dict]:
@@ -495,7 +497,10 @@ def run_config(name: str, args) -> Iterator[dict]:
                 "1 probe": partial(probe_run, one, train, test, batch_size, device),
                 "100 probes": partial(probe_run, many, train, test, batch_size, device),
                 "100 probes, 1 thread": partial(
-                    one_update_thread, many, train, test, batch_size, device
+                    update_threads, 1, many, train, test, batch_size, device
+                ),
+                "100 probes, 2 threads": partial(
+                    update_threads, 2, many, train, test, batch_size, device
                 ),
             }
             base = "1 probe"
@@ -534,7 +539,7 @@ def run_config(name: str, args) -> Iterator[dict]:
                 ),
                 # side by side: the probes trained one at a time
                 "lmprobe, 1 thread": partial(
-                    one_update_thread, runner, train, test, batch_size, device
+                    update_threads, 1, runner, train, test, batch_size, device
                 ),
                 # side by side: the last training before the test pass, not during it
                 "lmprobe, last training in place": partial(

@@ -48,20 +48,23 @@ REFIT_ROWS = 256
 
 
 def check_update_threads(value: Any) -> None:
-    """``update_threads`` is ``None`` (the host's cores) or a whole number >= 1."""
+    """``update_threads`` is ``None`` (``default_update_threads``) or a whole number >= 1."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise LmProbeError(
             f"update_threads={value!r}: use a whole number >= 1 (threads training probes at "
-            f"once) or null (one per core)"
+            f"once) or null (one per core but one)"
         )
 
 
-def host_cores() -> int:
-    """The cores this process may run on."""
+def default_update_threads() -> int:
+    """One thread per core this process may run on but one, left to the thread that
+    traces the model (on a 2-core machine the probes train one at a time, as the worker
+    thread already trains them beside the traces), and at least one."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # (not on every platform)
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _checked_rows() -> Any:
@@ -112,10 +115,12 @@ class RowBuffer:
     def names(self) -> list[Any]:
         return list(self.parts)
 
-    def settle(self) -> None:
-        """Bring every buffered part still on a device to the host (one copy per device;
-        on the CPU one copy of the rows, so what a GPU run does is what the tests see)."""
-        settle([part for parts in self.parts.values() for part in parts])
+    def settle(self, names: Sequence[Any] | None = None) -> None:
+        """Bring every buffered part (of ``names``; None: all) still on a device to the host
+        (one copy per device; on the CPU one copy of the rows, so what a GPU run does is
+        what the tests see)."""
+        names = self.parts if names is None else names
+        settle([part for name in names for part in self.parts.get(name, [])])
 
     def failed(self) -> bool:
         """Some settled part has non-finite rows (``take`` would raise for it)."""
@@ -188,7 +193,8 @@ class ProbeBank:
                 self.configs[twin.name] = twin
                 self.control_of[twin.name] = config.name
         self.seed = seed
-        # Threads training independent probes at once (``_each``; None: the host's cores).
+        # Threads training independent probes at once (``_each``; None:
+        # ``default_update_threads``).
         # scikit-learn's SGD loop releases the GIL, and each probe's result is the same.
         self.update_threads: int | None = None
         self._control_table: np.ndarray | None = None
@@ -572,9 +578,11 @@ class ProbeBank:
         self.group_of, self.group_batches = group_of, group_batches
 
     def _train_names(self, names: Sequence[str], drop_failed: bool = False) -> list[str]:
-        """Train each probe of ``names`` on its buffered rows (``_each``), each taking its
-        rows off the buffer (gathered, checked) as it starts, so no more probes' rows are
-        gathered at once than there are threads. Returns the probes trained."""
+        """Train each probe of ``names`` on its buffered rows (``_each``). Their rows reach
+        the host here, one copy per device (probes of one site share them), then each probe
+        gathers its own as it starts, so no more are gathered at once than there are
+        threads. Returns the probes trained."""
+        self._train_rows.settle(names)
 
         def train(name: str) -> bool:
             return self._train_on(name, *self._take(name, drop_failed))
@@ -595,7 +603,7 @@ class ProbeBank:
             except Exception as error:  # noqa: BLE001 - raised below, after every job
                 return None, error
 
-        threads = min(self.update_threads or host_cores(), len(items))
+        threads = min(self.update_threads or default_update_threads(), len(items))
         if threads <= 1:
             outcomes = [outcome(*item) for item in items]
         else:

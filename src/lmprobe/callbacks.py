@@ -54,7 +54,7 @@ class ProbeUpdater(Callback):
     meanwhile. False: every window trains before the next batch is traced.
 
     ``update_threads``: independent probes train at once on that many threads (None: one
-    per core of the host, at most one per probe), with the results of one at a time
+    per core of the host but one, at most one per probe), with the results of one at a time
     (``ProbeBank._each``); 1 trains them one by one."""
 
     train_while_tracing = True  # (a class default: runs build their updater themselves)

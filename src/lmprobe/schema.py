@@ -141,7 +141,7 @@ class TrainerSchema:
 class ProbeUpdaterSchema:
     _target_: str = "lmprobe.callbacks.ProbeUpdater"
     chunk_rows: int | None = DEFAULT_CHUNK_ROWS
-    update_threads: int | None = None  # probes trained at once; null: one thread per core
+    update_threads: int | None = None  # probes trained at once; null: cores - 1
 
 
 @dataclass
