@@ -15,8 +15,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,26 @@ MDL_STREAM = 2020
 # schedule (each update of a classifier probe sets its step), not a setting, so no knob
 # described as call overhead (``chunk_rows``) changes a refitted probe.
 REFIT_ROWS = 256
+
+
+def check_update_threads(value: Any) -> None:
+    """``update_threads`` is ``None`` (``default_update_threads``) or a whole number >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise LmProbeError(
+            f"update_threads={value!r}: use a whole number >= 1 (threads training probes at "
+            f"once) or null (one per core but one)"
+        )
+
+
+def default_update_threads() -> int:
+    """One thread per core this process may run on but one, left to the thread that
+    traces the model (on a 2-core machine the probes train one at a time, as the worker
+    thread already trains them beside the traces), and at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on every platform)
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _checked_rows() -> Any:
@@ -93,10 +115,12 @@ class RowBuffer:
     def names(self) -> list[Any]:
         return list(self.parts)
 
-    def settle(self) -> None:
-        """Bring every buffered part still on a device to the host (one copy per device;
-        on the CPU one copy of the rows, so what a GPU run does is what the tests see)."""
-        settle([part for parts in self.parts.values() for part in parts])
+    def settle(self, names: Sequence[Any] | None = None) -> None:
+        """Bring every buffered part (of ``names``; None: all) still on a device to the host
+        (one copy per device; on the CPU one copy of the rows, so what a GPU run does is
+        what the tests see)."""
+        names = self.parts if names is None else names
+        settle([part for name in names for part in self.parts.get(name, [])])
 
     def failed(self) -> bool:
         """Some settled part has non-finite rows (``take`` would raise for it)."""
@@ -169,6 +193,10 @@ class ProbeBank:
                 self.configs[twin.name] = twin
                 self.control_of[twin.name] = config.name
         self.seed = seed
+        # Threads training independent probes at once (``_each``; None:
+        # ``default_update_threads``).
+        # scikit-learn's SGD loop releases the GIL, and each probe's result is the same.
+        self.update_threads: int | None = None
         self._control_table: np.ndarray | None = None
         # Training handed to a worker thread (``flush(background=True)``), if any: every
         # method that reads or changes the probes' state waits for it first (``wait``).
@@ -480,7 +508,7 @@ class ProbeBank:
             self._deferred.append((features, chunk_rows))
             return []
         self.wait()
-        trained = []
+        due = []
         for name in sorted(self.live):
             rows = features.get(self.key(name))
             if rows is None or len(rows) == 0:
@@ -490,9 +518,8 @@ class ProbeBank:
             full = self._train_rows.add(name, rows, chunk_rows)
             max_steps = self.configs[name].max_steps
             if full or (max_steps is not None and self.steps[name] >= max_steps):
-                if self._train(name):
-                    trained.append(name)
-        return trained
+                due.append(name)
+        return self._train_names(due)
 
     def flush(self, drop_failed: bool = False, background: bool = False) -> list[str]:
         """Train every live probe on its buffered rows (end of epoch, before validation,
@@ -511,15 +538,14 @@ class ProbeBank:
         else:
             background = False
         if not background:
-            trained = [name for name in names if self._train(name, drop_failed)]
+            trained = self._train_names(names, drop_failed)
             self._train_rows.clear()
             return trained
         taken = [(name, *self._take(name)) for name in names]
         self._train_rows.clear()
 
         def train() -> None:
-            for name, rows, buffered in taken:
-                self._train_on(name, rows, buffered)
+            self._each(self._train_on, taken)
 
         self._pending_rows = any(rows is not None for _, rows, _ in taken)
         self._live_before = sorted(self.live)
@@ -551,8 +577,43 @@ class ProbeBank:
             self.row_rank[order] = np.arange(len(order))
         self.group_of, self.group_batches = group_of, group_batches
 
-    def _train(self, name: str, drop_failed: bool = False) -> bool:
-        return self._train_on(name, *self._take(name, drop_failed))
+    def _train_names(self, names: Sequence[str], drop_failed: bool = False) -> list[str]:
+        """Train each probe of ``names`` on its buffered rows (``_each``). Their rows reach
+        the host here, one copy per device (probes of one site share them), then each probe
+        gathers its own as it starts, so no more are gathered at once than there are
+        threads. Returns the probes trained."""
+        self._train_rows.settle(names)
+
+        def train(name: str) -> bool:
+            return self._train_on(name, *self._take(name, drop_failed))
+
+        done = self._each(train, [(name,) for name in names])
+        return [name for name, trained in zip(names, done, strict=True) if trained]
+
+    def _each(self, job: Callable[..., Any], items: Sequence[tuple]) -> list[Any]:
+        """``job(*item)`` for every item, each item a different probe's work, on up to
+        ``update_threads`` threads (one: in order, here). Probes share no training state and
+        scikit-learn's SGD loop releases the GIL, so independent probes train on the host's
+        cores at once with the results of one by one. Returns the results in order; every
+        job runs, whatever the threads, then the first error (in order) is raised."""
+
+        def outcome(*item: Any) -> tuple[Any, Exception | None]:
+            try:
+                return job(*item), None
+            except Exception as error:  # noqa: BLE001 - raised below, after every job
+                return None, error
+
+        threads = min(self.update_threads or default_update_threads(), len(items))
+        if threads <= 1:
+            outcomes = [outcome(*item) for item in items]
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="lmprobe-probes") as pool:
+                futures = [pool.submit(outcome, *item) for item in items]
+            outcomes = [future.result() for future in futures]
+        for _, error in outcomes:
+            if error is not None:
+                raise error
+        return [result for result, _ in outcomes]
 
     def _take(self, name: str, drop_failed: bool = False) -> tuple[Features | None, int]:
         """A probe's buffered rows (on the host, checked) and the steps they count."""
@@ -642,7 +703,8 @@ class ProbeBank:
         the worker thread, after the training running there (returns none)."""
         if not background:
             self.wait()
-            return [name for name, r in rows if self._finish(name, r, n_docs)]
+            done = self._each(self._finish, [(name, r, n_docs) for name, r in rows])
+            return [name for (name, _), refitted in zip(rows, done, strict=True) if refitted]
         before = self._pending
         # a refit replaces a fitted probe's state (never leaves one unfitted), but not in
         # one step: ``trained_any`` must not read it meanwhile
@@ -652,8 +714,7 @@ class ProbeBank:
         def refits() -> None:
             if before is not None:
                 before.result()
-            for name, r in rows:
-                self._finish(name, r, n_docs)
+            self._each(self._finish, [(name, r, n_docs) for name, r in rows])
 
         self._pending = _Background(refits)
         return []

@@ -15,7 +15,7 @@ import pandas as pd
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lmprobe.bank import DEFAULT_CHUNK_ROWS
+from lmprobe.bank import DEFAULT_CHUNK_ROWS, check_update_threads
 from lmprobe.dataset import LengthGroupedBatches, ProbeDataset, loader_batch_size
 from lmprobe.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from lmprobe.module import ProbeModule
@@ -51,16 +51,27 @@ class ProbeUpdater(Callback):
     meanwhile are applied once it ends (``ProbeBank.update``), so what is learned is the
     same. Only where some live probe cannot stop in that training (``ProbeBank.goes_on``),
     so the run ends at the same batch; the probes it stops ignore the rows traced for them
-    meanwhile. False: every window trains before the next batch is traced."""
+    meanwhile. False: every window trains before the next batch is traced.
+
+    ``update_threads``: independent probes train at once on that many threads (None: one
+    per core of the host but one, at most one per probe), with the results of one at a time
+    (``ProbeBank._each``); 1 trains them one by one."""
 
     train_while_tracing = True  # (a class default: runs build their updater themselves)
+    update_threads: int | None = None  # (likewise)
 
     def __init__(
-        self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS, train_while_tracing: bool | None = None
+        self,
+        chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
+        train_while_tracing: bool | None = None,
+        update_threads: int | None = None,
     ) -> None:
         self.chunk_rows = chunk_rows
         if train_while_tracing is not None:
             self.train_while_tracing = train_while_tracing
+        if update_threads is not None:
+            check_update_threads(update_threads)
+            self.update_threads = update_threads
         self._groups: LengthGroupedBatches | None = None
         self.train_through_test = False
 
@@ -74,6 +85,7 @@ class ProbeUpdater(Callback):
         sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         self._groups = sampler if isinstance(sampler, LengthGroupedBatches) else None
         bank = pl_module.bank
+        bank.update_threads = self.update_threads
         groups = self._groups
         if groups is None:
             bank.set_row_order(None)
