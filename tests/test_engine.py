@@ -224,11 +224,10 @@ def test_features_leave_the_device_once_per_chunk(
     gpt2, dataset, monkeypatch, chunk_rows, window, while_tracing
 ):
     """Each device-to-host copy makes the CPU wait for the GPU: one per chunk, not per batch.
-    In training with a length window of several groups, the bank trains at the window's end
-    (a copy per site then) and moves the rows buffered so far off the device after each
-    other group (one copy for all sites), so the device holds one group's rows at most. A
-    window trained on the worker thread (``while_tracing``) copies its rows once for all
-    sites, so no more often."""
+    In training, the rows buffered at each group's end leave the device in one copy for all
+    sites (at a window's end, before the probes train on them; after other groups, so the
+    device holds one group's rows at most). A window trained on the worker thread
+    (``while_tracing``) copies its rows once for all sites, so no more often."""
     import lmprobe.features
     from lmprobe.callbacks import ProbeUpdater
 
@@ -249,9 +248,8 @@ def test_features_leave_the_device_once_per_chunk(
     n = len(dataset)
     per_pass = -(-n // (chunk_rows or 4))  # chunks of chunk_rows rows, else one per batch
     windows = -(-per_pass // (window or 1))
-    training = 2 * windows + (per_pass - windows)
-    # training (2 sites at each window's end, all sites at once at other group ends) + the
-    # test pass (2 sites x chunks)
+    training = per_pass  # one copy for all sites at every group's end
+    # training + the test pass (2 sites x chunks)
     if while_tracing:
         assert windows + 2 * per_pass <= len(copied) <= training + 2 * per_pass
     else:
@@ -387,5 +385,6 @@ def test_an_error_of_the_background_training_reaches_the_caller(gpt2, dataset, m
     runner = ProbeRunner(gpt2, _background_configs(), seed=3)
     with pytest.raises(RuntimeError, match="the probe update failed"):
         runner.fit_probes(dataset, dataset, batch_size=4, num_epoch=1)
-    assert where == [False]  # raised on the worker, reported by the caller
+    # every probe's update ran (on worker threads), then the first error is reported by the caller
+    assert where and not any(where)
     assert not runner.module.bank.training_pending
