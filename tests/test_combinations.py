@@ -27,10 +27,10 @@ from omegaconf import open_dict
 from test_app import compose_cfg
 
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.app import train
+from lmprobe.app.job import train
+from lmprobe.data.words import encode_words
 from lmprobe.errors import RunInterrupted
-from lmprobe.io import load_probe
-from lmprobe.words import encode_words
+from lmprobe.probes.files import load_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 # widths 64, 256 (MLP inner), 192 (fused q/k/v), 64 (embeddings)
@@ -160,7 +160,7 @@ def test_api_bank_of_mixed_widths_equals_each_probe_alone(
 
 def test_features_of_mixed_widths_reach_the_host_each_in_its_own_shape():
     """``settle`` brings parts of several sites (widths 3 and 5) to the host in one copy."""
-    from lmprobe.features import PendingFeatures, settle
+    from lmprobe.tracing.features import PendingFeatures, settle
 
     narrow = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     wide = torch.arange(15, dtype=torch.float32).reshape(3, 5) + 100
@@ -326,7 +326,7 @@ WHERE = {"epoch0-mid": {"batch": 5, "epoch": 0}, "epoch1-mid": {"batch": 6, "epo
 # probes (sums) and the other cells are exact. Cause (without the store): the probes' state
 # and buffer are restored exactly, but the rows of the batches before the interruption are
 # not. The uninterrupted run keeps the first length window's rows as traced ahead with the
-# held-out slice (lmprobe.ahead); a run resumed past that window re-traces those documents
+# held-out slice (lmprobe.tracing.ahead); a run resumed past that window re-traces those documents
 # in other batches (as training batches in the next epoch, or through
 # ``ProbeModule.refit_probes``' ``extract_dataset`` of the missing documents), whose padding
 # changes the activations' last bits. With the store (sgd_classifier, mean, epoch1-mid):

@@ -101,7 +101,7 @@ CONFIGS = ["sequence_control", "token_level", "word_level", "regression", "logis
 def _run(name: str, tmp_path: Path, model_dir: Path) -> Path:
     from test_app import compose_cfg
 
-    from lmprobe.app import train
+    from lmprobe.app.job import train
     from lmprobe.errors import RunInterrupted
 
     overrides = [*_common(model_dir), *_data(name, tmp_path)]

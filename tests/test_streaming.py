@@ -1,4 +1,4 @@
-"""Data read a chunk at a time (``lmprobe.streaming``, ``lmprobe.packed``): the rows chosen
+"""Data read a chunk at a time (``lmprobe.data.streaming``, ``lmprobe.data.packed``): the rows chosen
 and the batches the model sees are those of the whole-file pipeline (``read_table`` ->
 ``prepare_frame`` -> ``tokenize_texts`` -> ``ProbeDataset``), whatever the chunk size."""
 
@@ -14,12 +14,12 @@ import torch
 from conftest import make_texts
 
 from lmprobe import ProbeDataModule, ProbeDataset
-from lmprobe import readers as readers_module
-from lmprobe.datamodule import tokenize_texts
-from lmprobe.dataset import batches, split_indices
+from lmprobe.data import readers as readers_module
+from lmprobe.data.datamodule import tokenize_texts
+from lmprobe.data.dataset import batches, split_indices
+from lmprobe.data.packed import PackedDataset
+from lmprobe.data.readers import prepare_frame, read_chunks, read_table
 from lmprobe.errors import LmProbeError
-from lmprobe.packed import PackedDataset
-from lmprobe.readers import prepare_frame, read_chunks, read_table
 
 
 def messy_frame(n: int = 240) -> pd.DataFrame:

@@ -38,12 +38,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lmprobe.dataset import batches
+from lmprobe.data.dataset import batches
 from lmprobe.errors import LmProbeError
-from lmprobe.features import FeatureKey, Features, gather, model_inputs, site_tensor, trace_features
-from lmprobe.metrics import column_of
-from lmprobe.models import forward_order, forward_parameters, input_device, torch_module
-from lmprobe.uncertainty import DEFAULT_RESAMPLES, LEVEL, resample_counts
+from lmprobe.scoring.metrics import column_of
+from lmprobe.scoring.uncertainty import DEFAULT_RESAMPLES, LEVEL, resample_counts
+from lmprobe.tracing.features import (
+    FeatureKey,
+    Features,
+    gather,
+    model_inputs,
+    site_tensor,
+    trace_features,
+)
+from lmprobe.tracing.models import forward_order, forward_parameters, input_device, torch_module
 
 log = logging.getLogger("lmprobe")
 
@@ -603,7 +610,7 @@ def log_to_tensorboard(frame: pd.DataFrame, loggers: Sequence[Any], figure: Any 
 
 
 def write_intervention(frame: pd.DataFrame, path: Path) -> Path:
-    from lmprobe.io import atomic_write_bytes
+    from lmprobe.probes.files import atomic_write_bytes
 
     atomic_write_bytes(path, frame.to_csv(index=False, float_format="%.6g").encode())
     return path
@@ -613,7 +620,7 @@ def write_intervention(frame: pd.DataFrame, path: Path) -> Path:
 def check_config(cfg: Any) -> None:
     """The app's ``intervene`` node, before any model work: not with several processes
     (one-line error) and alphas that are numbers."""
-    from lmprobe.distributed import requested
+    from lmprobe.training.distributed import requested
 
     node = cfg.get("intervene")
     if not node:
@@ -658,7 +665,7 @@ def app_stage(cfg, module, lm, datamodule, table, out, loggers, keep_outputs) ->
         table=table,
     )
     figure = intervention_figure(frame)
-    from lmprobe.results import save_figure
+    from lmprobe.results.outputs import save_figure
 
     rescue, problems = keep_outputs(
         out,

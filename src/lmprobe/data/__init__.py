@@ -1,0 +1,1 @@
+"""Labelled text in: file formats, readers, word alignment, datasets and the data modules."""

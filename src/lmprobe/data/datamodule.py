@@ -1,0 +1,619 @@
+"""``ProbeDataModule``: a data file read, filtered, tokenized once and split (or one file per
+split), handed to Lightning as batches; and ``tokenize_texts``.
+
+A file is read a chunk at a time and its chosen rows tokenized into a token file on disk
+(``lmprobe.data.streaming``, ``lmprobe.data.packed``): peak memory does not grow with the number of
+rows, and the rows chosen and the batches are those of reading the whole file at once.
+
+Files of a word format (CoNLL-U, CoNLL: ``lmprobe.data.conll``) give word-level datasets: each
+sentence tokenized as text, its subwords aligned to its words (``lmprobe.data.words``), one
+label per word."""
+
+from __future__ import annotations
+
+import codecs
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from lmprobe.data.conll import resolve_column
+from lmprobe.data.dataset import ProbeDataset, auto_window, batches, split_indices
+from lmprobe.data.packed import PackedDataset
+from lmprobe.data.readers import (
+    READERS,
+    SENTENCE,
+    UNKNOWN_LABEL_POLICIES,
+    WORD_FORMATS,
+    continuous_labels,
+    format_of,
+    label_names,
+    label_vocabulary,
+    number_labels,
+    prepare_frame,
+    read_chunks,
+    read_table,
+    resolve_data_path,
+    select_rows,
+)
+from lmprobe.data.streaming import TEXT_HASH, TextSpill, pack, scan, shared_texts
+from lmprobe.data.words import encode_words
+from lmprobe.errors import LmProbeError, closest, plain
+from lmprobe.probes.bank import DEFAULT_CHUNK_ROWS
+
+log = logging.getLogger(__name__)
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Pad with the EOS token when the tokenizer has no pad token (padding is masked)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LmProbeError(
+                "the tokenizer has no pad token and no EOS token; set tokenizer.pad_token"
+            )
+        log.warning(
+            "the tokenizer has no pad token; using its EOS token %r for padding (padding is "
+            "masked out, so this does not change any activation)",
+            tokenizer.eos_token,
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def effective_max_length(max_length: int | None, model_max: int | None) -> int | None:
+    """``max_length``, at most the model's context (``None``: the model's context)."""
+    if max_length is not None and model_max is not None and max_length > model_max:
+        log.warning(
+            "max_length=%d is beyond the model's context of %d tokens; truncating to %d",
+            max_length,
+            model_max,
+            model_max,
+        )
+        max_length = model_max
+    return model_max if max_length is None else max_length
+
+
+def tokenize_texts(
+    tokenizer: Any, texts: Sequence[str], max_length: int | None, model_max: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Tokenize once, padded to the longest text; batches are trimmed again by ``pad_to_longest``."""
+    ensure_pad_token(tokenizer)
+    max_length = effective_max_length(max_length, model_max)
+    return tokenizer(
+        list(texts),
+        padding=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+
+
+def check_data_options(prefix: str = "", presplit: bool = False, **options: Any) -> None:
+    """Every data option's value, checked before any file is read or model loaded; one line
+    naming the key (``prefix`` + name, ``data.`` in the app) and the value. ``presplit``:
+    the test split is a file, so ``test_size`` does not cut the training file."""
+
+    def bad(key: str, fix: str) -> LmProbeError:
+        return LmProbeError(f"{prefix}{key}={options[key]!r}: {fix}")
+
+    def whole(key: str, low: int, none_ok: bool = True) -> None:
+        value = options.get(key)
+        if value is None and none_ok:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise bad(key, f"use a whole number >= {low}" + (" or null" if none_ok else ""))
+
+    whole("batch_size", 1, none_ok=False)
+    whole("sample_size", 1)  # the number of rows (sentences) to keep
+    whole("max_length", 1)
+    whole("num_workers", 0, none_ok=False)
+    whole("group_size", 1)
+    whole("length_window", 1)
+    for key, low in (("test_size", 0.0), ("val_size", 0.0)):
+        value = options.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(key, "use a fraction such as 0.2")
+        if not (low < value < 1.0 or (key == "val_size" and value == 0)):
+            raise bad(
+                key,
+                "use a fraction between 0 and 1, e.g. 0.2"
+                + (" (0: none)" if key == "val_size" else ""),
+            )
+    test_size, val_size = options.get("test_size") or 0.0, options.get("val_size") or 0.0
+    if not presplit and test_size + val_size >= 1.0:
+        raise LmProbeError(
+            f"{prefix}test_size={test_size} and {prefix}val_size={val_size} leave no training "
+            f"rows; their sum must be below 1"
+        )
+    for key in ("val_path", "val_split"):  # a validation file: val_size cuts nothing
+        if options.get(key) is not None and val_size:
+            raise LmProbeError(
+                f"{prefix}val_size={val_size} and {prefix}{key}={options[key]!r} both give "
+                f"a validation split; set {prefix}val_size=0 to validate on the {key} file, "
+                f"or {prefix}{key}=null to cut val_size from the training file"
+            )
+    if options.get("unknown_labels") not in (None, *UNKNOWN_LABEL_POLICIES):
+        raise bad("unknown_labels", f"use one of {', '.join(UNKNOWN_LABEL_POLICIES)}")
+    fmt = options.get("file_format")
+    if fmt is not None and str(fmt).lower() not in READERS:
+        hint = closest(str(fmt).lower(), READERS, n=1)
+        raise bad(
+            "file_format",
+            f"use one of {', '.join(sorted(READERS))} (or null: from the file's suffix)"
+            + (f"; did you mean {hint[0]!r}?" if hint else ""),
+        )
+    encoding = options.get("encoding")
+    if encoding is not None:
+        try:
+            codecs.lookup(str(encoding))
+        except LookupError:
+            raise bad("encoding", "use an encoding Python knows, e.g. utf-8 or latin-1") from None
+    label_map = options.get("label_map")
+    if label_map is not None and not isinstance(label_map, Mapping):
+        raise bad("label_map", "use a mapping {original label: label}, e.g. {pos: 1, neg: 0}")
+    for key in ("exclude", "include"):
+        value = options.get(key)
+        if value is None:
+            continue
+        lists = isinstance(value, Mapping) and all(
+            isinstance(v, (list, tuple)) for v in value.values()
+        )
+        if not lists:
+            raise bad(key, "give each column a list of values, e.g. {label: [neutral]}")
+
+
+class _SplitRecords(list):
+    """Appends to a shared list of dropped-row records, each tagged with its split."""
+
+    def __init__(self, records: list[dict[str, Any]], split: str) -> None:
+        super().__init__()
+        self.records, self.split = records, split
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append({"split": self.split, **record})
+
+
+def warn_shared_texts(
+    train: np.ndarray, test: np.ndarray, train_path: Any, test_path: Any, what: str = "documents"
+) -> None:
+    """A warning counting the test rows whose text (hash) is also a training text: a probe
+    scored on texts it trained on measures memory as well as the property."""
+    shared = shared_texts(train, test)
+    if shared:
+        log.warning(
+            "%d of the %d test %s (%s) repeat a text of the training split (%s): their "
+            "scores are not held out; remove the repeats from one of the files",
+            shared,
+            len(test),
+            what,
+            test_path,
+            train_path,
+        )
+
+
+class ProbeDataModule(L.LightningDataModule):
+    """Hands ``ProbeDataset`` splits to Lightning, batched and padded to each batch's longest.
+
+    Either pass ready datasets (``train_set``, ``test_set``, optional ``val_set``), or a file
+    (``path``) that ``setup`` reads, filters, samples, tokenizes once with ``tokenizer``, and
+    splits (seeded, stratified) into train/val/test. ``test_path`` / ``val_path`` name files
+    (same format) holding those splits instead; ``path`` is then the training file. Filters
+    and the label map apply to every split alike, labels are numbered from the training
+    file, and labels of another split that the training file lacks are an error (or
+    dropped: ``unknown_labels="drop"``). ``sample_size`` and ``balance`` sample the
+    training file only: a given test file is scored whole.
+
+    A word format (``data=conllu``, ``data=conll``) gives one label per word; filters then
+    choose which words are labelled (the others stay in the text), ``sample_size`` counts
+    sentences, and a sentence longer than ``max_length`` tokens is cut into windows of
+    whole words (no word is lost; a window does not see the words of the one before).
+
+    Training batches: a seeded random order of documents, cut into groups of ``group_size``
+    (a probe trains on one group at a time); ``length_window`` groups at a time are sorted
+    by length into batches (default: about 50 batches' worth; one group for token- and
+    word-level data), which is what keeps padding low. See ``LengthGroupedBatches``.
+    """
+
+    def __init__(
+        self,
+        train_set: ProbeDataset | None = None,
+        test_set: ProbeDataset | None = None,
+        val_set: ProbeDataset | None = None,
+        path: str | None = None,
+        text_column: str = "text",
+        label_column: str = "label",
+        label_map: Mapping[Any, Any] | None = None,
+        exclude: Mapping[str, Sequence[Any]] | None = None,
+        include: Mapping[str, Sequence[Any]] | None = None,
+        sample_size: int | None = None,
+        balance: bool = False,
+        test_size: float = 0.2,
+        val_size: float = 0.0,
+        max_length: int | None = None,
+        encoding: str = "utf-8",
+        file_format: str | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        tokenizer: Any = None,
+        model_max_length: int | None = None,
+        continuous: bool = False,
+        group_size: int | None = DEFAULT_CHUNK_ROWS,
+        length_window: int | None = None,
+        test_path: str | None = None,
+        val_path: str | None = None,
+        unknown_labels: str = "error",
+    ) -> None:
+        super().__init__()
+        if train_set is None and path is None:
+            raise LmProbeError("ProbeDataModule needs train_set or a data file path")
+        check_data_options(
+            batch_size=batch_size,
+            sample_size=sample_size,
+            max_length=max_length,
+            test_size=test_size,
+            val_size=val_size,
+            val_path=val_path,
+            num_workers=num_workers,
+            group_size=group_size,
+            length_window=length_window,
+            unknown_labels=unknown_labels,
+            file_format=file_format,
+            encoding=encoding,
+            label_map=label_map,
+            exclude=exclude,
+            include=include,
+            presplit=test_path is not None,
+        )
+        self.train_set, self.test_set, self.val_set = train_set, test_set, val_set
+        self.path = path
+        self.text_column, self.label_column = text_column, label_column
+        self.label_map = dict(label_map) if label_map else None
+        self.exclude = {k: list(v) for k, v in (exclude or {}).items()}
+        self.include = {k: list(v) for k, v in (include or {}).items()}
+        self.sample_size = sample_size
+        self.balance = balance
+        self.test_size, self.val_size = test_size, val_size
+        self.max_length = max_length
+        self.encoding = encoding
+        self.file_format = file_format
+        self.seed = seed
+        self.batch_size = int(batch_size)
+        self.num_workers = num_workers
+        self.tokenizer = tokenizer
+        self.model_max_length = model_max_length
+        self.continuous = continuous  # numeric targets for regression probes
+        # Training batches come in a seeded random order, in groups of this many documents
+        # sorted by length (little padding); probes train on whole groups, in the random
+        # order (lmprobe.data.dataset.LengthGroupedBatches). None: no length grouping.
+        self.group_size = group_size
+        # Groups sorted by length together (one "megabatch" in Hugging Face's terms): the
+        # larger, the less padding, and the more rows the bank buffers. None: about 50
+        # batches' worth (dataset.auto_window); 1: each group on its own.
+        self.length_window = length_window
+        self.test_path, self.val_path = test_path, val_path
+        self.unknown_labels = unknown_labels
+        self.label_names: dict[int, Any] | None = None
+        #: every row left out while reading, and why (split, file, reason, rows): the
+        #: run's dropped_rows.csv
+        self.dropped_rows: list[dict[str, Any]] = []
+        #: training rows no training batch holds: the probes' held-out slice, which is
+        #: traced on its own before training (set by ``ProbeEarlyStopping.on_fit_start``),
+        #: so training batches are full instead of trimmed around it
+        self.heldout_rows: np.ndarray | None = None
+
+    @property
+    def word_level(self) -> bool:
+        """One label per word (a CoNLL file, or a word-level ``train_set``)."""
+        if self.train_set is not None:
+            return self.train_set.word_level
+        return self.path is not None and format_of(str(self.path), self.file_format) in WORD_FORMATS
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            self.label_names = self.label_names or self.train_set.label_names
+            return
+        self.train_set, self.val_set, self.test_set = self.load_splits()
+
+    def _dropped(self, split: str) -> list[dict[str, Any]]:
+        """A list that records the rows of ``split`` left out into ``dropped_rows``."""
+        return _SplitRecords(self.dropped_rows, split)
+
+    def load_splits(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
+        if self.tokenizer is None:
+            raise LmProbeError("ProbeDataModule needs the model's tokenizer to read a text file")
+        if self.word_level:
+            return self._load_words()
+        if self.test_path is not None or self.val_path is not None:
+            return self._load_presplit()
+        path, frame, spill = self._scan(self.path)
+        frame, names = prepare_frame(
+            frame,
+            self.text_column,
+            self.label_column,
+            self.label_map,
+            self.exclude,
+            self.include,
+            self.sample_size,
+            self.balance,
+            self.seed,
+            source=f"data file {path!r}",
+            continuous=self.continuous,
+            dropped=self._dropped("all"),
+        )
+        self.label_names = names
+        labels = frame["_label"].to_numpy()
+        if names is not None and len(names) < 2:
+            raise LmProbeError(
+                f"data file {path!r} has a single label {plain(names.values())} after filtering; "
+                f"a probe needs at least two classes"
+            )
+        strata = None if self.continuous else labels
+        rest, test_idx = split_indices(len(frame), self.test_size, self.seed, strata)
+        val_idx = np.array([], dtype=int)
+        if self.val_size:
+            fraction = self.val_size / (1.0 - self.test_size)
+            inner_train, inner_val = split_indices(
+                len(rest), fraction, self.seed, None if strata is None else strata[rest]
+            )
+            rest, val_idx = rest[inner_train], rest[inner_val]
+        hashes = frame[TEXT_HASH].to_numpy()
+        warn_shared_texts(hashes[rest], hashes[test_idx], path, path)
+        full = self._pack(frame, spill, names)
+        for split, idx in (("train", rest), ("test", test_idx)):
+            if len(np.unique(labels[idx])) < 2:
+                log.warning(
+                    "the %s split of %s has a single class; its metrics will be degenerate",
+                    split,
+                    path,
+                )
+        val = full.subset(val_idx) if len(val_idx) else None
+        return full.subset(rest), val, full.subset(test_idx)
+
+    # ------------------------------------------------------------ reading
+    def _read(self, path: str) -> tuple[str, pd.DataFrame]:
+        path = resolve_data_path(path)
+        return path, read_table(path, self.encoding, self.file_format)
+
+    def _chunks(self, file: str) -> tuple[str, Iterable[pd.DataFrame]]:
+        """The name of a split's source and its rows, a chunk at a time."""
+        path = resolve_data_path(file)
+        return path, read_chunks(path, self.encoding, self.file_format)
+
+    def _scan(self, file: str, split: str = "all") -> tuple[str, pd.DataFrame, TextSpill]:
+        """A split's source read a chunk at a time: the thin frame that rows are chosen
+        from (label and filter columns, ``_row``) and its texts on disk (``lmprobe.data.streaming``)."""
+        path, chunks = self._chunks(file)
+        source = f"data file {path!r}" if split == "all" else f"{split} file {path!r}"
+        columns = [self.label_column, *self.exclude, *self.include]
+        spill = TextSpill()
+        return path, scan(chunks, self.text_column, columns, source, spill), spill
+
+    def _pack(
+        self, frame: pd.DataFrame, spill: TextSpill, names: dict[int, Any] | None
+    ) -> PackedDataset:
+        """The chosen rows (``frame``, in its order) tokenized into a ``PackedDataset``."""
+        ensure_pad_token(self.tokenizer)
+        max_length = effective_max_length(self.max_length, self.model_max_length)
+        try:
+            return pack(
+                frame["_row"].to_numpy(),
+                spill,
+                self.tokenizer,
+                max_length,
+                frame["_label"].to_numpy(),
+                names,
+            )
+        finally:
+            spill.close()
+
+    # ------------------------------------------------------------ pre-split files
+
+    def _split_files(self) -> list[tuple[str, str]]:
+        """(split, path) of every split given as a file, the training file first."""
+        files = [("train", self.path)]
+        files += [(s, p) for s, p in (("val", self.val_path), ("test", self.test_path)) if p]
+        return files
+
+    def _fractions(self, n: int, strata: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Index sets of the splits cut from the training file (those with no file)."""
+        rest, parts = np.arange(n), {}
+        if self.test_path is None:
+            inner, test = split_indices(n, self.test_size, self.seed, strata)
+            rest, parts["test"] = inner, test
+        if self.val_path is None and self.val_size:
+            fraction = self.val_size if self.test_path else self.val_size / (1 - self.test_size)
+            inner, val = split_indices(
+                len(rest), fraction, self.seed, None if strata is None else strata[rest]
+            )
+            rest, parts["val"] = rest[inner], rest[val]
+        parts["train"] = rest
+        return parts
+
+    def _load_presplit(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
+        """One file per split (CSV, TSV, JSONL, parquet): labels numbered from the training
+        file, the filters and the label map applied to each file alike."""
+        frames, vocabulary = {}, None
+        spills = {}
+        for split, file in self._split_files():
+            path, raw, spills[split] = self._scan(file, split)
+            source = f"{split} file {path!r}"
+            if split == "train" and not self.continuous:
+                selected = select_rows(
+                    raw,
+                    self.text_column,
+                    self.label_column,
+                    self.label_map,
+                    self.exclude,
+                    self.include,
+                    source,
+                )
+                vocabulary = label_vocabulary(selected["_label"])
+            frames[split], _ = prepare_frame(
+                raw,
+                self.text_column,
+                self.label_column,
+                self.label_map,
+                self.exclude,
+                self.include,
+                self.sample_size if split == "train" else None,
+                self.balance and split == "train",
+                self.seed,
+                source=source,
+                continuous=self.continuous,
+                vocabulary=vocabulary,
+                unknown_labels=self.unknown_labels,
+                dropped=self._dropped(split),
+            )
+        names = None if vocabulary is None else label_names(vocabulary, self.label_map)
+        self._check_classes(names, self.path)
+        self.label_names = names
+        train = frames["train"]
+        strata = None if self.continuous else train["_label"].to_numpy()
+        parts = self._fractions(len(train), strata)
+        hashes = {split: frame[TEXT_HASH].to_numpy() for split, frame in frames.items()}
+        test = hashes["test"] if "test" in frames else hashes["train"][parts["test"]]
+        warn_shared_texts(
+            hashes["train"][parts["train"]], test, self.path, self.test_path or self.path
+        )
+        datasets = {
+            split: self._pack(frame, spills[split], names) for split, frame in frames.items()
+        }
+        full = datasets["train"]
+        for split, idx in parts.items():
+            datasets[split] = full.subset(idx)
+        return datasets["train"], datasets.get("val"), datasets["test"]
+
+    @staticmethod
+    def _check_classes(names: dict[int, Any] | None, path: Any) -> None:
+        if names is not None and len(names) < 2:
+            raise LmProbeError(
+                f"data file {path!r} has a single label {plain(names.values())} after filtering; "
+                f"a probe needs at least two classes"
+            )
+
+    # ----------------------------------------------------------------- words
+    def _load_words(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
+        """CoNLL files: one label per word; splits cut by sentence (all windows of a
+        sentence in one split) unless given as files."""
+        if self.balance:
+            raise LmProbeError(
+                "data.balance samples one row per label, but word-level data has many labels "
+                "per sentence; set data.balance=false"
+            )
+        ensure_pad_token(self.tokenizer)
+        max_length = effective_max_length(self.max_length, self.model_max_length)
+        vocabulary, types, encoded, hashes = None, {}, {}, {}
+        for split, file in self._split_files():
+            path, raw = self._read(file)
+            source = f"data file {path!r}" if split == "train" else f"{split} file {path!r}"
+            text = resolve_column(raw, self.text_column, source)
+            label = resolve_column(raw, self.label_column, source)
+            exclude = {resolve_column(raw, c, source): v for c, v in self.exclude.items()}
+            include = {resolve_column(raw, c, source): v for c, v in self.include.items()}
+            raw = raw.assign(_row=np.arange(len(raw)))
+            dropped = self._dropped(split)
+            selected = select_rows(
+                raw, text, label, self.label_map, exclude, include, source, dropped
+            )
+            if self.continuous:
+                values = selected.assign(_label=continuous_labels(selected, label, source))
+            else:
+                if split == "train":
+                    if len(selected) == 0:
+                        raise LmProbeError(
+                            f"{source} has no labelled words left after filtering; loosen "
+                            f"data.exclude / data.include"
+                        )
+                    vocabulary = label_vocabulary(selected["_label"])
+                values = number_labels(
+                    selected, vocabulary, self.unknown_labels, source, label, dropped
+                )
+            word_labels = np.full(len(raw), None, dtype=object)
+            word_labels[values["_row"].to_numpy()] = values["_label"].tolist()
+            sentences = [
+                (group[text].astype(str).tolist(), word_labels[group["_row"].to_numpy()].tolist())
+                for _, group in raw.groupby(SENTENCE, sort=True)
+            ]
+            if split == "train" and self.sample_size is not None:
+                if len(sentences) > self.sample_size:
+                    keep = np.random.default_rng(self.seed).permutation(len(sentences))
+                    sentences = [sentences[i] for i in sorted(keep[: int(self.sample_size)])]
+            hashes[split] = np.fromiter(
+                (hash(tuple(words)) for words, _ in sentences), np.int64, len(sentences)
+            )
+            encoded[split] = encode_words(
+                self.tokenizer,
+                [words for words, _ in sentences],
+                [labels for _, labels in sentences],
+                max_length,
+                types,
+            )
+            log.info(
+                "%s: %d sentences, %d labelled words, %d sequences",
+                source,
+                len(sentences),
+                int(sum(lab is not None for _, labs in sentences for lab in labs)),
+                len(encoded[split].input_ids),
+            )
+        names = None if vocabulary is None else label_names(vocabulary, self.label_map)
+        self._check_classes(names, self.path)
+        self.label_names = names
+        datasets = {
+            split: ProbeDataset(
+                e.input_ids, e.attention_mask, e.labels, names, e.word_ids, e.word_types
+            )
+            for split, e in encoded.items()
+        }
+        train = encoded["train"]
+        n_sentences = int(train.sentence.max()) + 1
+        parts = self._fractions(n_sentences, None)
+        test = hashes["test"] if "test" in hashes else hashes["train"][parts["test"]]
+        warn_shared_texts(
+            hashes["train"][parts["train"]],
+            test,
+            self.path,
+            self.test_path or self.path,
+            "sentences",
+        )
+        full = datasets["train"]
+        for split, sentences in parts.items():
+            datasets[split] = full.subset(np.flatnonzero(np.isin(train.sentence, sentences)))
+        return datasets["train"], datasets.get("val"), datasets["test"]
+
+    def _loader(self, dataset: ProbeDataset | None, by_length: bool = False) -> DataLoader | list:
+        if dataset is None:
+            return []
+        return batches(dataset, self.batch_size, by_length, self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return batches(
+            self.train_set,
+            self.batch_size,
+            num_workers=self.num_workers,
+            group_size=self.group_size,
+            seed=self.seed,
+            leave_out=self.heldout_rows,
+            window=self.window_groups,
+        )
+
+    @property
+    def window_groups(self) -> int:
+        """How many groups of training documents are sorted by length together:
+        ``length_window``, else ``auto_window`` (one for token- and word-level data)."""
+        if self.length_window is not None:
+            return int(self.length_window)
+        token_level = self.train_set is not None and self.train_set.labels.dim() == 2
+        return auto_window(self.batch_size, self.group_size, token_level)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, by_length=True)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader(self.test_set, by_length=True)

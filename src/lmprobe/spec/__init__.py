@@ -1,0 +1,1 @@
+"""What a probe reads: ProbeConfig (site, pooling, kind) and the pooling functions."""
