@@ -47,13 +47,17 @@ test-matrix: setup
 run: setup
 	$(PY) train.py $(ARGS)
 
+# lint-imports: the layers and no-cycle contracts of pyproject.toml [tool.importlinter];
+# tools/check_sizes.py: no module over 700 lines, no class over 400.
 lint: setup
-	$(PY) -m ruff check src tests bench train.py
-	$(PY) -m ruff format --check src tests bench train.py
+	$(PY) -m ruff check src tests bench tools train.py
+	$(PY) -m ruff format --check src tests bench tools train.py
+	$(VENV)/bin/lint-imports
+	$(PY) tools/check_sizes.py
 
 format: setup
-	$(PY) -m ruff format src tests bench train.py
-	$(PY) -m ruff check --fix src tests bench train.py
+	$(PY) -m ruff format src tests bench tools train.py
+	$(PY) -m ruff check --fix src tests bench tools train.py
 
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) bench/bench_overhead.py --config cpu bank control

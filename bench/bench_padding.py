@@ -23,8 +23,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from lmprobe.bank.bank import DEFAULT_CHUNK_ROWS  # noqa: E402
 from lmprobe.data.dataset import LengthGroupedBatches, auto_window  # noqa: E402
-from lmprobe.probes.bank import DEFAULT_CHUNK_ROWS  # noqa: E402
 
 
 def sentences(folder: Path) -> list[str]:

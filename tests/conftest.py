@@ -31,7 +31,7 @@ def reference_sgd(alpha: float, random_state: int | None):
     ``seen`` rows, runs at the constant step ``1 / (d / 4 + alpha * (1 + seen))``; averaged
     as ``lmprobe.probes.kinds.AveragedSGDClassifier`` does (running intercepts kept between calls;
     test_probes checks that against plain SGD)."""
-    from lmprobe.probes.kinds import AveragedSGDClassifier
+    from lmprobe.integrations.sklearn import AveragedSGDClassifier
 
     class ReferenceSGD(AveragedSGDClassifier):
         def partial_fit(self, X, y, classes=None, sample_weight=None):

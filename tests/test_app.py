@@ -151,7 +151,7 @@ def test_all_layers_finds_llama_blocks(tokenizer):
     from nnsight import TransformersModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmprobe.spec.config import probe_bank
+    from lmprobe.app.banks import probe_bank
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -12,7 +12,7 @@ import torch
 
 from lmprobe import LinearProbe, LmProbeError, ProbeBank, ProbeConfig, ProbeRunner
 from lmprobe.data.datamodule import ProbeDataModule
-from lmprobe.probes.files import load_probe, save_probe
+from lmprobe.probes.base import load_probe, save_probe
 from lmprobe.tracing.features import FeatureKey, PendingFeatures
 from lmprobe.training.engine import fit_and_test, make_trainer, probe_callbacks
 

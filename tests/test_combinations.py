@@ -30,7 +30,7 @@ from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
 from lmprobe.app.job import train
 from lmprobe.data.words import encode_words
 from lmprobe.errors import RunInterrupted
-from lmprobe.probes.files import load_probe
+from lmprobe.probes.base import load_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 # widths 64, 256 (MLP inner), 192 (fused q/k/v), 64 (embeddings)

@@ -302,7 +302,7 @@ def test_last_training_runs_while_the_test_set_is_traced(gpt2, dataset, monkeypa
     import threading
     import time
 
-    from lmprobe.probes.bank import ProbeBank
+    from lmprobe.bank.bank import ProbeBank
     from lmprobe.training.callbacks import ProbeUpdater
     from lmprobe.training.module import ProbeModule
 
@@ -375,7 +375,7 @@ def test_an_error_of_the_background_training_reaches_the_caller(gpt2, dataset, m
     """A failure of the training on the worker thread is raised by ``fit_probes``."""
     import threading
 
-    from lmprobe.probes.bank import ProbeBank
+    from lmprobe.bank.bank import ProbeBank
 
     where = []
 

@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from test_mdl import FRACTIONS
 
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.probes.bank import ProbeBank
+from lmprobe.bank.bank import ProbeBank
 from lmprobe.probes.kinds import LogisticProbe
 from lmprobe.tracing.features import Features, PendingFeatures
 

@@ -11,7 +11,7 @@ from scipy import stats
 from sklearn import metrics as skm
 from sklearn.linear_model import LinearRegression
 
-import lmprobe.probes.files
+import lmprobe.probes.base
 from lmprobe import (
     PROBE_KINDS,
     LinearProbe,
@@ -138,7 +138,7 @@ def test_default_regression_probe_with_three_times_more_features_than_rows():
     """The defaults through the bank (the alpha grid chosen on held-out MSE, early stopping,
     the refit on every training row): finite and near RidgeCV (whose leave-one-out choice
     sees every row, where the probe's sees its 20 held-out ones)."""
-    from lmprobe.probes.bank import ProbeBank
+    from lmprobe.bank.bank import ProbeBank
     from lmprobe.tracing.features import Features, PendingFeatures
 
     X, y = wide_data(seed=2)
@@ -433,7 +433,7 @@ def test_unknown_kind_lists_the_registered_kinds():
         assert kind in listed
     with pytest.raises(LmProbeError, match="could not be imported"):
         ProbeConfig(SITE, [0, 1], kind="no_such_module.Probe")
-    with pytest.raises(LmProbeError, match="is not a lmprobe.probes.kinds.Probe"):
+    with pytest.raises(LmProbeError, match="is not a lmprobe.probes.base.Probe"):
         ProbeConfig(SITE, [0, 1], kind="sklearn.linear_model.SGDClassifier")
 
 
@@ -458,7 +458,7 @@ def fitted(kind):
 def test_save_load_round_trip(tmp_path, kind):
     probe, X, y = fitted(kind)
     path = probe.save(tmp_path / "probe.safetensors")
-    for loaded in (type(probe).load(path), lmprobe.probes.files.load_probe(path)):
+    for loaded in (type(probe).load(path), lmprobe.probes.base.load_probe(path)):
         assert type(loaded) is type(probe)
         assert loaded.get_params() == probe.get_params()
         np.testing.assert_array_equal(loaded.predict(X), probe.predict(X))
@@ -513,7 +513,7 @@ def test_user_kind_is_selectable_by_name_and_class_path(gpt2, dataset, tmp_path)
             assert accuracy < 0.4  # contrarian: the runner scored the user's predict
             assert runner.metrics.loc[name, "accuracy"] == pytest.approx(accuracy, abs=1e-6)
         saved = runner["by_name"].save(tmp_path / "mine.safetensors")
-        assert type(lmprobe.probes.files.load_probe(saved)) is ContrarianProbe
+        assert type(lmprobe.probes.base.load_probe(saved)) is ContrarianProbe
     finally:
         PROBE_KINDS.pop("my_kind", None)
     assert "my_kind" not in PROBE_KINDS

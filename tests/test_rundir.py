@@ -136,7 +136,7 @@ def test_a_save_failure_keeps_the_probes_and_names_the_path(tiny_cfg, tmp_path, 
     """save_probes fails in the run directory (a full disk, say): the run ends with an error
     naming the path, and the probes, metrics and a checkpoint are in the rescue directory."""
     import lmprobe.app.job
-    from lmprobe.probes.files import load_probe
+    from lmprobe.probes.base import load_probe
 
     run = tmp_path / "run"
     shrink(tiny_cfg)

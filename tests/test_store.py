@@ -34,7 +34,8 @@ from lmprobe.tracing.models import (
     local_model_dir,
     model_frame,
 )
-from lmprobe.tracing.store import FeatureSource, FeatureStore, base_key, entry_key
+from lmprobe.tracing.store import FeatureSource, FeatureStore
+from lmprobe.tracing.storekeys import base_key, entry_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -536,7 +537,7 @@ def test_a_streamed_split_is_keyed_and_stored_without_padding_it_in_memory(
 
     from lmprobe import ProbeDataModule
     from lmprobe.data.packed import PackedDataset
-    from lmprobe.tracing.store import dataset_digest
+    from lmprobe.tracing.storekeys import dataset_digest
 
     texts, labels = make_texts(40)
     digests = {}
@@ -572,7 +573,7 @@ def test_the_key_follows_the_weights_contents_with_the_modification_time_kept(
     """Issue 33, item 6: weights replaced by others of the same size, the modification
     time kept (cp -p, rsync -a, tar), were served the old features; the key now hashes the
     files' contents, read once per version of a file (then from the cache)."""
-    from lmprobe.tracing import store
+    from lmprobe.tracing import storekeys as store
 
     cfg, model = key_cfg
     base = run_keys(cfg())
@@ -678,7 +679,7 @@ def test_a_file_size_limit_is_an_error_not_a_crash(tmp_path):
     """A store that cannot grow (here RLIMIT_FSIZE, as a full disk) ends the writer with
     lmprobe's message and no temporary file."""
     directory = tmp_path / "store"
-    src = Path(store_module.__file__).parents[1]  # the lmprobe under test
+    src = Path(store_module.__file__).parents[2]  # the lmprobe under test
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
     child = subprocess.run(
         [sys.executable, "-c", FSIZE_CHILD, str(directory)],

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,11 +17,26 @@ from conftest import make_texts
 
 from lmprobe import ProbeDataModule, ProbeDataset
 from lmprobe.data import readers as readers_module
-from lmprobe.data.datamodule import tokenize_texts
+from lmprobe.data.datamodule import effective_max_length, ensure_pad_token
 from lmprobe.data.dataset import batches, split_indices
 from lmprobe.data.packed import PackedDataset
 from lmprobe.data.readers import prepare_frame, read_chunks, read_table
 from lmprobe.errors import LmProbeError
+
+
+def tokenize_texts(
+    tokenizer: Any, texts: Sequence[str], max_length: int | None, model_max: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The whole-file reference: every text tokenized at once, padded to the longest."""
+    ensure_pad_token(tokenizer)
+    max_length = effective_max_length(max_length, model_max)
+    return tokenizer(
+        list(texts),
+        padding=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+        return_tensors="pt",
+    )
 
 
 def messy_frame(n: int = 240) -> pd.DataFrame:

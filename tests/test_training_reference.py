@@ -523,7 +523,7 @@ def test_windows_trained_on_the_worker_learn_what_windows_trained_in_place_learn
     traced for it meanwhile, and the run traces as many batches."""
     import threading
 
-    from lmprobe.probes.bank import ProbeBank
+    from lmprobe.bank.bank import ProbeBank
     from lmprobe.training.callbacks import ProbeUpdater
 
     train_on, wait = ProbeBank._train_on, ProbeBank.wait

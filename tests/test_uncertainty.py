@@ -12,8 +12,8 @@ import torch
 from sklearn import metrics as skm
 
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
+from lmprobe.bank.bank import REFIT_ROWS
 from lmprobe.data.datamodule import ProbeDataModule
-from lmprobe.probes.bank import REFIT_ROWS
 from lmprobe.training.engine import fit_and_test, make_trainer, probe_callbacks
 
 SITES = ["transformer.h.2.output", "transformer.h.9.output"]
@@ -253,7 +253,7 @@ def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, doc
     gives."""
     import threading
 
-    import lmprobe.probes.bank
+    import lmprobe.bank.bank
     import lmprobe.scoring.uncertainty
 
     _, enc, labels = docs
@@ -270,14 +270,12 @@ def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, doc
 
         monkeypatch.setattr(module, "resample_counts", spy)
 
-    spying(lmprobe.probes.bank)
+    spying(lmprobe.bank.bank)
     spying(lmprobe.scoring.uncertainty)
     _, ahead = fit_and_score(gpt2, train_set, test_set)
-    assert calls == [
-        ("lmprobe.probes.bank", "lmprobe-bank")
-    ]  # once, for both probes, on the worker
+    assert calls == [("lmprobe.bank.bank", "lmprobe-bank")]  # once, for both probes, on the worker
     calls.clear()
-    monkeypatch.setattr(lmprobe.probes.bank.ProbeBank, "draw_resamples", lambda *args: None)
+    monkeypatch.setattr(lmprobe.bank.bank.ProbeBank, "draw_resamples", lambda *args: None)
     _, at_the_end = fit_and_score(gpt2, train_set, test_set)
     assert calls == [("lmprobe.scoring.uncertainty", "MainThread")]
     bounds = [c for c in ahead.columns if c.endswith(("_low", "_high"))] + ["p_vs_best"]
@@ -288,7 +286,7 @@ def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, doc
 def test_a_failed_draw_ahead_falls_back_to_drawing_at_the_end(gpt2, docs, monkeypatch, caplog):
     """If drawing the resamples on the worker fails (out of memory, say), the test table
     still gets its intervals, drawn at the end: the same ones."""
-    import lmprobe.probes.bank
+    import lmprobe.bank.bank
 
     _, enc, labels = docs
     ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
@@ -298,7 +296,7 @@ def test_a_failed_draw_ahead_falls_back_to_drawing_at_the_end(gpt2, docs, monkey
     def failing(*args):
         raise MemoryError("no room for the draws")
 
-    monkeypatch.setattr(lmprobe.probes.bank, "resample_counts", failing)
+    monkeypatch.setattr(lmprobe.bank.bank, "resample_counts", failing)
     _, drawn_at_the_end = fit_and_score(gpt2, train_set, test_set)
     assert "drawing the bootstrap's resamples ahead failed" in caplog.text
     bounds = [c for c in drawn_ahead.columns if c.endswith(("_low", "_high"))]

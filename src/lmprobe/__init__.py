@@ -1,25 +1,19 @@
 """lmprobe: banks of linear probes on the activations of a frozen language model."""
 
-__version__ = "0.2.0"
-
-from lmprobe.data.datamodule import ProbeDataModule  # noqa: E402
-from lmprobe.data.dataset import ProbeDataset  # noqa: E402
-from lmprobe.errors import LmProbeError, NonFiniteActivationError  # noqa: E402
-from lmprobe.probes.bank import ProbeBank  # noqa: E402
-from lmprobe.probes.kinds import (  # noqa: E402
-    PROBE_KINDS,
-    LinearProbe,
-    MeanDifferenceProbe,
-    Probe,
-    RegressionProbe,
-    register_probe_kind,
-)
-from lmprobe.spec.config import ProbeConfig  # noqa: E402
-from lmprobe.tracing.extractor import FeatureExtractor  # noqa: E402
-from lmprobe.training.module import ProbeModule  # noqa: E402
-from lmprobe.training.runner import ProbeRunner  # noqa: E402
+from lmprobe.bank.bank import ProbeBank
+from lmprobe.data.datamodule import ProbeDataModule
+from lmprobe.data.dataset import ProbeDataset
+from lmprobe.errors import LmProbeError, NonFiniteActivationError
+from lmprobe.probes.base import PROBE_KINDS, Probe, register_probe_kind
+from lmprobe.probes.config import ProbeConfig
+from lmprobe.probes.kinds import LinearProbe, MeanDifferenceProbe, RegressionProbe
+from lmprobe.tracing.extractor import FeatureExtractor
+from lmprobe.training.module import ProbeModule
+from lmprobe.training.runner import ProbeRunner
+from lmprobe.version import __version__
 
 __all__ = [
+    "__version__",
     "PROBE_KINDS",
     "FeatureExtractor",
     "LinearProbe",
@@ -45,7 +39,7 @@ _OLD_TARGET_MODULES = {
     "models": "lmprobe.tracing.models",
     "datamodule": "lmprobe.data.datamodule",
     "hfdata": "lmprobe.data.hf",
-    "config": "lmprobe.spec.config",
+    "config": "lmprobe.app.banks",
     "engine": "lmprobe.training.engine",
     "callbacks": "lmprobe.training.callbacks",
 }

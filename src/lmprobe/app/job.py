@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmprobe.app.schema import check_config
 from lmprobe.errors import LmProbeError, RunInterrupted
-from lmprobe.probes.kinds import resolve_probe_kind
+from lmprobe.probes.base import resolve_probe_kind
 from lmprobe.results.baselines import merge_baseline
 from lmprobe.results.outputs import (
     accuracy_by_layer,
@@ -38,7 +38,8 @@ from lmprobe.results.outputs import (
 )
 from lmprobe.results.rundir import claim_run_dir, rescue_dir
 from lmprobe.tracing.models import context_length, local_model_dir, model_frame
-from lmprobe.tracing.store import DEFAULT_MAX_GB, FeatureSource, FeatureStore, model_identity
+from lmprobe.tracing.store import DEFAULT_MAX_GB, FeatureSource, FeatureStore
+from lmprobe.tracing.storekeys import model_identity
 from lmprobe.training import distributed
 from lmprobe.training.engine import baseline_table, fit_and_test, show_lmprobe_log
 from lmprobe.training.interrupts import INTERRUPTS, check_stop, signals_held, stop_signals
@@ -390,7 +391,7 @@ def _train(cfg: DictConfig, out: Path) -> pd.DataFrame:
     log_figure(trainer.loggers, figure, out / "accuracy_by_layer.png")
     show_best(table, cfg)
     if cfg.get("intervene"):  # after the run's outputs are safe (README, "Interventions")
-        from lmprobe.intervene import app_stage
+        from lmprobe.app.intervention import app_stage
 
         lm = load_model(cfg.model)
         app_stage(cfg, module, lm, datamodule, table, out, trainer.loggers, keep_outputs)

@@ -16,10 +16,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lmprobe.errors import LmProbeError
-from lmprobe.probes.bank import DEFAULT_CHUNK_ROWS
+from lmprobe.probes.config import DEFAULT_CHUNK_ROWS, ProbeConfig
+from lmprobe.probes.poolings import WORD_POOLINGS, pooling_names
 from lmprobe.scoring.uncertainty import DEFAULT_RESAMPLES
-from lmprobe.spec.config import ProbeConfig
-from lmprobe.spec.poolings import WORD_POOLINGS, pooling_names
 from lmprobe.training.engine import TRAINER_DEFAULTS
 
 
@@ -90,7 +89,7 @@ def _probe_default(name: str) -> Any:
 
 @dataclass
 class ProbesSchema:
-    _target_: str = "lmprobe.spec.config.probe_bank"
+    _target_: str = "lmprobe.app.banks.probe_bank"
     submodules: Any = "all_layers"  # 'all_layers' or a list of nnsight paths
     site: str = "output"
     embeddings: bool = True  # all_layers: also the first block's input (layer -1)
@@ -301,7 +300,7 @@ def check_config(cfg: DictConfig) -> None:
                 f"config key probes.pooling={value!r} is not a pooling: use one of "
                 f"{', '.join(pooling_names())}"
             )
-    from lmprobe.spec.config import check_listed_once
+    from lmprobe.probes.config import check_listed_once
 
     for key in ("submodules", "pooling", "word_pooling", "names"):
         value = OmegaConf.select(cfg, f"probes.{key}")
@@ -340,7 +339,7 @@ def check_config(cfg: DictConfig) -> None:
                 )
     kind = OmegaConf.select(cfg, "probes.kind")
     if kind is not None:
-        from lmprobe.probes.kinds import resolve_probe_kind
+        from lmprobe.probes.base import resolve_probe_kind
 
         task = resolve_probe_kind(kind).task
         control = OmegaConf.select(cfg, "probes.control", default=None)
@@ -384,7 +383,7 @@ def check_config(cfg: DictConfig) -> None:
                 f"config key feature_store.max_gb={max_gb!r}: use a size in GB > 0 "
                 f"(or null: no cap)"
             )
-    from lmprobe.intervene import check_config as check_intervene
+    from lmprobe.app.intervention import check_config as check_intervene
 
     check_intervene(cfg)
     if cfg.get("on_nonfinite", "error") not in NONFINITE_POLICIES:

@@ -1,5 +1,5 @@
 """``ProbeDataModule``: a data file read, filtered, tokenized once and split (or one file per
-split), handed to Lightning as batches; and ``tokenize_texts``.
+split), handed to Lightning as batches.
 
 A file is read a chunk at a time and its chosen rows tokenized into a token file on disk
 (``lmprobe.data.streaming``, ``lmprobe.data.packed``): peak memory does not grow with the number of
@@ -19,7 +19,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import pandas as pd
-import torch
 from torch.utils.data import DataLoader
 
 from lmprobe.data.conll import resolve_column
@@ -43,8 +42,8 @@ from lmprobe.data.readers import (
 )
 from lmprobe.data.streaming import TEXT_HASH, TextSpill, pack, scan, shared_texts
 from lmprobe.data.words import encode_words
-from lmprobe.errors import LmProbeError, closest, plain
-from lmprobe.probes.bank import DEFAULT_CHUNK_ROWS
+from lmprobe.errors import LmProbeError, did_you_mean, plain
+from lmprobe.probes.config import DEFAULT_CHUNK_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +74,6 @@ def effective_max_length(max_length: int | None, model_max: int | None) -> int |
         )
         max_length = model_max
     return model_max if max_length is None else max_length
-
-
-def tokenize_texts(
-    tokenizer: Any, texts: Sequence[str], max_length: int | None, model_max: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Tokenize once, padded to the longest text; batches are trimmed again by ``pad_to_longest``."""
-    ensure_pad_token(tokenizer)
-    max_length = effective_max_length(max_length, model_max)
-    return tokenizer(
-        list(texts),
-        padding=True,
-        truncation=max_length is not None,
-        max_length=max_length,
-        return_tensors="pt",
-    )
 
 
 def check_data_options(prefix: str = "", presplit: bool = False, **options: Any) -> None:
@@ -142,11 +126,10 @@ def check_data_options(prefix: str = "", presplit: bool = False, **options: Any)
         raise bad("unknown_labels", f"use one of {', '.join(UNKNOWN_LABEL_POLICIES)}")
     fmt = options.get("file_format")
     if fmt is not None and str(fmt).lower() not in READERS:
-        hint = closest(str(fmt).lower(), READERS, n=1)
         raise bad(
             "file_format",
             f"use one of {', '.join(sorted(READERS))} (or null: from the file's suffix)"
-            + (f"; did you mean {hint[0]!r}?" if hint else ""),
+            + did_you_mean(str(fmt).lower(), READERS),
         )
     encoding = options.get("encoding")
     if encoding is not None:
@@ -166,17 +149,6 @@ def check_data_options(prefix: str = "", presplit: bool = False, **options: Any)
         )
         if not lists:
             raise bad(key, "give each column a list of values, e.g. {label: [neutral]}")
-
-
-class _SplitRecords(list):
-    """Appends to a shared list of dropped-row records, each tagged with its split."""
-
-    def __init__(self, records: list[dict[str, Any]], split: str) -> None:
-        super().__init__()
-        self.records, self.split = records, split
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.records.append({"split": self.split, **record})
 
 
 def warn_shared_texts(
@@ -320,10 +292,6 @@ class ProbeDataModule(L.LightningDataModule):
             self.label_names = self.label_names or self.train_set.label_names
             return
         self.train_set, self.val_set, self.test_set = self.load_splits()
-
-    def _dropped(self, split: str) -> list[dict[str, Any]]:
-        """A list that records the rows of ``split`` left out into ``dropped_rows``."""
-        return _SplitRecords(self.dropped_rows, split)
 
     def load_splits(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
         if self.tokenizer is None:

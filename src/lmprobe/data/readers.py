@@ -20,7 +20,6 @@ each piece, see ``lmprobe.data.streaming``). A format without one is read whole,
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import io
 import json
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmprobe.errors import LmProbeError, closest
+from lmprobe.errors import LmProbeError, did_you_mean
 
 log = logging.getLogger("lmprobe")
 
@@ -113,10 +112,9 @@ def format_of(path: str, file_format: str | None = None) -> str:
         return fmt
     if str(fmt).lower() in READERS:
         return str(fmt).lower()
-    hint = difflib.get_close_matches(str(fmt).lower(), READERS, n=1, cutoff=0.6)
     raise LmProbeError(
         f"unknown file_format {fmt!r}; the known formats are {', '.join(sorted(READERS))}"
-        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        + did_you_mean(str(fmt).lower(), READERS)
     )
 
 
@@ -488,11 +486,9 @@ def check_columns(present: Sequence[Any], needed: Sequence[str], source: str) ->
     error names it, the columns there are and the closest one."""
     for column in dict.fromkeys(needed):
         if column not in present:
-            hint = closest(column, map(str, present), n=1)
             raise LmProbeError(
                 f"{source} has no column {column!r}; its columns are "
-                f"{', '.join(map(str, present))}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                f"{', '.join(map(str, present))}" + did_you_mean(column, map(str, present))
             )
 
 
@@ -627,7 +623,3 @@ def label_names(
     for original, mapped in (label_map or {}).items():
         originals.setdefault(mapped, original)
     return {i: originals.get(v, v) for v, i in vocabulary.items()}
-
-
-# The CoNLL readers register themselves here (imported last: they use register_reader).
-from lmprobe.data import conll  # noqa: E402, F401

@@ -146,7 +146,7 @@ def pack(
     chunk_rows: int | None = None,
 ) -> PackedDataset:
     """A ``PackedDataset`` of the source rows ``rows`` (its documents in that order), their
-    texts tokenized ``chunk_rows`` at a time exactly as ``tokenize_texts`` tokenizes them
+    texts tokenized ``chunk_rows`` at a time exactly as one call on every text would tokenize them
     (truncated to ``max_length``; padding adds nothing but pads, so none is asked for)."""
     chunk_rows = chunk_rows or readers.CHUNK_ROWS
     store = TokenStore(directory)

@@ -12,7 +12,7 @@ The result is one sequence per window with ``word_ids`` (sequences, tokens): the
 each subword's labelled word within its window, -1 for special tokens, padding and words
 without a label (they stay in the text the model reads but give no row), and ``labels``
 (sequences, words). Poolings over a word's subwords (first, last, mean) are in
-``lmprobe.spec.poolings.WORD_POOLINGS`` and run inside the trace.
+``lmprobe.probes.poolings.WORD_POOLINGS`` and run inside the trace.
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
-"""Files: atomic writes, and probes as safetensors arrays plus a JSON header (never pickle).
-
-A probe file is a safetensors file: its tensors are the probe's fitted arrays (coefficients,
-intercepts, scaler statistics), and its ``__metadata__["lmprobe"]`` entry is a JSON object
-with the kind (looked up in ``lmprobe.probes.kinds.PROBE_KINDS``, never imported from the file),
-the constructor parameters, the remaining fitted values and the versions that wrote it.
-Reading it parses JSON and copies numbers: no code from the file can run.
-"""
+"""Files: atomic writes, and reading safetensors files (the probe file format itself:
+``lmprobe.probes.base``)."""
 
 from __future__ import annotations
 
@@ -49,7 +43,7 @@ def current_umask() -> int:
     return mask
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -57,72 +51,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (set, tuple)):
         return list(value)
     raise TypeError(f"cannot write a {type(value).__name__} to a probe header")
-
-
-def probe_header(probe: Any) -> dict[str, Any]:
-    import sklearn
-
-    import lmprobe
-
-    _, values = probe.get_state()
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": probe.kind,
-        "params": probe.get_params(deep=False),
-        "state": values,
-        "versions": {"lmprobe": lmprobe.__version__, "scikit-learn": sklearn.__version__},
-    }
-
-
-def probe_to_tensors(probe: Any) -> tuple[dict[str, np.ndarray], str]:
-    """The probe as (arrays, JSON header): what files and checkpoints hold."""
-    arrays, _ = probe.get_state()
-    header = json.dumps(probe_header(probe), default=_json_default, sort_keys=True)
-    return {k: np.ascontiguousarray(v) for k, v in arrays.items()}, header
-
-
-def probe_from_tensors(arrays: dict[str, np.ndarray], header: str, source: str = "probe") -> Any:
-    from lmprobe.probes.kinds import PROBE_KINDS
-
-    try:
-        meta = json.loads(header)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"format version {meta['format_version']} is newer than this lmprobe")
-        kind = meta["kind"]
-        if kind not in PROBE_KINDS:
-            raise ValueError(
-                f"probe kind {kind!r} is not registered; import the module that registers it "
-                f"before loading (kinds: {', '.join(PROBE_KINDS)})"
-            )
-        probe = PROBE_KINDS[kind](**meta["params"])
-        probe.set_state({k: np.asarray(v) for k, v in arrays.items()}, meta["state"])
-        if probe.is_fitted:  # a smoke test of the restored arrays' shapes
-            probe.predict(np.zeros((1, probe.n_features_in_), dtype=np.float32))
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise LmProbeError(
-            f"{source} is not a valid lmprobe probe ({type(err).__name__}: {err}); "
-            f"re-save it with Probe.save"
-        ) from None
-    return probe
-
-
-def save_probe(probe: Any, path: str | os.PathLike) -> Path:
-    from safetensors.numpy import save
-
-    from lmprobe.probes.kinds import PROBE_KINDS
-
-    if PROBE_KINDS.get(probe.kind) is not type(probe):
-        raise LmProbeError(
-            f"{type(probe).__name__} is not registered as a probe kind, so its file could not "
-            f'be loaded; decorate it with @register_probe_kind("name")'
-        )
-    arrays, header = probe_to_tensors(probe)
-    path = Path(path)
-    atomic_write_bytes(path, save(arrays, metadata={"lmprobe": header}))
-    return path
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -143,10 +71,3 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
             f"it may be damaged or not a probe: re-save it with Probe.save"
         ) from None
     return arrays, metadata
-
-
-def load_probe(path: str | os.PathLike) -> Any:
-    arrays, metadata = read_safetensors(path)
-    if "lmprobe" not in metadata:
-        raise LmProbeError(f"{str(path)!r} has no lmprobe header; it was not written by lmprobe")
-    return probe_from_tensors(arrays, metadata["lmprobe"], source=f"probe file {str(path)!r}")

@@ -1,24 +1,12 @@
-"""Probe kinds: what a probe learns from feature rows, and the registry that names them.
-
-A kind is a scikit-learn-style estimator (``__init__`` stores arguments, fitted state ends in
-``_``, ``partial_fit`` returns self) with four more methods the bank relies on:
-``heldout_loss`` (the early-stopping criterion, lower is better; ``None``: the kind does not
-stop early), ``new_scores`` (an accumulator of its test metrics), and ``get_state`` /
-``set_state`` (arrays and plain values, so probes are saved without pickle).
-
-Adding a kind is one class here (or in your own module) decorated with
-``@register_probe_kind("name")``; ``ProbeConfig(kind="name")`` or ``probes.kind=name`` then
-selects it.
+"""The built-in probe kinds: averaged SGD classifier and regressor on standardised features
+(``sgd_classifier``, ``sgd_regressor``), the exact multinomial fit (``logistic``) and the
+class-mean difference (``mean_difference``). The interface and registry: ``lmprobe.probes.base``.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -30,6 +18,14 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from lmprobe.errors import LmProbeError
+from lmprobe.integrations.sklearn import AveragedSGDClassifier
+from lmprobe.probes.base import (
+    Probe,
+    estimator_state,
+    register_probe_kind,
+    restore_estimator,
+    state_value,
+)
 from lmprobe.scoring.metrics import (
     ClassificationScores,
     Metrics,
@@ -38,175 +34,6 @@ from lmprobe.scoring.metrics import (
 )
 
 log = logging.getLogger("lmprobe")
-
-PROBE_KINDS: dict[str, type[Probe]] = {}
-
-
-def register_probe_kind(name: str):
-    """Class decorator: make a probe kind selectable as ``kind=name``."""
-
-    def register(cls: type[Probe]) -> type[Probe]:
-        cls.kind = name
-        PROBE_KINDS[name] = cls
-        return cls
-
-    return register
-
-
-def resolve_probe_kind(kind: str | type) -> type[Probe]:
-    """A registered name, a probe class, or a dotted import path (``pkg.module.Class``, as a
-    Hydra ``_target_``) given in code or config. Files never name code to import: loading
-    a probe file looks kinds up in the registry only."""
-    if isinstance(kind, type):
-        if not issubclass(kind, Probe):
-            raise LmProbeError(f"probe kind {kind.__name__} is not a lmprobe.probes.kinds.Probe")
-        return kind
-    if kind in PROBE_KINDS:
-        return PROBE_KINDS[kind]
-    if isinstance(kind, str) and "." in kind:
-        module, _, name = kind.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise LmProbeError(f"probe kind {kind!r} could not be imported ({err})") from None
-        return resolve_probe_kind(cls)
-    raise LmProbeError(
-        f"unknown probe kind {kind!r}; use one of {', '.join(PROBE_KINDS)} or a class path "
-        f"such as mypackage.MyProbe"
-    )
-
-
-class Probe(BaseEstimator):
-    """The interface every probe kind implements (see the module docstring)."""
-
-    kind: ClassVar[str] = ""
-    task: ClassVar[str] = "classification"  # or "regression"
-    needs_classes: ClassVar[bool] = True
-    max_classes: ClassVar[int | None] = None
-    stops_early: ClassVar[bool] = True  # has a held-out criterion (``heldout_loss``)
-
-    def partial_fit(self, X: np.ndarray, y: np.ndarray) -> Probe:
-        raise NotImplementedError
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> Probe:
-        """One ``partial_fit`` from scratch (scikit-learn's ``fit`` contract; its
-        ``check_is_fitted`` also wants the method to exist)."""
-        for attr in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
-            delattr(self, attr)
-        return self.partial_fit(X, y)
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def heldout_loss(self, X: np.ndarray, y: np.ndarray) -> float | None:
-        return None
-
-    @property
-    def selects(self) -> bool:
-        """The probe chooses among settings on held-out rows (so it needs them even when
-        early stopping is off)."""
-        return False
-
-    def new_scores(self) -> ClassificationScores | RegressionScores:
-        raise NotImplementedError
-
-    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        raise NotImplementedError
-
-    def set_state(self, arrays: dict[str, np.ndarray], values: dict[str, Any]) -> Probe:
-        raise NotImplementedError
-
-    @property
-    def is_fitted(self) -> bool:
-        return hasattr(self, "n_features_in_")
-
-    # --------------------------------------------------------------- files
-    def save(self, path: str | os.PathLike) -> Path:
-        """Safetensors arrays + a JSON header (no pickle); written atomically."""
-        from lmprobe.probes.files import save_probe
-
-        return save_probe(self, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Probe:
-        """Load a file written by ``save``; no code in the file is run."""
-        from lmprobe.probes.files import load_probe
-
-        probe = load_probe(path)
-        if not isinstance(probe, cls):
-            raise LmProbeError(f"{path} holds a {type(probe).__name__}, not a {cls.__name__}")
-        return probe
-
-    # ------------------------------------------------- lm_probe's spellings
-    def _rows(self, X: np.ndarray, y: np.ndarray | None = None):
-        """lm_probe passes token-level features as (documents, tokens, d): flatten them, and
-        drop ``null_label`` positions when labels are given."""
-        X = np.asarray(X, dtype=np.float32)
-        if X.ndim == 3:
-            X = X.reshape(-1, X.shape[-1])
-            if y is not None:
-                y = np.asarray(y).reshape(-1)
-        if y is not None and getattr(self, "null_label", None) is not None:
-            keep = np.asarray(y) != self.null_label
-            X, y = X[keep], np.asarray(y)[keep]
-        return X, y
-
-    def take_step(self, X: np.ndarray, y: np.ndarray) -> Probe:
-        """lm_probe's one online update: ``partial_fit`` on a batch (3-D token features are
-        flattened, ``null_label`` rows dropped)."""
-        return self.partial_fit(*self._rows(X, y))
-
-
-# ---------------------------------------------------------------- sklearn state
-def _plain(value: Any) -> Any:
-    """A JSON-able copy of a scalar or a non-numeric array."""
-    if isinstance(value, np.ndarray):
-        return {"array": value.tolist(), "dtype": value.dtype.str}
-    if isinstance(value, np.generic):
-        return {"scalar": value.item(), "dtype": value.dtype.str}
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    raise TypeError(f"cannot save a {type(value).__name__} without pickle")
-
-
-def _unplain(value: Any) -> Any:
-    if isinstance(value, dict) and "array" in value:
-        return np.asarray(value["array"], dtype=np.dtype(value["dtype"]))
-    if isinstance(value, dict) and "scalar" in value:
-        return np.dtype(value["dtype"]).type(value["scalar"])
-    return value
-
-
-# Recreated by scikit-learn on every partial_fit; not state worth saving.
-_TRANSIENT = {"_loss_function_"}
-
-
-def estimator_state(
-    est: BaseEstimator, prefix: str, arrays: dict[str, np.ndarray], values: dict[str, Any]
-) -> None:
-    """Every fitted attribute of a scikit-learn estimator: numeric arrays into ``arrays``,
-    the rest (scalars, string class labels) into ``values``; its parameters are not state."""
-    params = est.get_params(deep=False)
-    for name, value in vars(est).items():
-        if name in params or name in _TRANSIENT:
-            continue
-        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-            arrays[prefix + name] = value
-        else:
-            values[prefix + name] = _plain(value)
-
-
-def restore_estimator(
-    est: BaseEstimator, prefix: str, arrays: dict[str, np.ndarray], values: dict[str, Any]
-) -> BaseEstimator:
-    for name, value in arrays.items():
-        if name.startswith(prefix):
-            setattr(est, name[len(prefix) :], np.array(value))
-    for name, value in values.items():
-        if name.startswith(prefix):
-            setattr(est, name[len(prefix) :], _unplain(value))
-    return est
-
 
 # Regularisation strengths tried side by side when model_kwargs gives no ``alpha``: the
 # features are standardised, so one decade grid covers small and large training sets.
@@ -394,7 +221,7 @@ class _ScaledSGD(Probe):
                 if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
                     arrays[name] = value
                 else:
-                    values[name] = _plain(value)
+                    values[name] = state_value(value)
         return arrays, values
 
     def set_state(self, arrays: dict[str, np.ndarray], values: dict[str, Any]) -> Probe:
@@ -419,60 +246,6 @@ class _ScaledSGD(Probe):
                     f"not {self.n_features_in_}"
                 )
         return self
-
-
-try:  # where scikit-learn keeps the fit_binary that AveragedSGDClassifier wraps
-    from sklearn.linear_model import _stochastic_gradient as _sgd_module
-except ImportError:  # another scikit-learn: its own _fit_binary as it is
-    _sgd_module = None
-_CAPTURE = threading.Lock()
-
-
-class AveragedSGDClassifier(SGDClassifier):
-    """scikit-learn's ``SGDClassifier`` whose averaged ``partial_fit`` keeps its running
-    intercepts from one call to the next (scikit-learn 1.9.1 does not; ``fit`` runs every
-    epoch in one call and is not affected).
-
-    Averaged SGD keeps two sets of parameters: the running ones that SGD updates
-    (``_standard_coef``/``_standard_intercept``) and their average (``coef_``/``intercept_``).
-    The running weights are updated in place, but the running intercepts come back from
-    ``fit_binary`` as numbers, and once averaging has started scikit-learn stores them
-    nowhere: with two classes ``_fit_binary`` drops them, so every call restarts them from
-    0; with more, ``_fit_multiclass`` writes them into ``intercept_``, which is then
-    ``_average_intercept`` (the averages are overwritten, the running ones restart from the
-    first call's). Either way the intercepts stay near their start: on 17 UPOS tags near -1
-    where the optimum has -3 to -8 (1.7-2.8 points of accuracy under the reference, after
-    any number of epochs), and on a two-class set with 5% positives under the majority
-    class. Here ``_fit_binary`` keeps what ``fit_binary`` returned, and ``_fit_multiclass``
-    is handed ``_standard_intercept`` as ``intercept_`` to write into. The updates
-    themselves are scikit-learn's."""
-
-    def _fit_binary(self, X, y, alpha, *args, **kwargs):
-        sgd = _sgd_module
-        original, running = getattr(sgd, "fit_binary", None), []
-        if not self.average or original is None:  # (another scikit-learn: theirs as it is)
-            return super()._fit_binary(X, y, alpha, *args, **kwargs)
-
-        def fit_binary(est, *a, **k):
-            result = original(est, *a, **k)
-            if est is self:
-                running.append(result[1])
-            return result
-
-        with _CAPTURE:  # the module's function, swapped for this call only
-            sgd.fit_binary = fit_binary
-            try:
-                result = super()._fit_binary(X, y, alpha, *args, **kwargs)
-            finally:
-                sgd.fit_binary = original
-        if running and self._average_intercept is self.intercept_:  # averaging: dropped
-            self._standard_intercept = np.array(running[-1:], dtype=self.intercept_.dtype)
-        return result
-
-    def _fit_multiclass(self, X, y, alpha, *args, **kwargs):
-        if self.average and getattr(self, "_standard_intercept", None) is not None:
-            self.intercept_ = self._standard_intercept  # where the new ones are written
-        return super()._fit_multiclass(X, y, alpha, *args, **kwargs)
 
 
 @register_probe_kind("sgd_classifier")
@@ -721,7 +494,7 @@ class LogisticProbe(LinearProbe):
                 if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
                     arrays[name] = value
                 else:
-                    values[name] = _plain(value)
+                    values[name] = state_value(value)
         return arrays, values
 
     def set_state(self, arrays: dict[str, np.ndarray], values: dict[str, Any]) -> Probe:
@@ -881,25 +654,3 @@ class MeanDifferenceProbe(ClassifierMixin, Probe):
 
     def set_state(self, arrays: dict[str, np.ndarray], values: dict[str, Any]) -> Probe:
         return restore_estimator(self, "", arrays, values)
-
-
-def make_probe(config: Any, random_state: int | None) -> Probe:
-    """A fresh probe of ``config.kind`` with the parameters the config gives it."""
-    cls = resolve_probe_kind(config.kind)
-    offered = {
-        "classes": list(config.classes) if config.classes is not None else None,
-        "model_kwargs": dict(config.model_kwargs),
-        "random_state": random_state,
-        "null_label": config.null_label,
-    }
-    accepted = cls._get_param_names()
-    if offered["model_kwargs"] and "model_kwargs" not in accepted:
-        # a warning, not an error: a config's default model_kwargs (e.g. the SGD alpha of
-        # conf/probes) should not stop `probes.kind=mean_difference` from working
-        log.warning(
-            "probe %r: kind %r takes no model_kwargs; ignoring %s",
-            config.name,
-            config.kind,
-            offered["model_kwargs"],
-        )
-    return cls(**{k: v for k, v in offered.items() if k in accepted})

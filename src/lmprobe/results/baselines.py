@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lmprobe.errors import LmProbeError
+from lmprobe.integrations.transformers import mark_uninitialised
 from lmprobe.tracing.models import torch_module
 
 BASELINES = ("random_init",)
@@ -31,9 +32,7 @@ def random_init_copy(lm: Any, seed: int) -> Any:
         )
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(seed)
-        for submodule in module.modules():  # init_weights skips weights marked initialised
-            if hasattr(submodule, "_is_hf_initialized"):
-                submodule._is_hf_initialized = False
+        mark_uninitialised(module)  # init_weights skips weights marked initialised
         module.init_weights()
     module.eval().requires_grad_(False)
     return TransformersModel(module, tokenizer=lm.tokenizer, task="text-generation")

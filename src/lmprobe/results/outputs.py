@@ -14,9 +14,9 @@ from typing import Any
 
 import pandas as pd
 
+from lmprobe.probes.base import Probe
+from lmprobe.probes.config import ProbeConfig
 from lmprobe.probes.files import atomic_write_bytes
-from lmprobe.probes.kinds import Probe
-from lmprobe.spec.config import ProbeConfig
 
 LAYER = re.compile(r"\.(\d+)(?=\.)")
 
@@ -57,7 +57,7 @@ def safe_filename(name: str) -> str:
 def save_probes(
     probes: dict[str, Probe], directory: Path, label_names: dict[Any, Any] | None
 ) -> Path:
-    """One safetensors file per fitted probe (``Probe.load``, ``lmprobe.probes.files.load_probe``) plus
+    """One safetensors file per fitted probe (``Probe.load``, ``lmprobe.probes.base.load_probe``) plus
     ``labels.json`` and ``index.json`` (probe name -> file)."""
     directory.mkdir(parents=True, exist_ok=True)
     index = {}

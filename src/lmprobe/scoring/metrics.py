@@ -22,6 +22,8 @@ from torchmetrics import classification as tc
 from torchmetrics import regression as tr
 from torchmetrics.functional import classification as tmf
 
+from lmprobe.integrations.torchmetrics import local_only
+
 
 def _per_class(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Precision, recall and F1 of each class, and which classes count in a macro average
@@ -277,7 +279,7 @@ class RegressionScores:
             {name: make() for name, make in REGRESSION_METRICS.items()}
         )
         for metric in self.metrics.values():  # no cross-rank sums (see ClassificationScores)
-            metric.sync_on_compute = metric._to_sync = False
+            local_only(metric)
         # torchmetrics keeps its states in float32 unless told otherwise: sums of squared
         # errors lose digits and Spearman ranks targets rounded to float32 (ties at 1e9).
         self.metrics.set_dtype(torch.float64)

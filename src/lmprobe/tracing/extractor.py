@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lmprobe.errors import LmProbeError
-from lmprobe.spec.config import ProbeConfig
+from lmprobe.probes.config import ProbeConfig
 from lmprobe.tracing.features import FeatureKey, gather, trace_features
 from lmprobe.tracing.models import (
     check_submodules,

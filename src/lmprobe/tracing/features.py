@@ -1,5 +1,5 @@
 """Turning one batch into probe features: a single nnsight trace, each site pooled on the
-model's device where the forward passes it (``lmprobe.tracing.observers``), and an early stop after
+model's device where the forward passes it (``lmprobe.integrations.nnsight``), and an early stop after
 the deepest site needed."""
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import torch
 
 from lmprobe.data.dataset import words_present
 from lmprobe.errors import LmProbeError, NonFiniteActivationError
-from lmprobe.spec.config import ProbeConfig
-from lmprobe.spec.poolings import POOLINGS, TOKEN_LEVEL, WORD_POOLINGS
-from lmprobe.tracing.handoffs import handoffs_only_at
+from lmprobe.integrations.nnsight import SiteObserver, handoffs_only_at
+from lmprobe.probes.config import ProbeConfig
+from lmprobe.probes.poolings import POOLINGS, TOKEN_LEVEL, WORD_POOLINGS
 from lmprobe.tracing.models import envoy_at, input_device, torch_module
-from lmprobe.tracing.observers import SiteObserver
 
 log = logging.getLogger("lmprobe")
 
@@ -103,7 +102,7 @@ def pool(
     rows: torch.Tensor | WordRows | None = None,
 ) -> torch.Tensor:
     """Pool ``hidden`` (batch, tokens, d) over the positions where ``real`` is true with a
-    registered pooling (``lmprobe.spec.poolings``), then keep the output rows ``rows`` (all when
+    registered pooling (``lmprobe.probes.poolings``), then keep the output rows ``rows`` (all when
     ``None``). With ``pooling="none"`` the output rows are the flattened (batch x tokens)
     positions, so ``rows`` must say which to keep; on word-level data ``rows`` is a
     ``WordRows`` and the output has one row per word.
@@ -330,7 +329,7 @@ def trace_features(
     inputs = model_inputs(batch, device, forward_takes)
     # Outside inference mode (Lightning's test steps run in it): a tensor made there has a
     # version, so mean pooling makes its weights once per batch, not once per site
-    # (lmprobe.spec.poolings).
+    # (lmprobe.probes.poolings).
     with torch.inference_mode(False):
         real = inputs["attention_mask"].bool()
     word_ids = batch["word_ids"].cpu() if "word_ids" in batch else None
@@ -391,14 +390,14 @@ def trace_features(
     envoys = {site: envoy_at(lm, path) for site, path in paths.items()}
     deepest = sites[-1]
     trace_kwargs = {"remote": True} if remote else {}
-    # Locally, only the probed modules' paths hand off to nnsight (lmprobe.tracing.handoffs);
+    # Locally, only the probed modules' paths hand off to nnsight (lmprobe.integrations.nnsight);
     # a remote model runs elsewhere, with its own modules.
     quiet = (
         contextlib.nullcontext()
         if remote
         else handoffs_only_at(torch_module(lm), list(paths.values()))
     )
-    # Every site is pooled as the forward passes it (lmprobe.tracing.observers); the body only
+    # Every site is pooled as the forward passes it (lmprobe.integrations.nnsight); the body only
     # waits at the deepest one, to stop there.
     observer = SiteObserver({location(envoys[site], site): site for site in sites}, take)
     with torch.no_grad(), quiet, lm.trace(inputs, **trace_kwargs) as tracer:
@@ -414,7 +413,7 @@ def trace_features(
         if deepest not in observer.seen:  # the body read it, so the forward passed it
             raise LmProbeError(
                 f"nnsight {nnsight.__version__} did not hand lmprobe's observer the values "
-                f"the forward passed (lmprobe.tracing.observers follows nnsight 0.8.1's cache "
+                f"the forward passed (lmprobe.integrations.nnsight follows nnsight 0.8.1's cache "
                 f"protocol); install nnsight 0.8.1"
             )
         for site in sites:

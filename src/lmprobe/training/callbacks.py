@@ -1,6 +1,6 @@
 """Callbacks: thin policies that say when the probe bank trains, stops and scores.
 
-The state they act on lives in ``ProbeModule.bank`` (``lmprobe.probes.bank.ProbeBank``); each
+The state they act on lives in ``ProbeModule.bank`` (``lmprobe.bank.bank.ProbeBank``); each
 callback only decides *when*, so their order in ``Trainer(callbacks=...)`` does not matter.
 """
 
@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lmprobe.data.dataset import LengthGroupedBatches, ProbeDataset, loader_batch_size
-from lmprobe.probes.bank import DEFAULT_CHUNK_ROWS
+from lmprobe.probes.config import DEFAULT_CHUNK_ROWS
 from lmprobe.scoring.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 from lmprobe.scoring.uncertainty import DEFAULT_RESAMPLES
 from lmprobe.training.module import ProbeModule

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from lmprobe.errors import LmProbeError
-from lmprobe.probes.bank import DEFAULT_CHUNK_ROWS
+from lmprobe.probes.config import DEFAULT_CHUNK_ROWS
 from lmprobe.scoring.uncertainty import DEFAULT_RESAMPLES
 from lmprobe.tracing.models import input_device
 from lmprobe.training.callbacks import ProbeEarlyStopping, ProbeMetrics, ProbeUpdater

@@ -16,10 +16,10 @@ import lightning as L
 import numpy as np
 import torch
 
+from lmprobe.bank.bank import ProbeBank
 from lmprobe.data.dataset import ProbeDataset, batches, loader_batch_size, trim_padding
 from lmprobe.errors import LmProbeError
-from lmprobe.probes.bank import DEFAULT_CHUNK_ROWS, ProbeBank
-from lmprobe.spec.config import ProbeConfig
+from lmprobe.probes.config import DEFAULT_CHUNK_ROWS, ProbeConfig
 from lmprobe.tracing.ahead import TracedAhead, offload
 from lmprobe.tracing.features import (
     FeatureKey,

@@ -20,10 +20,10 @@ from lmprobe.data.datamodule import ProbeDataModule
 from lmprobe.data.dataset import ProbeDataset, trim_padding
 from lmprobe.data.packed import PackedDataset
 from lmprobe.errors import LmProbeError
-from lmprobe.probes.bank import DEFAULT_CHUNK_ROWS
-from lmprobe.probes.kinds import Probe
+from lmprobe.integrations.lightning import batches_completed
+from lmprobe.probes.base import Probe
+from lmprobe.probes.config import DEFAULT_CHUNK_ROWS, ProbeConfig
 from lmprobe.results.baselines import check_baseline, merge_baseline
-from lmprobe.spec.config import ProbeConfig
 from lmprobe.tracing.features import PendingFeatures, gather
 from lmprobe.tracing.models import load_language_model
 from lmprobe.training.distributed import requested
@@ -170,8 +170,7 @@ class ProbeRunner:
         if eval_set is not None:
             limit = None
             if limit_eval_batches:
-                progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
-                limit = max(1, progress.completed)
+                limit = max(1, batches_completed(self.trainer))
             with self.module.bank.joined_after():  # (scoring has waited already)
                 self._metrics = self.compute_metrics(eval_set, batch_size, limit)
         if baseline is not None and eval_set is not None:

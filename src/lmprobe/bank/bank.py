@@ -25,16 +25,20 @@ import torch
 from sklearn import config_context
 
 from lmprobe.errors import LmProbeError, plain
-from lmprobe.probes.files import probe_from_tensors, probe_to_tensors
-from lmprobe.probes.kinds import Probe, make_probe, resolve_probe_kind
+from lmprobe.probes.base import (
+    Probe,
+    make_probe,
+    probe_from_tensors,
+    probe_to_tensors,
+    resolve_probe_kind,
+)
+from lmprobe.probes.config import ProbeConfig
 from lmprobe.scoring.metrics import column_of, metric_columns, row_log_loss
 from lmprobe.scoring.uncertainty import MAX_KEPT_DRAWS, bootstrap, paired_p_values, resample_counts
-from lmprobe.spec.config import ProbeConfig
 from lmprobe.tracing.features import FeatureKey, Features, PendingFeatures, gather, settle
 
 log = logging.getLogger("lmprobe")
 
-DEFAULT_CHUNK_ROWS = 256
 # The online code's block boundaries, as fractions of the training rows (Voita & Titov,
 # 2020), and the seed stream of the rows' order for it.
 MDL_FRACTIONS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)

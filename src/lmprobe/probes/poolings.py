@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 
+from lmprobe.integrations.torch import tensor_version
+
 Pooling = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 POOLINGS: dict[str, Pooling] = {}
@@ -81,8 +83,9 @@ def _mean_weights(real: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if real.is_inference():
         return _weights(real)
     cached = _last_weights  # read once: another thread may replace it meanwhile
-    if cached is None or cached[0] is not real or cached[1] != real._version:
-        cached = _last_weights = (real, real._version, _weights(real))
+    version = tensor_version(real)
+    if cached is None or cached[0] is not real or cached[1] != version:
+        cached = _last_weights = (real, version, _weights(real))
     return cached[2]
 
 

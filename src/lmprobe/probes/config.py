@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmprobe.errors import LmProbeError, plain
-from lmprobe.spec.poolings import TOKEN_LEVEL, WORD_POOLINGS, pooling_names
+from lmprobe.probes.poolings import TOKEN_LEVEL, WORD_POOLINGS, pooling_names
 
 SITE_SUFFIXES = ("output", "input")
+# Rows handed to scikit-learn per call, and documents per length group (data.group_size).
+DEFAULT_CHUNK_ROWS = 256
 
 
 # The name of the probe on the embeddings (the first block's input) in a probe bank.
@@ -29,9 +31,9 @@ class ProbeConfig:
     ``null_label`` positions are ignored); ``pool=False`` is lm_probe's spelling of that.
     On word-level data (CoNLL files, ``ProbeDataset(word_ids=...)``) such a probe gets one
     row per word instead, its subwords pooled by ``word_pooling``: ``first``, ``last`` or
-    ``mean`` (``lmprobe.spec.poolings.WORD_POOLINGS``).
+    ``mean`` (``lmprobe.probes.poolings.WORD_POOLINGS``).
     ``model_kwargs`` go to the kind's scikit-learn estimator. ``kind`` names a registered
-    probe kind (``lmprobe.probes.kinds.PROBE_KINDS``) or a class path. ``control`` adds a twin
+    probe kind (``lmprobe.probes.base.PROBE_KINDS``) or a class path. ``control`` adds a twin
     trained on control-task labels from the same features (Hewitt & Liang, 2019).
     ``refit``: once training ends, retrain the probe on every training row (its held-out
     slice included) with the alpha and the number of passes the slice chose.
@@ -74,11 +76,6 @@ class ProbeConfig:
         self.validate()
 
     @property
-    def module_path(self) -> str:
-        """The torch module path (``transformer.h.5.mlp``) without the output/input suffix."""
-        return self.submodule.rsplit(".", 1)[0]
-
-    @property
     def site_kind(self) -> str:
         return self.submodule.rsplit(".", 1)[-1]
 
@@ -108,7 +105,7 @@ class ProbeConfig:
                 f"{where}: unknown word_pooling {self.word_pooling!r}; use one of "
                 f"{', '.join(WORD_POOLINGS)}"
             )
-        from lmprobe.probes.kinds import resolve_probe_kind
+        from lmprobe.probes.base import resolve_probe_kind
 
         kind = resolve_probe_kind(self.kind)
         if not kind.needs_classes:
@@ -182,74 +179,3 @@ def check_listed_once(key: str, values: Any) -> None:
             f"config key {key}={values} lists {twice!r} twice, which would make two probes "
             f"of one name; list each once"
         )
-
-
-def probe_bank(
-    model: Any,
-    classes: Sequence[Any],
-    submodules: str | Sequence[str] = "all_layers",
-    site: str = "output",
-    pooling: str | Sequence[str] = "mean",
-    names: Sequence[str] | None = None,
-    embeddings: bool = True,
-    word_pooling: str | Sequence[str] = "first",
-    words: bool = False,
-    **options: Any,
-) -> list[ProbeConfig]:
-    """The probes of a Hydra ``probes`` config: one per submodule (and per pooling).
-
-    ``submodules="all_layers"`` means one probe on every decoder block of whatever model is
-    loaded (found from the model), and with ``embeddings`` (and ``site="output"``) one on
-    the input of the first block, the embeddings: layer -1, named ``embeddings``, a baseline
-    for what the blocks add. Otherwise ``submodules`` is a list of nnsight paths. Every other
-    option (pooling, heldout_size, patience, kind, model_kwargs, ...) applies to the whole bank.
-    """
-    from lmprobe.tracing.models import decoder_block_paths
-
-    for key, values in (("submodules", submodules), ("pooling", pooling), ("names", names)):
-        check_listed_once(f"probes.{key}", values)
-    if words:
-        check_listed_once("probes.word_pooling", word_pooling)
-    test_size = options.pop("test_size", None)  # lm_probe's name for heldout_size
-    if test_size is not None:
-        options["heldout_size"] = test_size
-    if isinstance(submodules, str):
-        if submodules != "all_layers":
-            raise LmProbeError(
-                f"probes.submodules={submodules!r}: use 'all_layers' or a list of paths such "
-                f"as [transformer.h.0.output]"
-            )
-        blocks = decoder_block_paths(model)
-        if not blocks:
-            raise LmProbeError(
-                "could not find the decoder blocks of this model; list probes.submodules"
-            )
-        paths = {f"{block}.{site}": f"{block}.{site}" for block in blocks}
-        if embeddings and site == "output":
-            paths = {f"{blocks[0]}.input": EMBEDDINGS, **paths}
-    else:
-        paths = {path: path for path in submodules}
-    poolings = [pooling] if isinstance(pooling, str) else list(pooling)
-    # (pooling, word pooling) of each probe per site; the name shows the one that varies
-    variants = [(pool, "first") for pool in poolings]
-    if words:
-        word_poolings = [word_pooling] if isinstance(word_pooling, str) else list(word_pooling)
-        variants = [(TOKEN_LEVEL, pool) for pool in word_poolings]
-    configs = []
-    for path, label in paths.items():
-        for pool, word_pool in variants:
-            suffix = word_pool if words else pool
-            name = label if len(variants) == 1 else f"{label}/{suffix}"
-            configs.append(
-                ProbeConfig(
-                    path, classes, pooling=pool, name=name, word_pooling=word_pool, **options
-                )
-            )
-    if names is not None:
-        if len(names) != len(configs):
-            raise LmProbeError(
-                f"probes.names has {len(names)} entries for {len(configs)} probes; give one each"
-            )
-        for config, name in zip(configs, names, strict=True):
-            config.name = name
-    return configs

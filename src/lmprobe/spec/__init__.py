@@ -1,1 +1,0 @@
-"""What a probe reads: ProbeConfig (site, pooling, kind) and the pooling functions."""
