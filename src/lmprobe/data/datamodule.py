@@ -151,6 +151,17 @@ def check_data_options(prefix: str = "", presplit: bool = False, **options: Any)
             raise bad(key, "give each column a list of values, e.g. {label: [neutral]}")
 
 
+class _SplitRecords(list):
+    """Appends to a shared list of dropped-row records, each tagged with its split."""
+
+    def __init__(self, records: list[dict[str, Any]], split: str) -> None:
+        super().__init__()
+        self.records, self.split = records, split
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append({"split": self.split, **record})
+
+
 def warn_shared_texts(
     train: np.ndarray, test: np.ndarray, train_path: Any, test_path: Any, what: str = "documents"
 ) -> None:
@@ -292,6 +303,10 @@ class ProbeDataModule(L.LightningDataModule):
             self.label_names = self.label_names or self.train_set.label_names
             return
         self.train_set, self.val_set, self.test_set = self.load_splits()
+
+    def _dropped(self, split: str) -> list[dict[str, Any]]:
+        """A list that records the rows of ``split`` left out into ``dropped_rows``."""
+        return _SplitRecords(self.dropped_rows, split)
 
     def load_splits(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
         if self.tokenizer is None:
