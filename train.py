@@ -1,7 +1,7 @@
 """Train a bank of linear probes on a frozen LM: ``python train.py [overrides]``.
 
 Examples: ``python train.py`` (SmolLM2 on tweets, offline), ``python train.py probes=gpt2_layers``,
-``python train.py -m probes.pooling=mean,last``. See conf/ and the README.
+``python train.py -m probes.pooling=mean,last``. See conf/, the README and docs/running.md.
 """
 
 import hydra

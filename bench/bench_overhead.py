@@ -6,6 +6,13 @@ Configurations (see bench/README.md):
   gpu   GPT-2-small architecture, random weights, 2,048 x 512 tokens, batch 8 and 32, fp32/bf16
   bank  100 probes (12 layers x {block, mlp, attn} x {mean, last} + SGD-alpha variants) vs 1
   control  the cpu bank of 12 probes with control-task twins vs without
+  llama1b, llama8b  Llama-architecture models of about 1B and 8B parameters (Llama-3.2-1B's
+        and Llama-3.1-8B's shapes, random weights), bfloat16, every decoder block probed,
+        mean pooling, 4,096 x 512 tokens (``--docs`` to change)
+  llama1b-tokens, llama8b-tokens  the same models, token-level probes (``pooling: none``)
+        on fewer documents (512 and 256 x 512 tokens)
+  (``--smoke``: the gpu and llama configurations on a tiny model of the same architecture
+  and a few short documents, on ``--device``: a test runs them on the CPU)
 
 Floor and lmprobe run in one process, interleaved, ``--repeats`` times after a warm-up;
 the table shows medians and the JSON keeps every sample. cpu/gpu rows also give each case's
@@ -64,6 +71,77 @@ def gpt2(n_layer: int, n_embd: int, n_head: int, n_positions: int, vocab: int, d
     return GPT2LMHeadModel(config).eval().to(device=device, dtype=dtype)
 
 
+# Llama-architecture shapes (issue 38): random weights cost what trained ones do, and
+# nothing is downloaded. 1b: Llama-3.2-1B's shape (1.24B parameters, tied embeddings);
+# 8b: Llama-3.1-8B's (8.03B).
+LLAMA = {
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(  # --smoke
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+}
+LLAMA_VOCAB = 128256
+# config: (model, pooling, documents, tokens, batch sizes); bfloat16, every block probed
+SIZED = {
+    "llama1b": ("1b", "mean", 4096, 512, (8, 32)),
+    "llama8b": ("8b", "mean", 4096, 512, (8,)),
+    "llama1b-tokens": ("1b", "none", 512, 512, (8,)),
+    "llama8b-tokens": ("8b", "none", 256, 512, (8,)),
+}
+SMOKE = dict(docs=40, tokens=16, batch_size=4)
+TINY_GPT2 = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab=1000)
+
+
+def llama(shape: dict, vocab: int, device, dtype):
+    """A Llama model of ``shape`` with random weights, built in ``dtype`` on ``device``
+    (an 8B model initialised on the GPU takes seconds, on the CPU minutes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, **shape)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def make_model(shape: dict, device, dtype):
+    if "llama" in shape:
+        return llama(LLAMA[shape["llama"]], shape["vocab"], device, dtype)
+    return gpt2(device=device, dtype=dtype, **shape)
+
+
+def token_docs(n: int, tokens: int, vocab: int, seed: int = 0) -> ProbeDataset:
+    """``n`` documents of ``tokens`` random tokens, a random label (1 or 2) per token."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (n, tokens))
+    return ProbeDataset(ids, np.ones_like(ids), rng.integers(1, 3, (n, tokens)))
+
+
 def word_tokenizer(vocab: int):
     """A word-level tokenizer over ``vocab`` made-up words: these benchmarks feed token ids
     directly, nnsight only needs a tokenizer object to wrap the model."""
@@ -100,7 +178,7 @@ def floor(
             for batch in loader:
                 mask = batch["attention_mask"].to(device, non_blocking=True)
                 ids = batch["input_ids"].to(device, non_blocking=True)
-                model.transformer(input_ids=ids, attention_mask=mask, use_cache=use_cache)
+                model.base_model(input_ids=ids, attention_mask=mask, use_cache=use_cache)
     sync(device)
     return time.perf_counter() - start
 
@@ -180,6 +258,20 @@ def last_training_in_place(runner: ProbeRunner, train, test, batch_size: int, de
         ProbeUpdater._in_background = in_background
 
 
+def update_threads(
+    threads: int, runner: ProbeRunner, train, test, batch_size: int, device
+) -> float:
+    """``probe_run`` with the probes trained on ``threads`` threads (1: one at a time, what
+    lmprobe did before its probes trained on several threads): the same run, side by side."""
+    from lmprobe.training.callbacks import ProbeUpdater
+
+    before, ProbeUpdater.update_threads = ProbeUpdater.update_threads, threads
+    try:
+        return probe_run(runner, train, test, batch_size, device)
+    finally:
+        ProbeUpdater.update_threads = before
+
+
 def lmprobe_batches(runner: ProbeRunner, train, test, batch_size: int, device) -> list[dict]:
     """The batches one lmprobe run traces (held-out slice, length-grouped training batches,
     test batches), recorded from a run: the breakdown replays them."""
@@ -223,10 +315,11 @@ def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) 
     deepest block only: nnsight's share); ``pooled=True`` is ``trace_features`` itself,
     pooling and moving the features to the host (pooling's share), with no probes,
     callbacks or Lightning."""
-    from lmprobe.tracing.features import FeatureKey, location, read, trace_features
     from lmprobe.tracing.handoffs import handoffs_only_at
-    from lmprobe.tracing.models import envoy_at, torch_module
     from lmprobe.tracing.observers import SiteObserver
+
+    from lmprobe.tracing.features import FeatureKey, location, read, trace_features
+    from lmprobe.tracing.models import envoy_at, torch_module
 
     keys = [FeatureKey(f"transformer.h.{i}.output", "mean", None) for i in range(n_layer)]
     order = {key.submodule: i for i, key in enumerate(keys)}
@@ -257,6 +350,20 @@ def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) 
 def layer_probes(n_layer: int, control: bool = False) -> list[ProbeConfig]:
     return [
         ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False, control=control)
+        for i in range(n_layer)
+    ]
+
+
+def block_probes(n_layer: int, pooling: str) -> list[ProbeConfig]:
+    """A probe per Llama decoder block (``pooling="none"``: one row per token, labels 1
+    and 2, 0 for none)."""
+    if pooling == "none":
+        return [
+            ProbeConfig(f"model.layers.{i}.output", [1, 2], pooling="none", null_label=0)
+            for i in range(n_layer)
+        ]
+    return [
+        ProbeConfig(f"model.layers.{i}.output", [0, 1], early_stopping=False, pooling=pooling)
         for i in range(n_layer)
     ]
 
@@ -352,13 +459,27 @@ def run_config(name: str, args) -> Iterator[dict]:
         test = random_docs(args.docs // 4, 4, 48, shape["vocab"], seed=1)
     else:
         device = args.device or "cuda"
-        settings = [(b, d) for d in (torch.float32, torch.bfloat16) for b in (8, 32)]
-        shape = dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab=50257)
-        train = random_docs(args.docs, args.tokens, args.tokens, shape["vocab"], seed=0)
+        if name in SIZED:
+            size, pooling, _, _, sizes = SIZED[name]
+            settings = [(b, torch.bfloat16) for b in sizes]
+            shape = dict(llama="tiny" if args.smoke else size, vocab=LLAMA_VOCAB)
+            shape["n_layer"] = LLAMA[shape["llama"]]["num_hidden_layers"]
+        else:
+            pooling = "mean"
+            settings = [(b, d) for d in (torch.float32, torch.bfloat16) for b in (8, 32)]
+            shape = dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab=50257)
+        if args.smoke:
+            settings = list({dtype: (SMOKE["batch_size"], dtype) for _, dtype in settings}.values())
+            shape = shape if name in SIZED else dict(TINY_GPT2)
+            shape["vocab"] = TINY_GPT2["vocab"]
+        if pooling == "none":
+            train = token_docs(args.docs, args.tokens, shape["vocab"], seed=0)
+        else:
+            train = random_docs(args.docs, args.tokens, args.tokens, shape["vocab"], seed=0)
         train_n = int(args.docs * 0.8)
         train, test = train.subset(range(train_n)), train.subset(range(train_n, args.docs))
     for batch_size, dtype in settings:
-        model = gpt2(device=device, dtype=dtype, **shape)
+        model = make_model(shape, device, dtype)
         lm = TransformersModel(
             model, tokenizer=word_tokenizer(shape["vocab"]), task="text-generation"
         )
@@ -376,8 +497,24 @@ def run_config(name: str, args) -> Iterator[dict]:
             cases = {
                 "1 probe": partial(probe_run, one, train, test, batch_size, device),
                 "100 probes": partial(probe_run, many, train, test, batch_size, device),
+                "100 probes, 1 thread": partial(
+                    update_threads, 1, many, train, test, batch_size, device
+                ),
+                "100 probes, 2 threads": partial(
+                    update_threads, 2, many, train, test, batch_size, device
+                ),
             }
             base = "1 probe"
+        elif name in SIZED:
+            runner = ProbeRunner(lm, block_probes(shape["n_layer"], pooling))
+            cases = {
+                "floor": partial(floor, model, (train, test), batch_size, device),
+                "floor, no cache": partial(
+                    floor, model, (train, test), batch_size, device, use_cache=False
+                ),
+                "lmprobe": partial(probe_run, runner, train, test, batch_size, device),
+            }
+            base = "floor"
         else:
             runner = ProbeRunner(lm, layer_probes(shape["n_layer"]))
             outside: list[float] = []
@@ -400,6 +537,10 @@ def run_config(name: str, args) -> Iterator[dict]:
                 # before the default length window (issue 16)
                 "lmprobe, window 1": partial(
                     probe_run, runner, train, test, batch_size, device, length_window=1
+                ),
+                # side by side: the probes trained one at a time
+                "lmprobe, 1 thread": partial(
+                    update_threads, 1, runner, train, test, batch_size, device
                 ),
                 # side by side: the last training before the test pass, not during it
                 "lmprobe, last training in place": partial(
@@ -430,6 +571,7 @@ def run_config(name: str, args) -> Iterator[dict]:
             except Exception as error:  # a diagnostic: never lose the timings for it
                 print(f"counting syncs failed: {error!r}", file=sys.stderr)
         n_batches = sum(-(-len(d) // batch_size) for d in (train, test))
+        params = sum(p.numel() for p in model.parameters())
         # the stricter floor, where there is one: every case's ratio to it as well
         strict = "floor, no cache" if "floor, no cache" in samples else None
         for case, value in medians.items():
@@ -443,6 +585,9 @@ def run_config(name: str, args) -> Iterator[dict]:
                     "case": case,
                     "batch_size": batch_size,
                     "dtype": str(dtype).replace("torch.", ""),
+                    "params": params,
+                    "documents": len(train) + len(test),
+                    "tokens": int(train.attention_mask.sum() + test.attention_mask.sum()),
                     "median_s": value,
                     "ratio": ratio,
                     "paired_ratio": paired,
@@ -472,18 +617,21 @@ def machine() -> str:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--config",
-        choices=["cpu", "gpu", "bank", "control"],
+        choices=["cpu", "gpu", "bank", "control", *SIZED],
         nargs="+",
         default=["cpu", "bank", "control"],
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--docs", type=int, default=None, help="training+test documents")
+    parser.add_argument("--tokens", type=int, default=None, help="gpu, llama: tokens per document")
     parser.add_argument(
-        "--tokens", type=int, default=512, help="gpu: tokens per document (smaller: smoke test)"
+        "--smoke",
+        action="store_true",
+        help="gpu, llama: a tiny model of the same architecture, a few short documents",
     )
     parser.add_argument(
         "--device", default=None, help="gpu: run its cases on this device (e.g. cpu, smoke test)"
@@ -501,11 +649,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, default=None, help="append a cProfile of one lmprobe run here"
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("overhead.json"))
+    args = parser.parse_args(argv)
     print(f"machine: {machine()}; torch {torch.__version__}")
     print(
-        f"{'config':7} {'case':21} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} "
+        f"{'config':14} {'case':31} {'batch':>5} {'dtype':9} {'median s':>9} {'ratio':>6} "
         f"{'paired':>6} {'/no-cache':>9} {'paired':>6} {'peak MiB':>9} {'peak x':>6} "
         f"{'syncs/batch':>11}",
         flush=True,
@@ -513,8 +661,15 @@ def main() -> None:
     rows = []
     for name in args.config:
         args_for = argparse.Namespace(**vars(args))
-        if args.docs is None:
+        if args.smoke and (name == "gpu" or name in SIZED):
+            args_for.docs = args.docs or SMOKE["docs"]
+            args_for.tokens = args.tokens or SMOKE["tokens"]
+        elif name in SIZED:
+            args_for.docs = args.docs or SIZED[name][2]
+            args_for.tokens = args.tokens or SIZED[name][3]
+        elif args.docs is None:
             args_for.docs = 2048 if name == "gpu" else 800
+        args_for.tokens = args_for.tokens or 512
         for row in run_config(name, args_for):
             rows.append(row)
             peak = f"{row['peak_mib']:9.0f} {row['peak_ratio']:6.2f}" if row["peak_mib"] else "-"
@@ -525,7 +680,7 @@ def main() -> None:
                 else f"{'-':>9} {'-':>6}"
             )
             print(
-                f"{row['config']:7} {row['case']:21} {row['batch_size']:5d} {row['dtype']:9} "
+                f"{row['config']:14} {row['case']:31} {row['batch_size']:5d} {row['dtype']:9} "
                 f"{row['median_s']:9.3f} {row['ratio']:6.2f} {row['paired_ratio']:6.2f} {strict} "
                 f"{peak:>16} {'-' if syncs is None else f'{syncs:.2f}':>11}",
                 flush=True,

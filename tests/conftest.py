@@ -29,7 +29,7 @@ def reference_sgd(alpha: float, random_state: int | None):
     """What a classifier probe's estimator of one ``alpha`` does, written from the docs:
     averaged logistic SGD whose every ``partial_fit`` on ``d`` standardised features, after
     ``seen`` rows, runs at the constant step ``1 / (d / 4 + alpha * (1 + seen))``; averaged
-    as ``lmprobe.probes.kinds.AveragedSGDClassifier`` does (running intercepts kept between calls;
+    as ``lmprobe.integrations.sklearn.AveragedSGDClassifier`` does (running intercepts kept between calls;
     test_probes checks that against plain SGD)."""
     from lmprobe.integrations.sklearn import AveragedSGDClassifier
 

@@ -81,7 +81,9 @@ COMMANDS = documented_commands()
 
 def test_the_commands_are_found():
     where = {w.split(":")[0] for w, _ in COMMANDS}
-    assert {"README.md", "conf/data/hf.yaml", "conf/hydra/launcher/slurm.yaml"} <= where
+    # README.md, pages of docs/ (by name) and comments of conf/
+    assert {"README.md", "running.md", "scaling.md", "conf/data/hf.yaml"} <= where
+    assert "conf/hydra/launcher/slurm.yaml" in where
     lines = [" ".join(args) for _, args in COMMANDS]
     assert "-m probes.pooling=mean,last" in lines  # README's sweep
     assert "probes.model_kwargs.alpha=[0.01,0.1]" in lines  # conf/probes/all_layers.yaml

@@ -15,7 +15,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import LinearProbe, ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.bank.bank import REFIT_ROWS, ProbeBank
+from lmprobe.bank.bank import ProbeBank
+from lmprobe.bank.refit import REFIT_ROWS
 from lmprobe.errors import LmProbeError
 from lmprobe.probes.kinds import DEFAULT_ALPHAS
 

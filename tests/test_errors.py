@@ -274,6 +274,10 @@ CONFIG = [
         ["probes.kind='sgd_regressor'", "control=false", "classifier"],
     ),
     ("callbacks.probe_updater.chunk_rows=0", ["callbacks.probe_updater.chunk_rows=0", ">= 1"]),
+    (
+        "callbacks.probe_updater.update_threads=0",
+        ["callbacks.probe_updater.update_threads=0", ">= 1"],
+    ),
 ]
 
 FILES = [  # (file name, content, ProbeDataModule options, fragments of the message)

@@ -305,6 +305,7 @@ def test_steering_needs_binary_labels(gpt2, docs):
 
 
 @pytest.mark.real
+@pytest.mark.slow
 def test_smollm2_erasure_at_a_late_layer_against_the_random_control():
     """Real SmolLM2-135M, real sentiment sentences (small: 200 training, 100 test): LEACE at
     layer 23 takes the site's probe down, a random direction of the same rank does not; the

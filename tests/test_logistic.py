@@ -129,10 +129,10 @@ def test_logistic_probe_matches_logistic_regression_cv_on_the_tiny_model(gpt2, b
     print({s: (table.loc[s, "accuracy"], expected[s], by_log_loss[s]) for s in sites})
     print(table[["alpha", "refit", "compression", "control_compression", "accuracy_low"]])
     assert table["refit"].all()
-    # C chosen on the 90 rows of the held-out slice, the reference's by 5-fold CV: 1 point
-    # (measured: +0.17, -0.33 and -0.67 points; 4 test rows of 600 at most)
+    # C chosen by 5-fold CV on every training row, as the reference chooses: within 0.5
+    # points (a single 90-row held-out slice chose C one step low at layer 11: -0.67)
     for s in sites:
-        assert table.loc[s, "accuracy"] >= expected[s] - 0.01
+        assert table.loc[s, "accuracy"] >= expected[s] - 0.005
     assert np.isfinite(table[["compression", "control_compression", "accuracy_low"]]).all(None)
 
 

@@ -109,6 +109,29 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+def test_a_loggers_config_alone_is_no_result(tmp_path):
+    """A run stopped before any result (a full store, say) leaves only the config its
+    loggers logged at the start: the next run may use the directory; a logged metric,
+    or a figure's events file, is a result."""
+    from lmprobe.results.rundir import claim_run_dir
+
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "hparams.yaml").write_text("seed: 0\n")
+    (tmp_path / "tensorboard" / "version_0").mkdir(parents=True)
+    (tmp_path / "tensorboard" / "version_0" / "hparams.yaml").write_text("seed: 0\n")
+    with claim_run_dir(tmp_path):
+        pass
+    (tmp_path / "csv" / "metrics.csv").write_text("step\n")
+    with pytest.raises(LmProbeError, match=r"holds an earlier run's results \(csv\); set "):
+        with claim_run_dir(tmp_path):
+            pass
+    (tmp_path / "csv" / "metrics.csv").unlink()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1").write_bytes(b"")
+    with pytest.raises(LmProbeError, match=r"results \(tensorboard\); set "):
+        with claim_run_dir(tmp_path):
+            pass
+
+
 def test_resume_in_the_runs_own_directory_is_allowed(tiny_cfg, tmp_path):
     from lmprobe.errors import RunInterrupted
 

@@ -593,11 +593,6 @@ def test_the_key_follows_the_weights_contents_with_the_modification_time_kept(
 
 
 # ------------------------------------------------- a full or unwritable store
-@pytest.mark.xfail(
-    reason="after the merges the rerun into the same run directory is refused: the loggers "
-    "now write csv/hparams.yaml before the store fills (found at the end of 2026-12-06)",
-    strict=False,
-)
 def test_a_full_store_stops_with_one_line_and_keeps_what_it_wrote(
     store_cfg, tmp_path, monkeypatch, feature_store_dir
 ):

@@ -12,7 +12,7 @@ import torch
 from sklearn import metrics as skm
 
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.bank.bank import REFIT_ROWS
+from lmprobe.bank.refit import REFIT_ROWS
 from lmprobe.data.datamodule import ProbeDataModule
 from lmprobe.training.engine import fit_and_test, make_trainer, probe_callbacks
 
@@ -254,6 +254,7 @@ def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, doc
     import threading
 
     import lmprobe.bank.bank
+    import lmprobe.bank.scoring
     import lmprobe.scoring.uncertainty
 
     _, enc, labels = docs
@@ -270,10 +271,12 @@ def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, doc
 
         monkeypatch.setattr(module, "resample_counts", spy)
 
-    spying(lmprobe.bank.bank)
+    spying(lmprobe.bank.scoring)
     spying(lmprobe.scoring.uncertainty)
     _, ahead = fit_and_score(gpt2, train_set, test_set)
-    assert calls == [("lmprobe.bank.bank", "lmprobe-bank")]  # once, for both probes, on the worker
+    assert calls == [
+        ("lmprobe.bank.scoring", "lmprobe-bank")
+    ]  # once, for both probes, on the worker
     calls.clear()
     monkeypatch.setattr(lmprobe.bank.bank.ProbeBank, "draw_resamples", lambda *args: None)
     _, at_the_end = fit_and_score(gpt2, train_set, test_set)
@@ -286,7 +289,7 @@ def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, doc
 def test_a_failed_draw_ahead_falls_back_to_drawing_at_the_end(gpt2, docs, monkeypatch, caplog):
     """If drawing the resamples on the worker fails (out of memory, say), the test table
     still gets its intervals, drawn at the end: the same ones."""
-    import lmprobe.bank.bank
+    import lmprobe.bank.scoring
 
     _, enc, labels = docs
     ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
@@ -296,7 +299,7 @@ def test_a_failed_draw_ahead_falls_back_to_drawing_at_the_end(gpt2, docs, monkey
     def failing(*args):
         raise MemoryError("no room for the draws")
 
-    monkeypatch.setattr(lmprobe.bank.bank, "resample_counts", failing)
+    monkeypatch.setattr(lmprobe.bank.scoring, "resample_counts", failing)
     _, drawn_at_the_end = fit_and_score(gpt2, train_set, test_set)
     assert "drawing the bootstrap's resamples ahead failed" in caplog.text
     bounds = [c for c in drawn_ahead.columns if c.endswith(("_low", "_high"))]

@@ -140,6 +140,7 @@ class TrainerSchema:
 class ProbeUpdaterSchema:
     _target_: str = "lmprobe.training.callbacks.ProbeUpdater"
     chunk_rows: int | None = DEFAULT_CHUNK_ROWS
+    update_threads: int | None = None  # probes trained at once; null: cores - 1
 
 
 @dataclass
@@ -362,6 +363,13 @@ def check_config(cfg: DictConfig) -> None:
                 f"config key callbacks.{name}.chunk_rows={value!r}: use a whole number >= 1 "
                 f"(rows per scikit-learn call) or null"
             )
+        if OmegaConf.is_dict(node) and "update_threads" in node:
+            from lmprobe.bank.bank import check_update_threads
+
+            try:
+                check_update_threads(node.get("update_threads"))
+            except LmProbeError as error:
+                raise LmProbeError(f"config key callbacks.{name}.{error}") from None
     store = cfg.get("feature_store")
     if store is not None and store is not False:
         if not OmegaConf.is_dict(store):

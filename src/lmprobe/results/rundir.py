@@ -5,7 +5,8 @@ results of an earlier run, and a rescue directory when its outputs cannot be wri
 runs started together cannot both pass the check. An earlier run's results are an error
 unless the run resumes from a checkpoint in the same directory (``ckpt_path``) or says
 ``overwrite=true``, which removes only what lmprobe writes (``LMPROBE_OUTPUTS``): a run
-directory may be a folder the user keeps other files in.
+directory may be a folder the user keeps other files in. A logger's folder holding only the
+config a run logged when it started (a run stopped before any result) is no result.
 """
 
 from __future__ import annotations
@@ -37,11 +38,28 @@ LMPROBE_OUTPUTS = (
     "tensorboard",
     "csv",
 )
+#: The loggers' folders, and the file in which a logger keeps the composed config: logged
+#: when the run starts (``app.log_config``), before it has any result.
+LOGGER_DIRS = ("tensorboard", "csv")
+LOGGED_CONFIG = "hparams.yaml"
 
 
-def earlier_outputs(directory: Path) -> list[str]:
-    """The names of ``LMPROBE_OUTPUTS`` present in ``directory``."""
-    return [name for name in LMPROBE_OUTPUTS if os.path.lexists(directory / name)]
+def _config_only(folder: Path) -> bool:
+    """Whether a logger's ``folder`` holds no file but the logged config."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    return all(p.is_dir() or p.name == LOGGED_CONFIG for p in folder.rglob("*"))
+
+
+def earlier_outputs(directory: Path, results: bool = False) -> list[str]:
+    """The names of ``LMPROBE_OUTPUTS`` present in ``directory``; with ``results``, only
+    those holding results (a logger's folder with only the logged config holds none)."""
+    return [
+        name
+        for name in LMPROBE_OUTPUTS
+        if os.path.lexists(directory / name)
+        and not (results and name in LOGGER_DIRS and _config_only(directory / name))
+    ]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -126,7 +144,7 @@ def claim_run_dir(
         ) from None
     lock = acquire_lock(directory)
     try:
-        found = earlier_outputs(directory)
+        found = earlier_outputs(directory, results=True)
         if found and overwrite:
             log.warning(
                 "overwrite=true: removing an earlier run's %s from %s", ", ".join(found), directory

@@ -15,6 +15,7 @@ import pandas as pd
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lmprobe.bank.bank import check_update_threads
 from lmprobe.data.dataset import LengthGroupedBatches, ProbeDataset, loader_batch_size
 from lmprobe.probes.config import DEFAULT_CHUNK_ROWS
 from lmprobe.scoring.metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
@@ -51,16 +52,27 @@ class ProbeUpdater(Callback):
     meanwhile are applied once it ends (``ProbeBank.update``), so what is learned is the
     same. Only where some live probe cannot stop in that training (``ProbeBank.goes_on``),
     so the run ends at the same batch; the probes it stops ignore the rows traced for them
-    meanwhile. False: every window trains before the next batch is traced."""
+    meanwhile. False: every window trains before the next batch is traced.
+
+    ``update_threads``: independent probes train at once on that many threads (None: one
+    per core of the host but one, at most one per probe), with the results of one at a time
+    (``ProbeBank._each``); 1 trains them one by one."""
 
     train_while_tracing = True  # (a class default: runs build their updater themselves)
+    update_threads: int | None = None  # (likewise)
 
     def __init__(
-        self, chunk_rows: int | None = DEFAULT_CHUNK_ROWS, train_while_tracing: bool | None = None
+        self,
+        chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
+        train_while_tracing: bool | None = None,
+        update_threads: int | None = None,
     ) -> None:
         self.chunk_rows = chunk_rows
         if train_while_tracing is not None:
             self.train_while_tracing = train_while_tracing
+        if update_threads is not None:
+            check_update_threads(update_threads)
+            self.update_threads = update_threads
         self._groups: LengthGroupedBatches | None = None
         self.train_through_test = False
 
@@ -74,6 +86,7 @@ class ProbeUpdater(Callback):
         sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         self._groups = sampler if isinstance(sampler, LengthGroupedBatches) else None
         bank = pl_module.bank
+        bank.update_threads = self.update_threads
         groups = self._groups
         if groups is None:
             bank.set_row_order(None)
@@ -203,20 +216,25 @@ class ProbeEarlyStopping(Callback):
         # by length together, they pad less than each on its own (lmprobe.tracing.ahead).
         sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         window, window_end = None, -1
-        if isinstance(sampler, LengthGroupedBatches) and trainer.current_epoch == 0:
+        if isinstance(sampler, LengthGroupedBatches):  # (the same batches every epoch)
             window, window_end = sampler.first_window()
         if not bank.prepared:
+            if trainer.current_epoch > 0:
+                window, window_end = None, -1
             pl_module.prepare_heldout(dataset, batch_size, self.seed, window, window_end)
-        elif (  # resumed within the first window of a run that traced it ahead
-            0 < bank.epoch_batches <= window_end
+        elif (  # resumed in a run that traced the first window ahead (in its first epoch)
+            (bank.epoch_batches > 0 or trainer.current_epoch > 0)
             and len(bank.heldout_index)
             and bank.live
             and pl_module.can_trace_ahead(window)
         ):
+            # the same batches as the uninterrupted run traced, so the very same rows: for
+            # the rest of the window, for later epochs and for the refit
             union, live = bank.heldout_index, sorted(bank.live)
             pl_module.trace_ahead(dataset, batch_size, union, window, window_end, live)
-            # the batches trained on before the interruption: later epochs replay their rows
-            for position in range(bank.epoch_batches):
+            # the window's batches trained on before the interruption: later epochs (and
+            # the refit) replay their rows
+            for position in range(min(bank.epoch_batches, window_end + 1)):
                 pl_module.keep_ahead(position, sampler.batch(position))
 
     def on_train_batch_end(

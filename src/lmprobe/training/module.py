@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from lmprobe.bank.bank import ProbeBank
-from lmprobe.data.dataset import ProbeDataset, batches, loader_batch_size, trim_padding
+from lmprobe.data.dataset import (
+    LengthGroupedBatches,
+    ProbeDataset,
+    batches,
+    loader_batch_size,
+    trim_padding,
+)
 from lmprobe.errors import LmProbeError
 from lmprobe.probes.config import DEFAULT_CHUNK_ROWS, ProbeConfig
 from lmprobe.tracing.ahead import TracedAhead, offload
@@ -435,13 +441,36 @@ class ProbeModule(L.LightningModule):
         missing = np.setdiff1d(missing, self.bank.heldout_index)
         if self.bank.resumed and len(missing) and len(missing) < len(dataset):
             names = [n for n in self.configs if self.bank.key(n) in rows]
-            batch_size = loader_batch_size(self.trainer.train_dataloader)
-            extra = self.extract_dataset(dataset.subset(missing), names, batch_size, missing)
+            extra = self._trace_missing(dataset, names, missing)
             for key, more in extra.items():
-                more = Features(more.X, more.y, missing[more.doc])
                 rows[key] = Features.concat([rows[key], more])
         given = [(n, rows[self.bank.key(n)]) for n in self.configs if self.bank.key(n) in rows]
         return self.bank.refit_all(given, len(dataset), background)
+
+    def _trace_missing(
+        self, dataset: ProbeDataset, names: Sequence[str], missing: np.ndarray
+    ) -> dict[FeatureKey, Features]:
+        """Features of the training documents ``missing`` (a resumed run's, of the batches
+        before the interruption): traced in the training batches that held them, as the
+        uninterrupted run traced them (other batches pad them otherwise, which moves the
+        activations' last bits); by length with other loaders."""
+        loader = self.trainer.train_dataloader
+        sampler = getattr(loader, "batch_sampler", None)
+        if not isinstance(sampler, LengthGroupedBatches):
+            batch_size = loader_batch_size(loader)
+            extra = self.extract_dataset(dataset.subset(missing), names, batch_size, missing)
+            return {key: Features(f.X, f.y, missing[f.doc]) for key, f in extra.items()}
+        parts: dict[FeatureKey, list[PendingFeatures]] = {}
+        for position in range(len(sampler)):
+            index = sampler.batch(position)
+            index = index[np.isin(index, missing)]
+            if not len(index):
+                continue
+            batch = trim_padding(loader.collate_fn([dataset[int(i)] for i in index]))
+            label = f"training batch {position}"
+            for key, rows in self.extract_shared(batch, names, label).items():
+                parts.setdefault(key, []).append(rows)
+        return {key: gather(p) for key, p in parts.items()}
 
     def _eval_step(self, stage: str, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
         cached = self._eval_cache.get((stage, batch_idx))

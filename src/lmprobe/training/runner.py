@@ -41,11 +41,13 @@ DATASETS = (ProbeDataset, PackedDataset)
 
 
 class ProbeRunner:
-    """Train a bank of linear probes on a frozen LM, the lm_probe way::
+    """Train a bank of linear probes on a frozen LM, the lm_probe way:
 
+    ```python
     runner = ProbeRunner(model, [ProbeConfig("transformer.h.5.mlp.output", [0, 1])])
     runner.fit_probes(train_set, test_set, batch_size=8)
     print(runner.metrics)
+    ```
     """
 
     def __init__(
