@@ -17,10 +17,10 @@ from conftest import make_texts
 
 from lmprobe import ProbeDataModule, ProbeDataset
 from lmprobe.data import readers as readers_module
-from lmprobe.data.datamodule import effective_max_length, ensure_pad_token
 from lmprobe.data.dataset import batches, split_indices
 from lmprobe.data.packed import PackedDataset
 from lmprobe.data.readers import prepare_frame, read_chunks, read_table
+from lmprobe.data.streaming import effective_max_length, ensure_pad_token
 from lmprobe.errors import LmProbeError
 
 

@@ -30,6 +30,7 @@ from lmprobe.bank.control import ControlTasks
 from lmprobe.bank.refit import Refitting
 from lmprobe.bank.rows import RowBuffer, checked_rows
 from lmprobe.bank.scoring import Scoring
+from lmprobe.bank.state import ProbeState
 from lmprobe.bank.stopping import EarlyStopping
 from lmprobe.bank.worker import BackgroundJob, Worker
 from lmprobe.errors import LmProbeError, plain
@@ -65,7 +66,7 @@ def default_update_threads() -> int:
     return max(1, cores - 1)
 
 
-class ProbeBank(ControlTasks, EarlyStopping, Worker, Refitting, Scoring, Checkpoints):
+class ProbeBank(ProbeState, ControlTasks, EarlyStopping, Worker, Refitting, Scoring, Checkpoints):
     """The probes of one run, keyed by probe name (see the module docstring)."""
 
     def __init__(self, configs: Sequence[ProbeConfig], seed: int = 0) -> None:
@@ -319,6 +320,30 @@ class ProbeBank(ControlTasks, EarlyStopping, Worker, Refitting, Scoring, Checkpo
         self._live_before = sorted(self.live)
         self._pending = BackgroundJob(train)
         return [name for name, rows, _ in taken if rows is not None]
+
+    # ------------------------------------------------------------ the epochs
+    def start_epoch(self, epoch: int) -> None:
+        """A training epoch begins (the first one is the online pass: its classes are
+        counted for the majority baseline)."""
+        self.online_pass = epoch == 0
+        self.epoch_batches = 0
+
+    def restart_epoch(self) -> None:
+        """The epoch's batches are counted from the first again."""
+        self.epoch_batches = 0
+
+    def next_batch(self) -> int:
+        """Count one more training batch of the epoch; returns its place in the epoch."""
+        self.epoch_batches += 1
+        return self.epoch_batches - 1
+
+    def set_update_threads(self, threads: int | None) -> None:
+        """Probes trained at once (None: ``default_update_threads``)."""
+        self.update_threads = threads
+
+    def set_fingerprint(self, dataset: Any) -> None:
+        """What a checkpoint of this run is checked against (``fingerprint_of``)."""
+        self.fingerprint = self.fingerprint_of(dataset)
 
     def settle_buffered(self) -> None:
         """Move the buffered training rows to the host now (between a length window's

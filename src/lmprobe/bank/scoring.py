@@ -141,3 +141,15 @@ class Scoring:
         if not len(scored["target"]) or not counts.any():
             return float("nan")
         return float((scored["target"] == int(np.argmax(counts))).mean())
+
+    def keep_table(self, stage: str, table: pd.DataFrame) -> None:
+        """The table of a finished scoring pass, kept as the pass's result."""
+        self.tables[stage] = table
+
+    def scores_of(self, stage: str, names: set[str]) -> dict[tuple[str, str], Any]:
+        """The metric accumulators of ``stage`` of the probes ``names``."""
+        return {k: v for k, v in self._scores.items() if k[0] == stage and k[1] in names}
+
+    def add_scores(self, scores: dict[tuple[str, str], Any]) -> None:
+        """Accumulators another process scored (its probes'), for this one's table."""
+        self._scores.update(scores)

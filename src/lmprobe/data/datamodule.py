@@ -21,59 +21,35 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from lmprobe.data.conll import resolve_column
 from lmprobe.data.dataset import ProbeDataset, auto_window, batches, split_indices
 from lmprobe.data.packed import PackedDataset
 from lmprobe.data.readers import (
     READERS,
-    SENTENCE,
     UNKNOWN_LABEL_POLICIES,
     WORD_FORMATS,
-    continuous_labels,
     format_of,
     label_names,
     label_vocabulary,
-    number_labels,
     prepare_frame,
     read_chunks,
     read_table,
     resolve_data_path,
     select_rows,
 )
-from lmprobe.data.streaming import TEXT_HASH, TextSpill, pack, scan, shared_texts
-from lmprobe.data.words import encode_words
+from lmprobe.data.streaming import (
+    TEXT_HASH,
+    TextSpill,
+    effective_max_length,
+    ensure_pad_token,
+    pack,
+    scan,
+    warn_shared_texts,
+)
+from lmprobe.data.wordsplits import WordSplits
 from lmprobe.errors import LmProbeError, did_you_mean, plain
 from lmprobe.probes.config import DEFAULT_CHUNK_ROWS
 
 log = logging.getLogger(__name__)
-
-
-def ensure_pad_token(tokenizer: Any) -> None:
-    """Pad with the EOS token when the tokenizer has no pad token (padding is masked)."""
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise LmProbeError(
-                "the tokenizer has no pad token and no EOS token; set tokenizer.pad_token"
-            )
-        log.warning(
-            "the tokenizer has no pad token; using its EOS token %r for padding (padding is "
-            "masked out, so this does not change any activation)",
-            tokenizer.eos_token,
-        )
-        tokenizer.pad_token = tokenizer.eos_token
-
-
-def effective_max_length(max_length: int | None, model_max: int | None) -> int | None:
-    """``max_length``, at most the model's context (``None``: the model's context)."""
-    if max_length is not None and model_max is not None and max_length > model_max:
-        log.warning(
-            "max_length=%d is beyond the model's context of %d tokens; truncating to %d",
-            max_length,
-            model_max,
-            model_max,
-        )
-        max_length = model_max
-    return model_max if max_length is None else max_length
 
 
 def check_data_options(prefix: str = "", presplit: bool = False, **options: Any) -> None:
@@ -162,25 +138,7 @@ class _SplitRecords(list):
         self.records.append({"split": self.split, **record})
 
 
-def warn_shared_texts(
-    train: np.ndarray, test: np.ndarray, train_path: Any, test_path: Any, what: str = "documents"
-) -> None:
-    """A warning counting the test rows whose text (hash) is also a training text: a probe
-    scored on texts it trained on measures memory as well as the property."""
-    shared = shared_texts(train, test)
-    if shared:
-        log.warning(
-            "%d of the %d test %s (%s) repeat a text of the training split (%s): their "
-            "scores are not held out; remove the repeats from one of the files",
-            shared,
-            len(test),
-            what,
-            test_path,
-            train_path,
-        )
-
-
-class ProbeDataModule(L.LightningDataModule):
+class ProbeDataModule(WordSplits, L.LightningDataModule):
     """Hands ``ProbeDataset`` splits to Lightning, batched and padded to each batch's longest.
 
     Either pass ready datasets (``train_set``, ``test_set``, optional ``val_set``), or a file
@@ -482,93 +440,6 @@ class ProbeDataModule(L.LightningDataModule):
             )
 
     # ----------------------------------------------------------------- words
-    def _load_words(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
-        """CoNLL files: one label per word; splits cut by sentence (all windows of a
-        sentence in one split) unless given as files."""
-        if self.balance:
-            raise LmProbeError(
-                "data.balance samples one row per label, but word-level data has many labels "
-                "per sentence; set data.balance=false"
-            )
-        ensure_pad_token(self.tokenizer)
-        max_length = effective_max_length(self.max_length, self.model_max_length)
-        vocabulary, types, encoded, hashes = None, {}, {}, {}
-        for split, file in self._split_files():
-            path, raw = self._read(file)
-            source = f"data file {path!r}" if split == "train" else f"{split} file {path!r}"
-            text = resolve_column(raw, self.text_column, source)
-            label = resolve_column(raw, self.label_column, source)
-            exclude = {resolve_column(raw, c, source): v for c, v in self.exclude.items()}
-            include = {resolve_column(raw, c, source): v for c, v in self.include.items()}
-            raw = raw.assign(_row=np.arange(len(raw)))
-            dropped = self._dropped(split)
-            selected = select_rows(
-                raw, text, label, self.label_map, exclude, include, source, dropped
-            )
-            if self.continuous:
-                values = selected.assign(_label=continuous_labels(selected, label, source))
-            else:
-                if split == "train":
-                    if len(selected) == 0:
-                        raise LmProbeError(
-                            f"{source} has no labelled words left after filtering; loosen "
-                            f"data.exclude / data.include"
-                        )
-                    vocabulary = label_vocabulary(selected["_label"])
-                values = number_labels(
-                    selected, vocabulary, self.unknown_labels, source, label, dropped
-                )
-            word_labels = np.full(len(raw), None, dtype=object)
-            word_labels[values["_row"].to_numpy()] = values["_label"].tolist()
-            sentences = [
-                (group[text].astype(str).tolist(), word_labels[group["_row"].to_numpy()].tolist())
-                for _, group in raw.groupby(SENTENCE, sort=True)
-            ]
-            if split == "train" and self.sample_size is not None:
-                if len(sentences) > self.sample_size:
-                    keep = np.random.default_rng(self.seed).permutation(len(sentences))
-                    sentences = [sentences[i] for i in sorted(keep[: int(self.sample_size)])]
-            hashes[split] = np.fromiter(
-                (hash(tuple(words)) for words, _ in sentences), np.int64, len(sentences)
-            )
-            encoded[split] = encode_words(
-                self.tokenizer,
-                [words for words, _ in sentences],
-                [labels for _, labels in sentences],
-                max_length,
-                types,
-            )
-            log.info(
-                "%s: %d sentences, %d labelled words, %d sequences",
-                source,
-                len(sentences),
-                int(sum(lab is not None for _, labs in sentences for lab in labs)),
-                len(encoded[split].input_ids),
-            )
-        names = None if vocabulary is None else label_names(vocabulary, self.label_map)
-        self._check_classes(names, self.path)
-        self.label_names = names
-        datasets = {
-            split: ProbeDataset(
-                e.input_ids, e.attention_mask, e.labels, names, e.word_ids, e.word_types
-            )
-            for split, e in encoded.items()
-        }
-        train = encoded["train"]
-        n_sentences = int(train.sentence.max()) + 1
-        parts = self._fractions(n_sentences, None)
-        test = hashes["test"] if "test" in hashes else hashes["train"][parts["test"]]
-        warn_shared_texts(
-            hashes["train"][parts["train"]],
-            test,
-            self.path,
-            self.test_path or self.path,
-            "sentences",
-        )
-        full = datasets["train"]
-        for split, sentences in parts.items():
-            datasets[split] = full.subset(np.flatnonzero(np.isin(train.sentence, sentences)))
-        return datasets["train"], datasets.get("val"), datasets["test"]
 
     def _loader(self, dataset: ProbeDataset | None, by_length: bool = False) -> DataLoader | list:
         if dataset is None:

@@ -13,6 +13,7 @@ chunk at a time into a token file (``lmprobe.data.packed``).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,9 @@ import pandas as pd
 from lmprobe.data import readers
 from lmprobe.data.packed import PackedDataset, TokenStore
 from lmprobe.data.readers import check_columns, check_plain_values
+from lmprobe.errors import LmProbeError
+
+log = logging.getLogger(__name__)
 
 #: The thin frame's text column when the text is not needed for anything else: this value
 #: where the row has a text, missing where it has none.
@@ -173,3 +177,49 @@ def pack(
         pad_id=tokenizer.pad_token_id,
         padding_side=tokenizer.padding_side,
     )
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Pad with the EOS token when the tokenizer has no pad token (padding is masked)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LmProbeError(
+                "the tokenizer has no pad token and no EOS token; set tokenizer.pad_token"
+            )
+        log.warning(
+            "the tokenizer has no pad token; using its EOS token %r for padding (padding is "
+            "masked out, so this does not change any activation)",
+            tokenizer.eos_token,
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def effective_max_length(max_length: int | None, model_max: int | None) -> int | None:
+    """``max_length``, at most the model's context (``None``: the model's context)."""
+    if max_length is not None and model_max is not None and max_length > model_max:
+        log.warning(
+            "max_length=%d is beyond the model's context of %d tokens; truncating to %d",
+            max_length,
+            model_max,
+            model_max,
+        )
+        max_length = model_max
+    return model_max if max_length is None else max_length
+
+
+def warn_shared_texts(
+    train: np.ndarray, test: np.ndarray, train_path: Any, test_path: Any, what: str = "documents"
+) -> None:
+    """A warning counting the test rows whose text (hash) is also a training text: a probe
+    scored on texts it trained on measures memory as well as the property."""
+    shared = shared_texts(train, test)
+    if shared:
+        log.warning(
+            "%d of the %d test %s (%s) repeat a text of the training split (%s): their "
+            "scores are not held out; remove the repeats from one of the files",
+            shared,
+            len(test),
+            what,
+            test_path,
+            train_path,
+        )

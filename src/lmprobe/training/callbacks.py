@@ -79,14 +79,13 @@ class ProbeUpdater(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         # (not called for the epoch a run resumes in the middle of: see on_train_start)
         # MDL's online code is the first pass over the training data
-        pl_module.bank.online_pass = trainer.current_epoch == 0
-        pl_module.bank.epoch_batches = 0
+        pl_module.bank.start_epoch(trainer.current_epoch)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: ProbeModule) -> None:
         sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         self._groups = sampler if isinstance(sampler, LengthGroupedBatches) else None
         bank = pl_module.bank
-        bank.update_threads = self.update_threads
+        bank.set_update_threads(self.update_threads)
         groups = self._groups
         if groups is None:
             bank.set_row_order(None)
@@ -100,14 +99,13 @@ class ProbeUpdater(Callback):
         else:
             if self._groups is None and bank.epoch_batches:
                 log.warning("resumed mid-epoch without lmprobe's batch sampler: not exact")
-            bank.epoch_batches = 0
+            bank.restart_epoch()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: ProbeModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         features = _features(outputs)
-        position = pl_module.bank.epoch_batches  # this batch's place in the epoch
-        pl_module.bank.epoch_batches += 1
+        position = pl_module.bank.next_batch()  # this batch's place in the epoch
         if features:  # grouped: buffer until the length window ends
             pl_module.bank.update(features, math.inf if self._groups else self.chunk_rows)
         groups = self._groups
@@ -316,7 +314,7 @@ class ProbeMetrics(Callback):
         table = pl_module.bank.finish_scoring(stage, n_resamples=resamples)
         if trainer.sanity_checking:
             return
-        pl_module.bank.tables[stage] = table
+        pl_module.bank.keep_table(stage, table)
         if not trainer.loggers:
             return
         scalars = {

@@ -260,21 +260,6 @@ class Shards:
 
 
 # ------------------------------------------------------------------ the bank's state
-# What a probe's owner knows that the other ranks need for the tables and the outputs.
-_PER_PROBE = (
-    "probes",
-    "stopped_early",
-    "steps",
-    "best_loss",
-    "best_step",
-    "history",
-    "code_bits",
-    "uniform_bits",
-    "class_counts",
-    "refitted",
-)
-
-
 def owned_names(bank: Any, shards: Shards) -> list[str]:
     return [name for name in bank.configs if shards.owns(bank.key(name))]
 
@@ -282,19 +267,16 @@ def owned_names(bank: Any, shards: Shards) -> list[str]:
 def sync_live(bank: Any, shards: Shards) -> None:
     """Every rank's view of which probes still train: each probe's owner decides."""
     mine = sorted(bank.live & set(owned_names(bank, shards)))
-    bank.live = {name for names in all_gather(mine, shards.group) for name in names}
+    bank.set_live({name for names in all_gather(mine, shards.group) for name in names})
 
 
 def sync_bank(bank: Any, shards: Shards) -> None:
     """Every probe's training state, from its owner, on every rank (after training: the
     tables and the saved probes need them all)."""
     names = owned_names(bank, shards)
-    state = {field: {n: getattr(bank, field)[n] for n in names} for field in _PER_PROBE}
-    for rank, theirs in enumerate(all_gather(state, shards.group)):
-        if rank == shards.rank:  # keep this rank's own objects
-            continue
-        for field, values in theirs.items():
-            getattr(bank, field).update(values)
+    for rank, theirs in enumerate(all_gather(bank.probe_state(names), shards.group)):
+        if rank != shards.rank:  # keep this rank's own objects
+            bank.merge_probe_state(theirs)
     sync_live(bank, shards)
 
 
@@ -303,9 +285,9 @@ def sync_scores(bank: Any, stage: str, shards: Shards) -> None:
     computes the table, the bootstrap and ``p_vs_best`` over all probes and writes them
     (the other ranks' tables hold their own probes' scores only, and are not used)."""
     names = set(owned_names(bank, shards))
-    mine = {k: v for k, v in bank._scores.items() if k[0] == stage and k[1] in names}
+    mine = bank.scores_of(stage, names)
     everyone: list[Any] | None = [None] * shards.world if shards.rank == 0 else None
     dist.gather_object(mine, everyone, dst=0, group=shards.group)
     for rank, theirs in enumerate(everyone or []):
         if rank != shards.rank:
-            bank._scores.update(theirs)
+            bank.add_scores(theirs)

@@ -130,7 +130,7 @@ def fit_and_test(
         module.bank.check_dataset(datamodule.test_set, "test")
     train_set = getattr(datamodule, "train_set", None)
     if train_set is not None:
-        module.bank.fingerprint = module.bank.fingerprint_of(train_set)
+        module.bank.set_fingerprint(train_set)
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, module)
     module.prepare_features(datamodule)  # the feature store, when the run has one
