@@ -48,18 +48,22 @@ test-matrix: setup
 run: setup
 	$(PY) train.py $(ARGS)
 
+# lint-imports: the layers and no-cycle contracts of pyproject.toml [tool.importlinter];
+# tools/check_sizes.py: no module over 700 lines, no class over 400.
 # The documentation site is built into a temporary directory (site/ is for mkdocs serve/build
 # by hand); NO_MKDOCS_2_WARNING=1 silences the notice Material prints on every build. Not
 # --quiet: it hides the warnings that --strict counts, so a broken link would pass.
 lint: setup
-	$(PY) -m ruff check src tests bench train.py
-	$(PY) -m ruff format --check src tests bench train.py
+	$(PY) -m ruff check src tests bench tools train.py
+	$(PY) -m ruff format --check src tests bench tools train.py
+	$(VENV)/bin/lint-imports
+	$(PY) tools/check_sizes.py
 	@site=$$(mktemp -d) && echo "mkdocs build --strict (site in $$site, removed after)" && \
 	  NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir "$$site"; status=$$?; rm -rf "$$site"; exit $$status
 
 format: setup
-	$(PY) -m ruff format src tests bench train.py
-	$(PY) -m ruff check --fix src tests bench train.py
+	$(PY) -m ruff format src tests bench tools train.py
+	$(PY) -m ruff check --fix src tests bench tools train.py
 
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) bench/bench_overhead.py --config cpu bank control

@@ -7,7 +7,7 @@ Examples: ``python train.py`` (SmolLM2 on tweets, offline), ``python train.py pr
 import hydra
 from omegaconf import DictConfig
 
-from lmprobe.app import run_job
+from lmprobe.app.job import run_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

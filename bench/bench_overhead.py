@@ -44,7 +44,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner  # noqa: E402
-from lmprobe.dataset import longest_first, pad_to_longest  # noqa: E402
+from lmprobe.data.dataset import longest_first, pad_to_longest  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -197,7 +197,7 @@ def probe_run(runner: ProbeRunner, train, test, batch_size: int, device, **fit) 
 def probe_run_wrapped(runner: ProbeRunner, train, test, batch_size: int, device, wrap) -> float:
     """``probe_run`` with lmprobe's ``trace_features`` replaced, for this run only, by
     ``wrap(trace_features)`` (the breakdown records and times the traces this way)."""
-    import lmprobe.module as module
+    import lmprobe.training.module as module
 
     trace = module.trace_features
     module.trace_features = wrap(trace)
@@ -234,8 +234,8 @@ def probe_run_split(
 
 def every_handoff(runner: ProbeRunner, train, test, batch_size: int, device) -> float:
     """``probe_run`` with nnsight's handoffs left on at every module (what lmprobe did
-    before ``lmprobe.handoffs``): the same run, for a side-by-side ratio."""
-    import lmprobe.handoffs as handoffs
+    before ``lmprobe.tracing.handoffs``): the same run, for a side-by-side ratio."""
+    import lmprobe.tracing.handoffs as handoffs
 
     state, handoffs._STATE = handoffs._STATE, None
     try:
@@ -248,7 +248,7 @@ def last_training_in_place(runner: ProbeRunner, train, test, batch_size: int, de
     """``probe_run`` with the run's last training (and refit) done in place, before the
     test pass, instead of on a worker thread while the test set is traced (what lmprobe did
     before): the same run, for a side-by-side ratio."""
-    from lmprobe.callbacks import ProbeUpdater
+    from lmprobe.training.callbacks import ProbeUpdater
 
     in_background = ProbeUpdater._in_background
     ProbeUpdater._in_background = lambda *args: False
@@ -263,7 +263,7 @@ def update_threads(
 ) -> float:
     """``probe_run`` with the probes trained on ``threads`` threads (1: one at a time, what
     lmprobe did before its probes trained on several threads): the same run, side by side."""
-    from lmprobe.callbacks import ProbeUpdater
+    from lmprobe.training.callbacks import ProbeUpdater
 
     before, ProbeUpdater.update_threads = ProbeUpdater.update_threads, threads
     try:
@@ -304,7 +304,7 @@ def bare_batches(model, batches: list[dict], device) -> float:
 
 def model_inputs(batch: dict, device) -> dict[str, torch.Tensor]:
     """The inputs ``trace_features`` gives the benchmark's GPT-2 for ``batch``, on ``device``."""
-    from lmprobe import features
+    from lmprobe.tracing import features
 
     return features.model_inputs(batch, device, ("position_ids", "use_cache"))
 
@@ -315,10 +315,11 @@ def traced_batches(lm, batches: list[dict], n_layer: int, device, pooled: bool) 
     deepest block only: nnsight's share); ``pooled=True`` is ``trace_features`` itself,
     pooling and moving the features to the host (pooling's share), with no probes,
     callbacks or Lightning."""
-    from lmprobe.features import FeatureKey, location, read, trace_features
-    from lmprobe.handoffs import handoffs_only_at
-    from lmprobe.models import envoy_at, torch_module
-    from lmprobe.observers import SiteObserver
+    from lmprobe.tracing.handoffs import handoffs_only_at
+    from lmprobe.tracing.observers import SiteObserver
+
+    from lmprobe.tracing.features import FeatureKey, location, read, trace_features
+    from lmprobe.tracing.models import envoy_at, torch_module
 
     keys = [FeatureKey(f"transformer.h.{i}.output", "mean", None) for i in range(n_layer)]
     order = {key.submodule: i for i, key in enumerate(keys)}

@@ -23,8 +23,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from lmprobe.bank import DEFAULT_CHUNK_ROWS  # noqa: E402
-from lmprobe.dataset import LengthGroupedBatches, auto_window  # noqa: E402
+from lmprobe.bank.bank import DEFAULT_CHUNK_ROWS  # noqa: E402
+from lmprobe.data.dataset import LengthGroupedBatches, auto_window  # noqa: E402
 
 
 def sentences(folder: Path) -> list[str]:
@@ -54,7 +54,7 @@ def main() -> None:
         sys.exit(f"--data={str(args.data)!r} is not a folder; give the sentiment-sentences folder")
     from transformers import AutoTokenizer
 
-    from lmprobe.models import packaged_model_dir
+    from lmprobe.tracing.models import packaged_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir("packaged:smollm2"))
     texts = sentences(args.data)

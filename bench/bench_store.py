@@ -1,4 +1,4 @@
-"""What the feature store saves: whole runs of the Hydra app (``lmprobe.app.train``) on the
+"""What the feature store saves: whole runs of the Hydra app (``lmprobe.app.job.train``) on the
 ``cpu`` benchmark model (tiny random GPT-2, 12 layers, width 256, 12 probes) and ~1,000 short
 texts, in one process, with the model and its frame dropped before each job, so every
 timed case loads what a fresh process would (the model on a miss, its frame on a hit).
@@ -36,7 +36,7 @@ from bench_overhead import gpt2  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-import lmprobe.app as app  # noqa: E402
+import lmprobe.app.job as app  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

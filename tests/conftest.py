@@ -29,9 +29,9 @@ def reference_sgd(alpha: float, random_state: int | None):
     """What a classifier probe's estimator of one ``alpha`` does, written from the docs:
     averaged logistic SGD whose every ``partial_fit`` on ``d`` standardised features, after
     ``seen`` rows, runs at the constant step ``1 / (d / 4 + alpha * (1 + seen))``; averaged
-    as ``lmprobe.probes.AveragedSGDClassifier`` does (running intercepts kept between calls;
+    as ``lmprobe.integrations.sklearn.AveragedSGDClassifier`` does (running intercepts kept between calls;
     test_probes checks that against plain SGD)."""
-    from lmprobe.probes import AveragedSGDClassifier
+    from lmprobe.integrations.sklearn import AveragedSGDClassifier
 
     class ReferenceSGD(AveragedSGDClassifier):
         def partial_fit(self, X, y, classes=None, sample_weight=None):

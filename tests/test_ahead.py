@@ -1,12 +1,12 @@
-"""The rows traced ahead (``lmprobe.ahead.TracedAhead``) against a plain selection by hand."""
+"""The rows traced ahead (``lmprobe.tracing.ahead.TracedAhead``) against a plain selection by hand."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from lmprobe.ahead import TracedAhead
-from lmprobe.features import FeatureKey, PendingFeatures
+from lmprobe.tracing.ahead import TracedAhead
+from lmprobe.tracing.features import FeatureKey, PendingFeatures
 
 
 def _parts(docs_per_batch: list[np.ndarray], rows_per_doc: np.ndarray, seed: int):

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from lmprobe import LinearProbe, LmProbeError, ProbeConfig, ProbeRunner
-from lmprobe.app import build, load_model, train
+from lmprobe.app.job import build, load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_COLUMNS = ["loss", "accuracy", "precision", "recall", "f1", "matthews"]
@@ -108,7 +108,7 @@ def test_train_writes_every_output(tiny_cfg, tmp_path):
     # the figure is the run's own: pyplot does not keep it (a sweep would pile them up)
     import matplotlib.pyplot as plt
 
-    from lmprobe.results import accuracy_by_layer
+    from lmprobe.results.outputs import accuracy_by_layer
 
     figures = plt.get_fignums()
     configs = {name: ProbeConfig(name, [0, 1]) for name in table.index}
@@ -151,7 +151,7 @@ def test_all_layers_finds_llama_blocks(tokenizer):
     from nnsight import TransformersModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmprobe.config import probe_bank
+    from lmprobe.app.banks import probe_bank
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -190,7 +190,7 @@ def test_wrong_override_type_names_the_key(tmp_path, tiny_model_dir, csv_file):
 
     from lmprobe import LmProbeError
 
-    # typed schemas (lmprobe.schema): Hydra refuses a wrong type while composing, before any
+    # typed schemas (lmprobe.app.schema): Hydra refuses a wrong type while composing, before any
     # model work, naming the key and the value
     for override, key in [
         ("data.batch_size=abc", "data.batch_size"),
@@ -278,7 +278,7 @@ def test_same_seed_identical_metrics_csv(tmp_path, tiny_model_dir, csv_file, kin
 
 
 def test_results_are_written_atomically(tmp_path, monkeypatch):
-    from lmprobe.results import write_metrics
+    from lmprobe.results.outputs import write_metrics
 
     path = tmp_path / "metrics.csv"
     table = pd.DataFrame({"accuracy": [0.5]}, index=pd.Index(["p"], name="probe"))
@@ -309,7 +309,7 @@ def test_all_layers_is_not_fooled_by_a_longer_expert_list(tokenizer):
     from conftest import build_gpt2
     from nnsight import TransformersModel
 
-    from lmprobe.models import decoder_block_paths
+    from lmprobe.tracing.models import decoder_block_paths
 
     model = build_gpt2(tokenizer, n_layer=3)
     model.transformer.h[0].experts = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(8))
@@ -390,7 +390,7 @@ STOPS_IN_THE_WINDOW = ["probes.patience=4", "probes.threshold=0.5", "probes.warm
         # steps its buffered rows count to stop at the same step
         ({"batch": 2, "epoch": 0}, STOPS_IN_THE_WINDOW),
         # mid-window with the model traced in the steps (no feature store): the held-out
-        # slice and the first window were traced together before training (lmprobe.ahead)
+        # slice and the first window were traced together before training (lmprobe.tracing.ahead)
         ({"batch": 2, "epoch": 0}, ["feature_store=false"]),
         # the exact multinomial kind (issue 35): its final fit and its code length
         (
@@ -414,10 +414,10 @@ def test_a_resumed_run_learns_exactly_what_an_uninterrupted_run_learns(
     """Interrupted (SIGTERM) and resumed from its last.ckpt, a run ends with the probes of
     an uninterrupted run with the same seed: every coefficient equal, the same metrics. The
     model sees the same batches: a run resumed within its first length window traces the
-    window with the held-out slice again, as the uninterrupted run did (lmprobe.ahead),
+    window with the held-out slice again, as the uninterrupted run did (lmprobe.tracing.ahead),
     since a document's activations can differ in their last bits from batch to batch."""
     from lmprobe.errors import RunInterrupted
-    from lmprobe.module import ProbeModule
+    from lmprobe.training.module import ProbeModule
 
     # each batch traced for training or testing, as the set of its documents' tokens (not
     # those a resumed run's refit traces: the documents it kept no features of)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from lmprobe import LinearProbe, LmProbeError, ProbeBank, ProbeConfig, ProbeRunner
-from lmprobe.datamodule import ProbeDataModule
-from lmprobe.engine import fit_and_test, make_trainer, probe_callbacks
-from lmprobe.features import FeatureKey, PendingFeatures
-from lmprobe.io import load_probe, save_probe
+from lmprobe.data.datamodule import ProbeDataModule
+from lmprobe.probes.base import load_probe, save_probe
+from lmprobe.tracing.features import FeatureKey, PendingFeatures
+from lmprobe.training.engine import fit_and_test, make_trainer, probe_callbacks
 
 SITE = "transformer.h.3.output"
 
@@ -186,7 +186,7 @@ def test_damaged_or_foreign_files_give_a_clear_error_and_run_nothing(tmp_path, d
 
 
 def test_probe_files_have_distinct_names(tmp_path):
-    from lmprobe.results import save_probes
+    from lmprobe.results.outputs import save_probes
 
     probes = {"a/b": _fitted(), "a_b": _fitted(80)}
     save_probes(probes, tmp_path, None)

@@ -79,7 +79,7 @@ def test_runner_metrics_follow_predict_whatever_the_class_order(gpt2, docs, orde
 def test_scores_of_string_and_unsorted_classes_equal_sklearn(classes):
     """Label types scikit-learn accepts (strings, integers in any order): the probe and the accumulated scores agree with
     sklearn whatever order ``classes`` comes in, over several chunks."""
-    from lmprobe.metrics import ClassificationScores
+    from lmprobe.scoring.metrics import ClassificationScores
 
     rng = np.random.default_rng(0)
     n, d = 600, 6

@@ -73,7 +73,11 @@ def installed(tmp_path_factory) -> Path:
 @pytest.mark.install
 def test_lmprobe_command_runs_from_an_empty_directory(installed, tmp_path, tiny_model_dir):
     where = subprocess.run(
-        [installed / "python", "-c", "import lmprobe.cli as c; print(c.__file__, c.config_dir())"],
+        [
+            installed / "python",
+            "-c",
+            "import lmprobe.app.cli as c; print(c.__file__, c.config_dir())",
+        ],
         cwd=tmp_path,
         env=quiet_env(),
         capture_output=True,

@@ -27,10 +27,10 @@ from omegaconf import open_dict
 from test_app import compose_cfg
 
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.app import train
+from lmprobe.app.job import train
+from lmprobe.data.words import encode_words
 from lmprobe.errors import RunInterrupted
-from lmprobe.io import load_probe
-from lmprobe.words import encode_words
+from lmprobe.probes.base import load_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 # widths 64, 256 (MLP inner), 192 (fused q/k/v), 64 (embeddings)
@@ -168,7 +168,7 @@ def test_api_bank_of_mixed_widths_equals_each_probe_alone(
 
 def test_features_of_mixed_widths_reach_the_host_each_in_its_own_shape():
     """``settle`` brings parts of several sites (widths 3 and 5) to the host in one copy."""
-    from lmprobe.features import PendingFeatures, settle
+    from lmprobe.tracing.features import PendingFeatures, settle
 
     narrow = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     wide = torch.arange(15, dtype=torch.float32).reshape(3, 5) + 100

@@ -14,7 +14,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-import lmprobe.schema  # noqa: F401  (registers the schemas the configs start from)
+import lmprobe.app.schema  # noqa: F401  (registers the schemas the configs start from)
 
 ROOT = Path(__file__).resolve().parents[1]
 # a command at the start of a code line or code span; train.py also inside a comment's text

@@ -15,9 +15,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import LinearProbe, ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.bank import REFIT_ROWS, ProbeBank
+from lmprobe.bank.bank import ProbeBank
+from lmprobe.bank.refit import REFIT_ROWS
 from lmprobe.errors import LmProbeError
-from lmprobe.probes import DEFAULT_ALPHAS
+from lmprobe.probes.kinds import DEFAULT_ALPHAS
 
 
 def reference_accuracy(X_train, y_train, X_test, y_test) -> float:
@@ -116,7 +117,7 @@ def test_refit_trains_the_chosen_alpha_on_every_row_as_documented():
     """After training, the probe is retrained on all training rows (its held-out slice
     included) with the alpha the slice chose and as many passes as it trained: a replay of
     that rule with scikit-learn gives the same coefficients."""
-    from lmprobe.features import Features, PendingFeatures
+    from lmprobe.tracing.features import Features, PendingFeatures
 
     rng = np.random.default_rng(1)
     X = rng.normal(size=(300, 5)).astype(np.float32)

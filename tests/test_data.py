@@ -9,7 +9,7 @@ import torch
 from conftest import make_texts
 
 from lmprobe import ProbeDataModule, ProbeDataset
-from lmprobe.dataset import pad_to_longest
+from lmprobe.data.dataset import pad_to_longest
 
 
 def write(frame: pd.DataFrame, path, fmt: str):

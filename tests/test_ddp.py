@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from test_app import compose_cfg
 
 from lmprobe import LmProbeError, ProbeConfig, ProbeRunner
-from lmprobe.app import train
-from lmprobe.distributed import Shards, check_supported, is_rank_zero, requested
+from lmprobe.app.job import train
+from lmprobe.training.distributed import Shards, check_supported, is_rank_zero, requested
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +199,7 @@ def _route_on_rank(rank: int, world: int, address: str, out: str) -> None:
     import torch.distributed as dist
 
     from lmprobe.errors import NonFiniteActivationError
-    from lmprobe.features import FeatureKey, PendingFeatures
+    from lmprobe.tracing.features import FeatureKey, PendingFeatures
 
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world)
     shards = Shards(rank, world, ["b.output", "a.output", "b.output"])

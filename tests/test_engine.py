@@ -228,15 +228,15 @@ def test_features_leave_the_device_once_per_chunk(
     sites (at a window's end, before the probes train on them; after other groups, so the
     device holds one group's rows at most). A window trained on the worker thread
     (``while_tracing``) copies its rows once for all sites, so no more often."""
-    import lmprobe.features
-    from lmprobe.callbacks import ProbeUpdater
+    import lmprobe.tracing.features
+    from lmprobe.training.callbacks import ProbeUpdater
 
     monkeypatch.setattr(ProbeUpdater, "train_while_tracing", while_tracing)
     copied: list[int] = []
-    to_host = lmprobe.features.to_host
+    to_host = lmprobe.tracing.features.to_host
     # (numbers copied: parts of several sites travel flattened, end to end)
     monkeypatch.setattr(
-        lmprobe.features, "to_host", lambda X: copied.append(X.numel()) or to_host(X)
+        lmprobe.tracing.features, "to_host", lambda X: copied.append(X.numel()) or to_host(X)
     )
     configs = [
         ProbeConfig(f"transformer.h.{i}.output", [0, 1], early_stopping=False, **ONE_ALPHA)
@@ -300,9 +300,9 @@ def test_last_training_runs_while_the_test_set_is_traced(gpt2, dataset, monkeypa
     import threading
     import time
 
-    from lmprobe.bank import ProbeBank
-    from lmprobe.callbacks import ProbeUpdater
-    from lmprobe.module import ProbeModule
+    from lmprobe.bank.bank import ProbeBank
+    from lmprobe.training.callbacks import ProbeUpdater
+    from lmprobe.training.module import ProbeModule
 
     fit = {"batch_size": 4, "num_epoch": epochs}
     with monkeypatch.context() as m:  # in place: nothing on the worker thread
@@ -373,7 +373,7 @@ def test_an_error_of_the_background_training_reaches_the_caller(gpt2, dataset, m
     """A failure of the training on the worker thread is raised by ``fit_probes``."""
     import threading
 
-    from lmprobe.bank import ProbeBank
+    from lmprobe.bank.bank import ProbeBank
 
     where = []
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmprobe import LmProbeError, NonFiniteActivationError, ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.datamodule import ProbeDataModule
+from lmprobe.data.datamodule import ProbeDataModule
 
 
 def check(excinfo: pytest.ExceptionInfo, *names: str) -> None:
@@ -71,7 +71,7 @@ def test_empty_dataset_and_empty_classes():
 def test_label_outside_classes_before_the_model_runs(small_lm, dataset, monkeypatch):
     runner = ProbeRunner(small_lm, [ProbeConfig("transformer.h.1.output", [0, 2])])
     traced = []
-    monkeypatch.setattr("lmprobe.module.trace_features", lambda *a, **k: traced.append(1))
+    monkeypatch.setattr("lmprobe.training.module.trace_features", lambda *a, **k: traced.append(1))
     with pytest.raises(LmProbeError) as excinfo:
         runner.fit_probes(dataset, dataset)
     check(excinfo, "label 1", "[0, 2]")
@@ -183,8 +183,8 @@ def test_runs_that_would_train_nothing_stop_before_model_work(small_lm, docs):
     with pytest.raises(LmProbeError) as excinfo:
         runner.fit_probes(ds, ds, max_epochs=0)
     check(excinfo, "num_epoch=0")
-    from lmprobe.datamodule import ProbeDataModule
-    from lmprobe.engine import fit_and_test, make_trainer, probe_callbacks
+    from lmprobe.data.datamodule import ProbeDataModule
+    from lmprobe.training.engine import fit_and_test, make_trainer, probe_callbacks
 
     trainer = make_trainer(runner.module, max_epochs=0, callbacks=probe_callbacks())
     with pytest.raises(LmProbeError) as excinfo:  # the app's trainer.max_epochs=0
@@ -200,7 +200,7 @@ def test_result_files_get_the_users_umask(tmp_path):
     import os
     import stat
 
-    from lmprobe.io import atomic_write_bytes
+    from lmprobe.probes.files import atomic_write_bytes
 
     old = os.umask(0o022)
     try:
@@ -352,10 +352,11 @@ def app_cfg(tmp_path, tiny_model_dir, monkeypatch):
     good = tmp_path / "good.csv"
     good.write_text("text,label\n" + GOOD_ROWS, encoding="utf-8")
     monkeypatch.setattr(
-        "lmprobe.app.load_model", lambda *a: pytest.fail("the model loaded before the error")
+        "lmprobe.app.job.load_model", lambda *a: pytest.fail("the model loaded before the error")
     )
     monkeypatch.setattr(  # (with a feature store, its frame: config, tokenizer, no weights)
-        "lmprobe.app.model_for_data", lambda *a: pytest.fail("the model loaded before the error")
+        "lmprobe.app.job.model_for_data",
+        lambda *a: pytest.fail("the model loaded before the error"),
     )
 
     def compose(override: str):
@@ -390,7 +391,7 @@ def test_bad_types_are_refused_while_composing(app_cfg, override, names):
 
 @pytest.mark.parametrize(("override", "names"), CONFIG, ids=[o for o, _ in CONFIG])
 def test_bad_values_stop_before_the_model_loads(app_cfg, override, names):
-    from lmprobe.app import train
+    from lmprobe.app.job import train
 
     cfg = app_cfg(override)
     with pytest.raises(LmProbeError) as excinfo:

@@ -152,8 +152,8 @@ def test_bf16_model_gives_float32_features(tokenizer):
 
 def test_embeddings_probe_reads_the_first_blocks_input(gpt2, hf_gpt2, tokenizer):
     """probes=all_layers adds layer -1: the embeddings, as the HF forward's hidden_states[0]."""
-    from lmprobe.config import probe_bank
-    from lmprobe.results import layer_index
+    from lmprobe.app.banks import probe_bank
+    from lmprobe.results.outputs import layer_index
 
     bank = probe_bank(gpt2, [0, 1])
     assert bank[0].name == "embeddings" and layer_index(bank[0].submodule) == -1
@@ -170,7 +170,7 @@ def test_embeddings_probe_reads_the_first_blocks_input(gpt2, hf_gpt2, tokenizer)
 
 
 def test_a_trace_hands_off_only_on_the_probed_paths_and_puts_the_rest_back(gpt2, hf_gpt2):
-    """lmprobe.handoffs: inside lmprobe's trace a module off every probed path runs without
+    """lmprobe.integrations.nnsight: inside lmprobe's trace a module off every probed path runs without
     nnsight's handoffs, the probed module and the siblings along its path keep them, and
     the trace still stops at the deepest site; afterwards a user's own trace reads any
     module again. The features still equal a plain HF forward (the tests above)."""
@@ -219,8 +219,8 @@ def test_a_trace_builds_no_cache_where_the_forward_takes_use_cache(gpt2, hf_gpt2
     """A probing trace passes ``use_cache=False`` (the cache's copies of every layer's keys
     and values buy nothing there), only where the forward takes it; the features stay those
     of the default forward (the tests above)."""
-    from lmprobe.features import FeatureKey, trace_features
-    from lmprobe.models import forward_parameters
+    from lmprobe.tracing.features import FeatureKey, trace_features
+    from lmprobe.tracing.models import forward_parameters
 
     key = FeatureKey("transformer.h.1.output", "mean", None)
     runner = ProbeRunner(gpt2, [ProbeConfig(key.submodule, [0, 1])])
@@ -244,15 +244,15 @@ def test_a_trace_builds_no_cache_where_the_forward_takes_use_cache(gpt2, hf_gpt2
 def test_sites_are_pooled_as_the_forward_passes_them_and_the_fallback_reads_the_same(
     gpt2, monkeypatch
 ):
-    """lmprobe.observers: every site (outputs, an attention tuple, a first input) is pooled
+    """lmprobe.integrations.nnsight: every site (outputs, an attention tuple, a first input) is pooled
     in the forward's own greenlet, not in a worker the forward hands off to; where nnsight
     has no observers the trace's body reads each site instead, and the features are the
     same bit for bit (that they equal a plain HF forward: the tests above)."""
     import greenlet
 
-    from lmprobe import features
-    from lmprobe.features import FeatureKey, trace_features
-    from lmprobe.models import forward_order
+    from lmprobe.tracing import features
+    from lmprobe.tracing.features import FeatureKey, trace_features
+    from lmprobe.tracing.models import forward_order
 
     sites = [*SITES, "transformer.h.1.input"]
     keys = [FeatureKey(site, pooling, None) for site in sites for pooling in ("mean", "last")]
@@ -283,7 +283,7 @@ def test_sites_are_pooled_as_the_forward_passes_them_and_the_fallback_reads_the_
 
 def test_a_site_the_forward_does_not_reach_before_the_deepest_is_named(gpt2):
     from lmprobe.errors import LmProbeError
-    from lmprobe.features import FeatureKey, trace_features
+    from lmprobe.tracing.features import FeatureKey, trace_features
 
     keys = [FeatureKey(site, "mean", None) for site in ("transformer.h.3.output", SITES[0])]
     enc = gpt2.tokenizer(TEXTS, padding=True, return_tensors="pt")
@@ -298,8 +298,8 @@ def test_an_nnsight_that_does_not_call_the_observer_is_named(gpt2, monkeypatch):
     """Should a later nnsight keep the cache list but stop handing it values, the trace says
     so instead of returning features it never pooled."""
     from lmprobe.errors import LmProbeError
-    from lmprobe.features import FeatureKey, trace_features
-    from lmprobe.observers import SiteObserver
+    from lmprobe.integrations.nnsight import SiteObserver
+    from lmprobe.tracing.features import FeatureKey, trace_features
 
     monkeypatch.setattr(SiteObserver, "subscriptions", lambda _self: {})
     key = FeatureKey(SITES[0], "mean", None)
@@ -319,7 +319,7 @@ def test_mean_pooling_on_the_cpu_equals_the_mean_of_real_positions_padding_nan_o
     """The CPU float32 fast path (one batched product with the mask) against the mean of
     each document's real positions; a NaN at a padding position (which the product would
     spread) must not reach the features, a NaN at a real position must."""
-    from lmprobe.poolings import POOLINGS
+    from lmprobe.probes.poolings import POOLINGS
 
     mean = POOLINGS["mean"]
     torch.manual_seed(0)
@@ -356,7 +356,7 @@ def test_mean_pooling_on_the_cpu_equals_the_mean_of_real_positions_padding_nan_o
 def test_mean_pooling_follows_its_mask_when_the_mask_changes_between_calls():
     """The CPU shortcut keeps the weights of the last mask it saw: another mask, or the
     same mask modified in place, must give that mask's mean."""
-    from lmprobe.poolings import POOLINGS
+    from lmprobe.probes.poolings import POOLINGS
 
     mean = POOLINGS["mean"]
     torch.manual_seed(1)
@@ -387,9 +387,9 @@ def test_a_trace_in_inference_mode_makes_the_mean_weights_once_per_batch(gpt2, m
     for the mean's weights to be kept by: ``trace_features`` makes its mask outside it, so
     one batch's weights are made once for all its mean-pooled sites, as in training steps,
     and the features are the same as outside inference mode."""
-    from lmprobe import poolings
-    from lmprobe.features import FeatureKey, trace_features
-    from lmprobe.models import forward_order
+    from lmprobe.probes import poolings
+    from lmprobe.tracing.features import FeatureKey, trace_features
+    from lmprobe.tracing.models import forward_order
 
     sites = [f"transformer.h.{i}.output" for i in range(4)]
     keys = [FeatureKey(site, "mean", None) for site in sites]
@@ -426,7 +426,7 @@ def test_mean_pooling_without_padding_skips_the_finiteness_check_and_keeps_nan_a
     position still reaches its own document's features and no other's."""
     from types import SimpleNamespace
 
-    from lmprobe import poolings
+    from lmprobe.probes import poolings
 
     checks: list[float] = []
 

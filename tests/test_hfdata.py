@@ -1,4 +1,4 @@
-"""Hugging Face datasets (``data=hf``, ``lmprobe.hfdata``), offline: a dataset saved to disk
+"""Hugging Face datasets (``data=hf``, ``lmprobe.data.hf``), offline: a dataset saved to disk
 in the test gives exactly what the same rows give as CSV files, through the data module and
 through the whole app."""
 
@@ -13,11 +13,11 @@ from test_app import compose_cfg
 from test_streaming import assert_same_batches
 
 from lmprobe import ProbeDataModule
-from lmprobe import readers as readers_module
-from lmprobe.app import build, train
+from lmprobe.app.job import build, train
+from lmprobe.app.schema import check_config
+from lmprobe.data import readers as readers_module
+from lmprobe.data.hf import HFDataModule
 from lmprobe.errors import LmProbeError
-from lmprobe.hfdata import HFDataModule
-from lmprobe.schema import check_config
 
 datasets = pytest.importorskip("datasets")
 

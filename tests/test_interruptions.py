@@ -89,22 +89,30 @@ def signal_once(function, signum: int, at_call: int = 1):
 
 def phase_hooks(phase: str, signum: int) -> list[tuple[object, str, object]]:
     """(object, attribute, replacement) that send ``signum`` when ``phase`` starts."""
-    import lmprobe.app
-    import lmprobe.store
+    import lmprobe.app.job
+    import lmprobe.tracing.store
 
     if phase == "store":  # the feature store's fill, after its first batch was written
         return [
-            (lmprobe.store, "trace_features", signal_once(lmprobe.store.trace_features, signum, 2))
+            (
+                lmprobe.tracing.store,
+                "trace_features",
+                signal_once(lmprobe.tracing.store.trace_features, signum, 2),
+            )
         ]
     if phase == "figure":
         return [
-            (lmprobe.app, "accuracy_by_layer", signal_once(lmprobe.app.accuracy_by_layer, signum))
+            (
+                lmprobe.app.job,
+                "accuracy_by_layer",
+                signal_once(lmprobe.app.job.accuracy_by_layer, signum),
+            )
         ]
     if phase == "outputs":
-        return [(lmprobe.app, "save_probes", signal_once(lmprobe.app.save_probes, signum))]
+        return [(lmprobe.app.job, "save_probes", signal_once(lmprobe.app.job.save_probes, signum))]
     # a Lightning phase: the main run's callbacks, or (baseline) the baseline run's, whose
     # training start is the baseline's first Lightning phase
-    build_callbacks, built = lmprobe.app.build_callbacks, []
+    build_callbacks, built = lmprobe.app.job.build_callbacks, []
 
     def with_signal(cfg):
         callbacks = build_callbacks(cfg)
@@ -113,7 +121,7 @@ def phase_hooks(phase: str, signum: int) -> list[tuple[object, str, object]]:
             callbacks.append(SignalAt(phase, signum))
         return callbacks
 
-    return [(lmprobe.app, "build_callbacks", with_signal)]
+    return [(lmprobe.app.job, "build_callbacks", with_signal)]
 
 
 def overrides(model_dir: Path, data: Path, phase: str, *extra: str) -> list[str]:
@@ -181,7 +189,7 @@ def phase_data(tmp_path_factory):
 def test_a_signal_in_any_phase_keeps_what_was_computed(
     tiny_model_dir, phase_data, tmp_path, monkeypatch, feature_store_dir, phase, how
 ):
-    from lmprobe.app import train
+    from lmprobe.app.job import train
 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     before = signal.getsignal(signal.SIGTERM)
@@ -208,7 +216,7 @@ def test_a_run_stopped_after_its_test_pass_resumes_to_the_uninterrupted_results(
     """Stopped (SIGTERM) in the baseline or the figure and resumed from its last.ckpt, a run
     ends with the probes (every coefficient) and metrics of an uninterrupted one, the
     baseline's included, and leaves no checkpoint (a finished run's last.ckpt is stale)."""
-    from lmprobe.app import train
+    from lmprobe.app.job import train
 
     args = overrides(tiny_model_dir, phase_data, "baseline")
     whole = tmp_path / "whole"
@@ -242,7 +250,7 @@ def test_a_resumed_run_leaves_no_stale_checkpoint(
 ):
     """A run stopped in training and resumed ends like a fresh one: no last.ckpt (a second
     resume from it would start from the interruption again)."""
-    from lmprobe.app import train
+    from lmprobe.app.job import train
 
     args = overrides(tiny_model_dir, phase_data, "train")
     run = tmp_path / "run"

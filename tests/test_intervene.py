@@ -14,7 +14,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import LmProbeError, ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.features import FeatureKey, Features, gather, trace_features
 from lmprobe.intervene import (
     Projection,
     edited,
@@ -22,7 +21,8 @@ from lmprobe.intervene import (
     lm_bits,
     random_directions,
 )
-from lmprobe.models import forward_order, forward_parameters
+from lmprobe.tracing.features import FeatureKey, Features, gather, trace_features
+from lmprobe.tracing.models import forward_order, forward_parameters
 
 SITE = "transformer.h.1.output"
 PROBED = [SITE, "transformer.h.3.output", "transformer.h.6.output"]
@@ -240,7 +240,7 @@ def test_app_writes_intervention_outputs(tmp_path, tiny_model_dir):
     from conftest import write_reviews_csv
     from test_app import compose_cfg
 
-    from lmprobe.app import train
+    from lmprobe.app.job import train
 
     csv = write_reviews_csv(tmp_path / "reviews.csv", 80)
     cfg = compose_cfg(
@@ -279,7 +279,7 @@ def test_app_writes_intervention_outputs(tmp_path, tiny_model_dir):
 def test_ddp_and_intervene_is_one_line_before_any_work(tmp_path, tiny_model_dir):
     from test_app import compose_cfg
 
-    from lmprobe.schema import check_config
+    from lmprobe.app.schema import check_config
 
     cfg = compose_cfg(
         tmp_path / "run",

@@ -15,9 +15,9 @@ from sklearn.preprocessing import StandardScaler
 from test_mdl import FRACTIONS
 
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.bank import ProbeBank
-from lmprobe.features import Features, PendingFeatures
-from lmprobe.probes import LogisticProbe
+from lmprobe.bank.bank import ProbeBank
+from lmprobe.probes.kinds import LogisticProbe
+from lmprobe.tracing.features import Features, PendingFeatures
 
 
 def softmax_data(n=3000, d=10, seed=0):

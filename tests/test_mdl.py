@@ -12,8 +12,9 @@ from conftest import reference_sgd
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import ProbeConfig
-from lmprobe.bank import REFIT_ROWS, ProbeBank
-from lmprobe.features import Features, PendingFeatures
+from lmprobe.bank.bank import ProbeBank
+from lmprobe.bank.refit import REFIT_ROWS
+from lmprobe.tracing.features import Features, PendingFeatures
 
 FRACTIONS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.0625, 0.125, 0.25, 0.5, 1.0)
 

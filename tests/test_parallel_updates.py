@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lmprobe import LmProbeError, ProbeBank, ProbeConfig
-from lmprobe.callbacks import ProbeUpdater
-from lmprobe.features import Features, PendingFeatures
+from lmprobe.tracing.features import Features, PendingFeatures
+from lmprobe.training.callbacks import ProbeUpdater
 
 
 def _configs() -> list[ProbeConfig]:

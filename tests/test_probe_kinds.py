@@ -11,7 +11,7 @@ from scipy import stats
 from sklearn import metrics as skm
 from sklearn.linear_model import LinearRegression
 
-import lmprobe.io
+import lmprobe.probes.base
 from lmprobe import (
     PROBE_KINDS,
     LinearProbe,
@@ -23,7 +23,7 @@ from lmprobe import (
     RegressionProbe,
     register_probe_kind,
 )
-from lmprobe.metrics import ClassificationScores, RegressionScores
+from lmprobe.scoring.metrics import ClassificationScores, RegressionScores
 
 SITE = "transformer.h.2.output"
 CLASSIFICATION = ["accuracy", "precision", "recall", "f1", "matthews"]
@@ -138,8 +138,8 @@ def test_default_regression_probe_with_three_times_more_features_than_rows():
     """The defaults through the bank (the alpha grid chosen on held-out MSE, early stopping,
     the refit on every training row): finite and near RidgeCV (whose leave-one-out choice
     sees every row, where the probe's sees its 20 held-out ones)."""
-    from lmprobe.bank import ProbeBank
-    from lmprobe.features import Features, PendingFeatures
+    from lmprobe.bank.bank import ProbeBank
+    from lmprobe.tracing.features import Features, PendingFeatures
 
     X, y = wide_data(seed=2)
     n = 200
@@ -192,7 +192,7 @@ SCORE_TOL["spearman"] = {"abs": 1e-7}
     [
         (1e3, 1e2, ["mse", "r2", "pearson", "spearman"]),
         # Far from zero: float32 would round the targets to steps of 64 (Spearman ties) and
-        # raw sums of squares would cancel (R2): lmprobe.metrics sums in float64, about a shift.
+        # raw sums of squares would cancel (R2): lmprobe.scoring.metrics sums in float64, about a shift.
         (1e9, 1.0, ["mse", "r2", "pearson", "spearman"]),
     ],
     ids=["offset-1e3", "offset-1e9"],
@@ -433,7 +433,7 @@ def test_unknown_kind_lists_the_registered_kinds():
         assert kind in listed
     with pytest.raises(LmProbeError, match="could not be imported"):
         ProbeConfig(SITE, [0, 1], kind="no_such_module.Probe")
-    with pytest.raises(LmProbeError, match="is not a lmprobe.probes.Probe"):
+    with pytest.raises(LmProbeError, match="is not a lmprobe.probes.base.Probe"):
         ProbeConfig(SITE, [0, 1], kind="sklearn.linear_model.SGDClassifier")
 
 
@@ -458,7 +458,7 @@ def fitted(kind):
 def test_save_load_round_trip(tmp_path, kind):
     probe, X, y = fitted(kind)
     path = probe.save(tmp_path / "probe.safetensors")
-    for loaded in (type(probe).load(path), lmprobe.io.load_probe(path)):
+    for loaded in (type(probe).load(path), lmprobe.probes.base.load_probe(path)):
         assert type(loaded) is type(probe)
         assert loaded.get_params() == probe.get_params()
         np.testing.assert_array_equal(loaded.predict(X), probe.predict(X))
@@ -513,7 +513,7 @@ def test_user_kind_is_selectable_by_name_and_class_path(gpt2, dataset, tmp_path)
             assert accuracy < 0.4  # contrarian: the runner scored the user's predict
             assert runner.metrics.loc[name, "accuracy"] == pytest.approx(accuracy, abs=1e-6)
         saved = runner["by_name"].save(tmp_path / "mine.safetensors")
-        assert type(lmprobe.io.load_probe(saved)) is ContrarianProbe
+        assert type(lmprobe.probes.base.load_probe(saved)) is ContrarianProbe
     finally:
         PROBE_KINDS.pop("my_kind", None)
     assert "my_kind" not in PROBE_KINDS

@@ -73,7 +73,7 @@ def test_averaged_sgd_runs_plain_sgd_and_keeps_its_intercepts(k):
     weights and intercepts of a probe are what plain SGD learns from the same rows in the
     same order, one "this class or not" problem per class beyond two. scikit-learn's own
     averaged partial_fit (1.9.1) restarted the running intercepts at every call
-    (lmprobe.probes.AveragedSGDClassifier)."""
+    (lmprobe.integrations.sklearn.AveragedSGDClassifier)."""
     X, y = many_classes(n=900, k=k)
     classes = list(range(k))
     kwargs = {"alpha": 1e-2, "shuffle": False}  # same row order in both

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from lmprobe.dataset import ProbeDataset
+from lmprobe.data.dataset import ProbeDataset
+from lmprobe.data.readers import READERS, SUFFIXES, read_table, read_text, register_reader
 from lmprobe.errors import LmProbeError
-from lmprobe.readers import READERS, SUFFIXES, read_table, read_text, register_reader
 
 
 @pytest.fixture()
@@ -78,7 +78,7 @@ def test_classes_of_token_labels_ignore_padding():
 def test_balancing_draws_the_rows_pandas_groupby_sample_draws(labels, n, seed):
     """``sample_per_class`` is pandas' ``groupby(...).sample(n, random_state=seed)`` without
     its copy of every group: the same rows, in the same order."""
-    from lmprobe.readers import sample_per_class
+    from lmprobe.data.readers import sample_per_class
 
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame({"_label": rng.choice(labels, 300), "x": rng.normal(size=300)})

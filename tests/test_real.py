@@ -92,7 +92,7 @@ def test_default_run_offline_reaches_075(tmp_path):
     import pandas as pd
     from test_app import compose_cfg
 
-    from lmprobe.app import train
+    from lmprobe.app.job import train
 
     cfg = compose_cfg(tmp_path, ["trainer.enable_progress_bar=false"])
     assert cfg.model.name_or_path == "packaged:smollm2"
@@ -294,7 +294,7 @@ def test_smollm2_valence_regression_matches_ridge_cv(tmp_path):
     from sklearn.preprocessing import StandardScaler
     from test_app import compose_cfg
 
-    from lmprobe.app import train
+    from lmprobe.app.job import train
 
     words, valence = read_afinn()
     order = np.random.default_rng(0).permutation(len(words))

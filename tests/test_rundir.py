@@ -14,8 +14,8 @@ from omegaconf import open_dict
 from test_app import compose_cfg
 
 from lmprobe import LinearProbe, LmProbeError
-from lmprobe.app import train
-from lmprobe.rundir import LOCK_NAME
+from lmprobe.app.job import train
+from lmprobe.results.rundir import LOCK_NAME
 
 
 @pytest.fixture()
@@ -84,7 +84,7 @@ def test_a_held_lock_makes_a_concurrent_run_fail_fast(tiny_cfg, tmp_path, monkey
     # a live process of this host holds it (this one: certainly alive)
     (run / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     loaded = []
-    monkeypatch.setattr("lmprobe.app.load_model", lambda *a: loaded.append(1))
+    monkeypatch.setattr("lmprobe.app.job.load_model", lambda *a: loaded.append(1))
     with pytest.raises(LmProbeError) as excinfo:
         train(tiny_cfg)
     one_line(excinfo, "in use by another run", str(run / LOCK_NAME), str(os.getpid()))
@@ -97,7 +97,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     import subprocess
     import sys
 
-    from lmprobe.rundir import claim_run_dir
+    from lmprobe.results.rundir import claim_run_dir
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
@@ -113,7 +113,7 @@ def test_a_loggers_config_alone_is_no_result(tmp_path):
     """A run stopped before any result (a full store, say) leaves only the config its
     loggers logged at the start: the next run may use the directory; a logged metric,
     or a figure's events file, is a result."""
-    from lmprobe.rundir import claim_run_dir
+    from lmprobe.results.rundir import claim_run_dir
 
     (tmp_path / "csv").mkdir()
     (tmp_path / "csv" / "hparams.yaml").write_text("seed: 0\n")
@@ -158,19 +158,19 @@ def test_resume_in_the_runs_own_directory_is_allowed(tiny_cfg, tmp_path):
 def test_a_save_failure_keeps_the_probes_and_names_the_path(tiny_cfg, tmp_path, monkeypatch):
     """save_probes fails in the run directory (a full disk, say): the run ends with an error
     naming the path, and the probes, metrics and a checkpoint are in the rescue directory."""
-    import lmprobe.app
-    from lmprobe.io import load_probe
+    import lmprobe.app.job
+    from lmprobe.probes.base import load_probe
 
     run = tmp_path / "run"
     shrink(tiny_cfg)
-    real = lmprobe.app.save_probes
+    real = lmprobe.app.job.save_probes
 
     def full_disk(probes, directory, label_names):
         if directory.parent == run:
             raise OSError(28, "No space left on device", str(directory))
         return real(probes, directory, label_names)
 
-    monkeypatch.setattr(lmprobe.app, "save_probes", full_disk)
+    monkeypatch.setattr(lmprobe.app.job, "save_probes", full_disk)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     with pytest.raises(LmProbeError) as excinfo:
@@ -192,7 +192,7 @@ def test_a_file_in_the_way_of_probes_is_refused_before_training(tiny_cfg, tmp_pa
     run = tmp_path / "run"
     run.mkdir()
     (run / "probes").write_text("in the way")
-    monkeypatch.setattr("lmprobe.app.load_model", lambda *a: pytest.fail("model loaded"))
+    monkeypatch.setattr("lmprobe.app.job.load_model", lambda *a: pytest.fail("model loaded"))
     with pytest.raises(LmProbeError) as excinfo:
         train(tiny_cfg)
     one_line(excinfo, str(run), "probes", "overwrite=true")

@@ -20,7 +20,7 @@ from sklearn import metrics as skm
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import FeatureExtractor, LinearProbe, ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.probes import DEFAULT_ALPHAS
+from lmprobe.probes.kinds import DEFAULT_ALPHAS
 
 SUB = "transformer.h.5.mlp.output"
 METRICS = ["loss", "accuracy", "precision", "recall", "f1", "matthews"]

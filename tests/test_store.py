@@ -20,21 +20,22 @@ import torch
 from conftest import build_gpt2, make_texts
 from test_app import compose_cfg
 
-import lmprobe.app as app
-import lmprobe.store as store_module
+import lmprobe.app.job as app
+import lmprobe.tracing.store as store_module
 from lmprobe import LmProbeError, ProbeDataset
-from lmprobe.app import build, feature_source, model_for_data, train
-from lmprobe.dataset import batches
-from lmprobe.features import FeatureKey, gather, trace_features
-from lmprobe.models import (
+from lmprobe.app.job import build, feature_source, model_for_data, train
+from lmprobe.data.dataset import batches
+from lmprobe.data.words import encode_words
+from lmprobe.tracing.features import FeatureKey, gather, trace_features
+from lmprobe.tracing.models import (
     context_length,
     forward_order,
     load_language_model,
     local_model_dir,
     model_frame,
 )
-from lmprobe.store import FeatureSource, FeatureStore, base_key, entry_key
-from lmprobe.words import encode_words
+from lmprobe.tracing.store import FeatureSource, FeatureStore
+from lmprobe.tracing.storekeys import base_key, entry_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -53,7 +54,7 @@ def count_traces(monkeypatch) -> list[list[FeatureKey]]:
         raise AssertionError("a step traced the model although the store has its features")
 
     monkeypatch.setattr(store_module, "trace_features", counting)
-    monkeypatch.setattr("lmprobe.module.trace_features", forbidden)
+    monkeypatch.setattr("lmprobe.training.module.trace_features", forbidden)
     return calls
 
 
@@ -410,7 +411,7 @@ CHILD = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from lmprobe.store import FeatureStore
+    from lmprobe.tracing.store import FeatureStore
 
     store = FeatureStore(sys.argv[1], None)
     doc, pos = np.repeat(np.arange(50), 3), np.tile(np.arange(3), 50)
@@ -535,8 +536,8 @@ def test_a_streamed_split_is_keyed_and_stored_without_padding_it_in_memory(
     from conftest import build_tokenizer
 
     from lmprobe import ProbeDataModule
-    from lmprobe.packed import PackedDataset
-    from lmprobe.store import dataset_digest
+    from lmprobe.data.packed import PackedDataset
+    from lmprobe.tracing.storekeys import dataset_digest
 
     texts, labels = make_texts(40)
     digests = {}
@@ -572,7 +573,7 @@ def test_the_key_follows_the_weights_contents_with_the_modification_time_kept(
     """Issue 33, item 6: weights replaced by others of the same size, the modification
     time kept (cp -p, rsync -a, tar), were served the old features; the key now hashes the
     files' contents, read once per version of a file (then from the cache)."""
-    from lmprobe import store
+    from lmprobe.tracing import storekeys as store
 
     cfg, model = key_cfg
     base = run_keys(cfg())
@@ -654,7 +655,7 @@ FSIZE_CHILD = textwrap.dedent(
     import resource, signal, sys
     import numpy as np
     from lmprobe import LmProbeError
-    from lmprobe.store import FeatureStore
+    from lmprobe.tracing.store import FeatureStore
 
     store = FeatureStore(sys.argv[1], None)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, writes fail (EFBIG)
@@ -673,7 +674,7 @@ def test_a_file_size_limit_is_an_error_not_a_crash(tmp_path):
     """A store that cannot grow (here RLIMIT_FSIZE, as a full disk) ends the writer with
     lmprobe's message and no temporary file."""
     directory = tmp_path / "store"
-    src = Path(store_module.__file__).parents[1]  # the lmprobe under test
+    src = Path(store_module.__file__).parents[2]  # the lmprobe under test
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
     child = subprocess.run(
         [sys.executable, "-c", FSIZE_CHILD, str(directory)],

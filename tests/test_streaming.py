@@ -1,4 +1,4 @@
-"""Data read a chunk at a time (``lmprobe.streaming``, ``lmprobe.packed``): the rows chosen
+"""Data read a chunk at a time (``lmprobe.data.streaming``, ``lmprobe.data.packed``): the rows chosen
 and the batches the model sees are those of the whole-file pipeline (``read_table`` ->
 ``prepare_frame`` -> ``tokenize_texts`` -> ``ProbeDataset``), whatever the chunk size."""
 
@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,12 +16,27 @@ import torch
 from conftest import make_texts
 
 from lmprobe import ProbeDataModule, ProbeDataset
-from lmprobe import readers as readers_module
-from lmprobe.datamodule import tokenize_texts
-from lmprobe.dataset import batches, split_indices
+from lmprobe.data import readers as readers_module
+from lmprobe.data.dataset import batches, split_indices
+from lmprobe.data.packed import PackedDataset
+from lmprobe.data.readers import prepare_frame, read_chunks, read_table
+from lmprobe.data.streaming import effective_max_length, ensure_pad_token
 from lmprobe.errors import LmProbeError
-from lmprobe.packed import PackedDataset
-from lmprobe.readers import prepare_frame, read_chunks, read_table
+
+
+def tokenize_texts(
+    tokenizer: Any, texts: Sequence[str], max_length: int | None, model_max: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The whole-file reference: every text tokenized at once, padded to the longest."""
+    ensure_pad_token(tokenizer)
+    max_length = effective_max_length(max_length, model_max)
+    return tokenizer(
+        list(texts),
+        padding=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+        return_tensors="pt",
+    )
 
 
 def messy_frame(n: int = 240) -> pd.DataFrame:

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_texts
 from test_app import compose_cfg, run_sweep
 
-from lmprobe.app import train
+from lmprobe.app.job import train
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 

@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from lmprobe.app import train
+from lmprobe.app.job import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = "transformer.h.3.output"

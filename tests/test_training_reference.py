@@ -19,7 +19,7 @@ from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 
 from lmprobe import LinearProbe, ProbeConfig, ProbeDataModule, ProbeDataset, ProbeRunner
-from lmprobe.dataset import auto_window
+from lmprobe.data.dataset import auto_window
 
 SITE = "transformer.h.3.output"
 
@@ -262,7 +262,7 @@ def test_the_heldout_slice_is_traced_with_the_first_window(gpt2, hf_gpt2, base_t
     """On a long-tailed set, the early-stopping slice (a tenth of the documents, of every
     length) is traced sorted by length together with the first length window, as one sort
     of both: fewer padded tokens than the slice on its own plus the window, and the probe
-    learns and stops as the replayed rules say (lmprobe.ahead)."""
+    learns and stops as the replayed rules say (lmprobe.tracing.ahead)."""
     rng = np.random.default_rng(1)
     n = 400
     lengths = np.minimum(np.round(rng.pareto(1.2, n) * 3 + 2), 120).astype(int)
@@ -379,8 +379,8 @@ def test_validation_split_is_scored_like_sklearn_and_traced_once(gpt2, hf_gpt2, 
     "val" metrics equal sklearn's on the final probes."""
     from sklearn import metrics as skm
 
-    from lmprobe.datamodule import ProbeDataModule
-    from lmprobe.engine import fit_and_test
+    from lmprobe.data.datamodule import ProbeDataModule
+    from lmprobe.training.engine import fit_and_test
 
     _, enc, labels = docs
     ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
@@ -394,7 +394,7 @@ def test_validation_split_is_scored_like_sklearn_and_traced_once(gpt2, hf_gpt2, 
     )
     import lightning as L
 
-    from lmprobe.engine import probe_callbacks
+    from lmprobe.training.engine import probe_callbacks
 
     trainer = L.Trainer(
         max_epochs=3,
@@ -485,8 +485,8 @@ def test_training_batches_leave_the_heldout_slice_out_and_stay_full(
     documents: the model traces whole batches of the run's batch size (the slice too: not a
     fixed 8), as many as the documents need (not the training set's batch count plus the
     slice's, trimmed). Here the first length window holds every training document, so the
-    slice and the training set are traced as one sort by length (``lmprobe.ahead``)."""
-    from lmprobe.module import ProbeModule
+    slice and the training set are traced as one sort by length (``lmprobe.tracing.ahead``)."""
+    from lmprobe.training.module import ProbeModule
 
     traced: list[int] = []
     extract = ProbeModule.extract
@@ -523,8 +523,8 @@ def test_windows_trained_on_the_worker_learn_what_windows_trained_in_place_learn
     traced for it meanwhile, and the run traces as many batches."""
     import threading
 
-    from lmprobe.bank import ProbeBank
-    from lmprobe.callbacks import ProbeUpdater
+    from lmprobe.bank.bank import ProbeBank
+    from lmprobe.training.callbacks import ProbeUpdater
 
     train_on, wait = ProbeBank._train_on, ProbeBank.wait
     on_worker: list[int] = []

@@ -12,9 +12,9 @@ import torch
 from sklearn import metrics as skm
 
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
-from lmprobe.bank import REFIT_ROWS
-from lmprobe.datamodule import ProbeDataModule
-from lmprobe.engine import fit_and_test, make_trainer, probe_callbacks
+from lmprobe.bank.refit import REFIT_ROWS
+from lmprobe.data.datamodule import ProbeDataModule
+from lmprobe.training.engine import fit_and_test, make_trainer, probe_callbacks
 
 SITES = ["transformer.h.2.output", "transformer.h.9.output"]
 RESAMPLES = 200
@@ -48,7 +48,7 @@ def fit_and_score(gpt2, train_set, test_set, group_size=None):
 
 
 def by_hand(probe, X, y):
-    """The bootstrap as lmprobe.uncertainty documents it, with scikit-learn's metrics."""
+    """The bootstrap as lmprobe.scoring.uncertainty documents it, with scikit-learn's metrics."""
     pred, proba = probe.predict(X), probe.predict_proba(X)
     eps = np.finfo(proba.dtype).eps
     loss = -np.log(np.clip(proba[np.arange(len(y)), y], eps, 1 - eps))
@@ -181,7 +181,7 @@ def test_control_twins_learn_the_control_task_by_hand(gpt2, docs, level):
 
 
 def test_random_init_copy_reinitialises_every_weight_seeded(gpt2):
-    from lmprobe.baselines import random_init_copy
+    from lmprobe.results.baselines import random_init_copy
 
     a, b, c = (random_init_copy(gpt2, seed) for seed in (3, 3, 4))
     for name, original in gpt2._module.named_parameters():
@@ -199,7 +199,7 @@ def test_random_init_copy_reinitialises_every_weight_seeded(gpt2):
 def test_random_init_baseline_stands_beside_each_probe(gpt2, docs):
     """baseline="random_init": the same probes fitted the same way on the re-initialised
     model; their accuracy is the one a plain run on that model gets."""
-    from lmprobe.baselines import random_init_copy
+    from lmprobe.results.baselines import random_init_copy
 
     _, enc, labels = docs
     ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
@@ -220,7 +220,7 @@ def test_bootstrap_of_several_classes_equals_resampling_by_hand():
     """Every metric of every resample (one product of the draw counts per probe) equals
     scikit-learn on the resampled rows themselves, with four classes, one of them rare (so
     some resamples miss it)."""
-    from lmprobe.uncertainty import bootstrap
+    from lmprobe.scoring.uncertainty import bootstrap
 
     rng = np.random.default_rng(0)
     n, k, resamples, seed = 60, 4, 300, 5
@@ -253,8 +253,9 @@ def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, doc
     gives."""
     import threading
 
-    import lmprobe.bank
-    import lmprobe.uncertainty
+    import lmprobe.bank.bank
+    import lmprobe.bank.scoring
+    import lmprobe.scoring.uncertainty
 
     _, enc, labels = docs
     ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
@@ -270,14 +271,16 @@ def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, doc
 
         monkeypatch.setattr(module, "resample_counts", spy)
 
-    spying(lmprobe.bank)
-    spying(lmprobe.uncertainty)
+    spying(lmprobe.bank.scoring)
+    spying(lmprobe.scoring.uncertainty)
     _, ahead = fit_and_score(gpt2, train_set, test_set)
-    assert calls == [("lmprobe.bank", "lmprobe-bank")]  # once, for both probes, on the worker
+    assert calls == [
+        ("lmprobe.bank.scoring", "lmprobe-bank")
+    ]  # once, for both probes, on the worker
     calls.clear()
-    monkeypatch.setattr(lmprobe.bank.ProbeBank, "draw_resamples", lambda *args: None)
+    monkeypatch.setattr(lmprobe.bank.bank.ProbeBank, "draw_resamples", lambda *args: None)
     _, at_the_end = fit_and_score(gpt2, train_set, test_set)
-    assert calls == [("lmprobe.uncertainty", "MainThread")]
+    assert calls == [("lmprobe.scoring.uncertainty", "MainThread")]
     bounds = [c for c in ahead.columns if c.endswith(("_low", "_high"))] + ["p_vs_best"]
     assert len(bounds) == 13  # six metrics, and the paired p-value
     pd.testing.assert_frame_equal(ahead[bounds], at_the_end[bounds])
@@ -286,7 +289,7 @@ def test_the_test_bootstrap_is_drawn_once_while_the_test_set_is_traced(gpt2, doc
 def test_a_failed_draw_ahead_falls_back_to_drawing_at_the_end(gpt2, docs, monkeypatch, caplog):
     """If drawing the resamples on the worker fails (out of memory, say), the test table
     still gets its intervals, drawn at the end: the same ones."""
-    import lmprobe.bank
+    import lmprobe.bank.scoring
 
     _, enc, labels = docs
     ds = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
@@ -296,7 +299,7 @@ def test_a_failed_draw_ahead_falls_back_to_drawing_at_the_end(gpt2, docs, monkey
     def failing(*args):
         raise MemoryError("no room for the draws")
 
-    monkeypatch.setattr(lmprobe.bank, "resample_counts", failing)
+    monkeypatch.setattr(lmprobe.bank.scoring, "resample_counts", failing)
     _, drawn_at_the_end = fit_and_score(gpt2, train_set, test_set)
     assert "drawing the bootstrap's resamples ahead failed" in caplog.text
     bounds = [c for c in drawn_ahead.columns if c.endswith(("_low", "_high"))]
@@ -305,7 +308,7 @@ def test_a_failed_draw_ahead_falls_back_to_drawing_at_the_end(gpt2, docs, monkey
 
 def scored(classes, y, proba):
     """A ``ClassificationScores`` of ``classes`` fed rows of labels ``y`` and ``proba``."""
-    from lmprobe.metrics import ClassificationScores
+    from lmprobe.scoring.metrics import ClassificationScores
 
     scores = ClassificationScores(np.asarray(classes))
     pred = np.asarray(classes)[proba.argmax(1)]

@@ -14,10 +14,10 @@ from conftest import FILLER, NEGATIVE, POSITIVE
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from lmprobe import LmProbeError, ProbeBank, ProbeConfig, ProbeDataModule, ProbeRunner
-from lmprobe.conll import resolve_column
-from lmprobe.features import gather, pool_words, position_ids_for, word_rows
-from lmprobe.readers import read_table
-from lmprobe.words import encode_words
+from lmprobe.data.conll import resolve_column
+from lmprobe.data.readers import read_table
+from lmprobe.data.words import encode_words
+from lmprobe.tracing.features import gather, pool_words, position_ids_for, word_rows
 
 TAGS = {
     **dict.fromkeys(POSITIVE + NEGATIVE, "ADJ"),
@@ -401,7 +401,7 @@ def app_overrides(model_dir) -> list[str]:
 def test_app_runs_conll_files_end_to_end(tmp_path, tiny_model_dir, fmt):
     from test_app import compose_cfg
 
-    from lmprobe.app import train
+    from lmprobe.app.job import train
 
     write = write_conllu if fmt == "conllu" else write_conll
     train_file = write(tmp_path / f"train.{fmt}", tagged_sentences(50, seed=1))
@@ -438,7 +438,7 @@ def test_app_runs_conll_files_end_to_end(tmp_path, tiny_model_dir, fmt):
 def test_app_csv_test_path_scores_the_rows_of_the_test_file(tmp_path, tiny_model_dir):
     from test_app import compose_cfg
 
-    from lmprobe.app import train
+    from lmprobe.app.job import train
 
     rng = random.Random(0)
     for name, n in (("train", 60), ("test", 23)):

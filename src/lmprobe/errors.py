@@ -28,6 +28,12 @@ def closest(value: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     return found
 
 
+def did_you_mean(value: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` with the closest candidate, for the end of a message."""
+    hint = closest(value, candidates, n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
 def plain(values: Iterable[Any]) -> list[Any]:
     """``values`` as a list of Python scalars, for messages: numpy's own print as
     ``np.int64(1)`` (numpy 2), where a user wrote ``1``."""

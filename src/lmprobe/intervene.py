@@ -38,12 +38,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lmprobe.dataset import batches
+from lmprobe.data.dataset import batches
 from lmprobe.errors import LmProbeError
-from lmprobe.features import FeatureKey, Features, gather, model_inputs, site_tensor, trace_features
-from lmprobe.metrics import column_of
-from lmprobe.models import forward_order, forward_parameters, input_device, torch_module
-from lmprobe.uncertainty import DEFAULT_RESAMPLES, LEVEL, resample_counts
+from lmprobe.scoring.metrics import column_of
+from lmprobe.scoring.uncertainty import DEFAULT_RESAMPLES, LEVEL, resample_counts
+from lmprobe.tracing.features import (
+    FeatureKey,
+    Features,
+    gather,
+    model_inputs,
+    site_tensor,
+    trace_features,
+)
+from lmprobe.tracing.models import forward_order, forward_parameters, input_device, torch_module
 
 log = logging.getLogger("lmprobe")
 
@@ -603,76 +610,7 @@ def log_to_tensorboard(frame: pd.DataFrame, loggers: Sequence[Any], figure: Any 
 
 
 def write_intervention(frame: pd.DataFrame, path: Path) -> Path:
-    from lmprobe.io import atomic_write_bytes
+    from lmprobe.probes.files import atomic_write_bytes
 
     atomic_write_bytes(path, frame.to_csv(index=False, float_format="%.6g").encode())
     return path
-
-
-# ----------------------------------------------------------------------------- the app
-def check_config(cfg: Any) -> None:
-    """The app's ``intervene`` node, before any model work: not with several processes
-    (one-line error) and alphas that are numbers."""
-    from lmprobe.distributed import requested
-
-    node = cfg.get("intervene")
-    if not node:
-        return
-    if requested(cfg.trainer):
-        raise LmProbeError(
-            "intervene=erase/steer runs in one process, not with trainer.strategy=ddp or "
-            "several devices; train with DDP, then resume on one device with intervene set, "
-            "or use intervene=none"
-        )
-    if not node.get("erase", True) and not node.get("steer", False):
-        raise LmProbeError(
-            "config key intervene: erase and steer are both false; use intervene=none"
-        )
-    if node.get("erase", True):
-        import importlib.util
-
-        if importlib.util.find_spec("concept_erasure") is None:
-            raise LmProbeError(
-                "intervene=erase needs the concept-erasure package: "
-                "pip install 'lmprobe-lightning[intervene]'"
-            )
-
-
-def app_stage(cfg, module, lm, datamodule, table, out, loggers, keep_outputs) -> pd.DataFrame:
-    """``train.py``'s intervention stage, after the run's own outputs are written:
-    ``intervention.csv``, ``intervention.png`` and TensorBoard scalars."""
-    node = cfg.intervene
-    batch_size = node.get("batch_size") or getattr(datamodule, "batch_size", None) or 8
-    frame = intervene(
-        module,
-        lm,
-        datamodule.train_set,
-        datamodule.test_set,
-        list(node.sites) if node.get("sites") else None,
-        erase=bool(node.get("erase", True)),
-        steer=bool(node.get("steer", False)),
-        alphas=[float(a) for a in node.get("alphas") or DEFAULT_ALPHAS],
-        batch_size=int(batch_size),
-        bootstrap=int(node.get("bootstrap", DEFAULT_RESAMPLES)),
-        seed=int(cfg.seed),
-        table=table,
-    )
-    figure = intervention_figure(frame)
-    from lmprobe.results import save_figure
-
-    rescue, problems = keep_outputs(
-        out,
-        [
-            (INTERVENTION_CSV, lambda d: write_intervention(frame, d / INTERVENTION_CSV)),
-            (INTERVENTION_FIGURE, lambda d: save_figure(figure, d / INTERVENTION_FIGURE)),
-        ],
-    )
-    if problems:
-        raise LmProbeError(f"could not write {'; '.join(problems)}; kept in {rescue} instead")
-    log_to_tensorboard(frame, loggers, figure)
-    shown = frame[frame["probe_is"] != "before"]
-    columns = ["site", "condition", "rank", "alpha", "probe", "accuracy", "accuracy_change"]
-    columns += [c for c in ("p_positive",) if c in frame.columns] + ["bits_per_token_change"]
-    print(f"\nInterventions ({out / INTERVENTION_CSV}):")
-    print(shown[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    return frame

@@ -1,0 +1,146 @@
+"""Checkpoints: the bank's state as tensors and plain values, and the fingerprint a
+resumed run must match."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmprobe.bank.rows import from_tensors, to_tensors
+from lmprobe.errors import LmProbeError
+from lmprobe.probes.base import (
+    probe_from_tensors,
+    probe_to_tensors,
+)
+from lmprobe.tracing.features import PendingFeatures, gather
+
+log = logging.getLogger("lmprobe")
+
+
+class Checkpoints:
+    """A part of ``ProbeBank`` (``lmprobe.bank.bank``): its methods use the bank's state."""
+
+    def snapshot_for_resume(self) -> None:
+        """Keep the state as it is now, buffered training rows included, for the checkpoint
+        of an interrupted run (see ``_resume_state``)."""
+        self.wait()
+        self._resume_state = self.state_dict(buffered=True)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return self._resume_state if self._resume_state is not None else self.state_dict()
+
+    def fingerprint_of(self, dataset: Any) -> dict[str, str]:
+        """Hashes of the training data (tokens, labels), the probe configs and the label set."""
+        import hashlib
+
+        def digest(*parts: Any) -> str:
+            h = hashlib.sha256()
+            for part in parts:
+                if isinstance(part, torch.Tensor):
+                    part = part.contiguous().numpy().tobytes()
+                h.update(part if isinstance(part, bytes) else str(part).encode())
+            return h.hexdigest()[:16]
+
+        configs = {n: dataclasses.asdict(c) for n, c in self.configs.items()}
+        classes = sorted({str(c.classes) for c in self.configs.values()})
+        return {
+            "data": digest(*dataset.digest_parts()),
+            "probes": digest(json.dumps(configs, sort_keys=True, default=str), self.seed),
+            "labels": digest(*classes),
+        }
+
+    def check_resume(self, state: dict[str, Any], source: str) -> None:
+        """Refuse a checkpoint written for other data, probes or labels, naming what differs."""
+        theirs = json.loads(state["plain"]).get("fingerprint", {}) if "plain" in state else {}
+        differ = [k for k, v in self.fingerprint.items() if theirs.get(k, v) != v]
+        if not theirs or differ:
+            what = ", ".join(differ) if theirs else "no fingerprint"
+            raise LmProbeError(
+                f"{source} was written by another run ({what} differ); resume with the same "
+                f"data, probes and labels, or start afresh without ckpt_path"
+            )
+
+    def state_dict(self, buffered: bool = False) -> dict[str, Any]:
+        """Tensors and plain values only (no pickled objects). ``buffered``: also the
+        training rows waiting in the buffer (an interrupted run's checkpoint)."""
+        self.wait()
+        probes = {}
+        for name, probe in self.probes.items():
+            arrays, header = probe_to_tensors(probe)
+            probes[name] = {
+                "arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+                "header": header,
+            }
+        heldout = {name: to_tensors(rows) for name, rows in self.heldout.items()}
+        plain = {
+            "live": sorted(self.live),
+            "stopped_early": self.stopped_early,
+            "steps": self.steps,
+            "best_loss": {k: float(v) for k, v in self.best_loss.items()},
+            "best_step": self.best_step,
+            "history": {k: [list(p) for p in v] for k, v in self.history.items()},
+            "prepared": self.prepared,
+            "online_pass": self.online_pass,
+            "code_bits": self.code_bits,
+            "uniform_bits": self.uniform_bits,
+            "class_counts": {k: v.tolist() for k, v in self.class_counts.items()},
+            "refitted": self.refitted,
+            "epoch_batches": self.epoch_batches,
+            "steps_buffered": self.steps_buffered,
+            "fingerprint": self.fingerprint,
+        }
+        waiting = {}
+        if buffered:
+            for name in self._train_rows.names():
+                rows = gather(self._train_rows.parts[name], drop_failed=True)
+                waiting[name] = to_tensors(rows)
+        return {
+            "buffered": waiting,
+            "probes": probes,
+            "heldout": heldout,
+            "heldout_index": torch.from_numpy(self.heldout_index),
+            "plain": json.dumps(plain),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.wait()
+        missing = sorted(set(self.configs) - set(state["probes"]))
+        if missing:
+            raise LmProbeError(
+                f"the checkpoint has no probe {missing[0]!r}; it was written for other probes"
+            )
+        self.probes = {
+            name: probe_from_tensors(
+                {k: v.numpy() for k, v in state["probes"][name]["arrays"].items()},
+                state["probes"][name]["header"],
+                source=f"checkpoint probe {name!r}",
+            )
+            for name in self.configs
+        }
+        self.heldout = {name: from_tensors(rows) for name, rows in state["heldout"].items()}
+        self.heldout_index = state["heldout_index"].numpy()
+        plain = json.loads(state["plain"])
+        self.live = set(plain["live"])
+        self.stopped_early = dict(plain["stopped_early"])
+        self.steps = dict(plain["steps"])
+        self.best_loss = dict(plain["best_loss"])
+        self.best_step = dict(plain["best_step"])
+        self.history = {k: [tuple(p) for p in v] for k, v in plain["history"].items()}
+        self.prepared = plain["prepared"]
+        self.online_pass = plain["online_pass"]
+        self.code_bits, self.uniform_bits = plain["code_bits"], plain["uniform_bits"]
+        self.class_counts = {k: np.asarray(v) for k, v in plain["class_counts"].items()}
+        self.refitted = dict(plain.get("refitted", dict.fromkeys(self.configs, False)))
+        self.epoch_batches = int(plain.get("epoch_batches", 0))
+        buffered = plain.get("steps_buffered", {})
+        self.steps_buffered = {n: int(buffered.get(n, 0)) for n in self.configs}
+        self.resumed = True
+        self._train_rows.clear()
+        for name, rows in state.get("buffered", {}).items():
+            X, y, doc = from_tensors(rows)
+            self._train_rows.add(name, PendingFeatures(torch.from_numpy(X), y, doc), None)

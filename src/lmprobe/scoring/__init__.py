@@ -1,0 +1,1 @@
+"""Metrics of a probe's predictions and their uncertainty (bootstrap, p-values)."""

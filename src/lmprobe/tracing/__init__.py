@@ -1,0 +1,1 @@
+"""The language model: loading it, tracing it with nnsight, pooling and storing its activations."""

@@ -1,0 +1,1 @@
+"""Lightning: the module, the callbacks, the trainer, the runner, DDP and interruptions."""
