@@ -241,6 +241,10 @@ class ProbeBank:
         # Refitted on every training row (held-out ones too) once the held-out slice has
         # chosen alpha and the length of training (see ``refit``).
         self.refitted: dict[str, bool] = dict.fromkeys(self.configs, False)
+        # Probes a training batch of the first epoch was traced without (they had stopped):
+        # their kept rows lack it, so they are not refitted; a resumed run refits the others
+        # (``ProbeModule.refit_probes``).
+        self.rows_dropped: set[str] = set()
         self._train_rows = RowBuffer()
         # Training batches consumed in the current epoch (a resumed run skips them).
         self.epoch_batches = 0
@@ -1073,6 +1077,7 @@ class ProbeBank:
             "uniform_bits": self.uniform_bits,
             "class_counts": {k: v.tolist() for k, v in self.class_counts.items()},
             "refitted": self.refitted,
+            "rows_dropped": sorted(self.rows_dropped),
             "epoch_batches": self.epoch_batches,
             "steps_buffered": self.steps_buffered,
             "fingerprint": self.fingerprint,
@@ -1119,6 +1124,8 @@ class ProbeBank:
         self.code_bits, self.uniform_bits = plain["code_bits"], plain["uniform_bits"]
         self.class_counts = {k: np.asarray(v) for k, v in plain["class_counts"].items()}
         self.refitted = dict(plain.get("refitted", dict.fromkeys(self.configs, False)))
+        # (a checkpoint from before this was recorded: refit the live probes, as then)
+        self.rows_dropped = set(plain.get("rows_dropped", set(self.configs) - self.live))
         self.epoch_batches = int(plain.get("epoch_batches", 0))
         buffered = plain.get("steps_buffered", {})
         self.steps_buffered = {n: int(buffered.get(n, 0)) for n in self.configs}

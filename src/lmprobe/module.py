@@ -325,7 +325,7 @@ class ProbeModule(L.LightningModule):
         """Keep the rows traced ahead of the batch at ``position`` (documents ``index``) as
         its features for later epochs (a resumed run: the batches before the interruption,
         which it does not trace again)."""
-        keys = self.bank.keys_for(sorted(self.bank.live))
+        keys = self.bank.keys_for(self.kept_names(sorted(self.bank.live)))
         if self._ahead is not None and keys and self._ahead.holds(index, keys):
             label = f"training batch {position}"
             self._remember(position, torch.from_numpy(index), self._ahead.take(index, keys, label))
@@ -356,6 +356,8 @@ class ProbeModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
         live = self.bank.live_names()  # (a window training on the worker: its probes)
         if not live:
+            if self.bank.online_pass:
+                self.bank.rows_dropped.update(self.configs)
             return None
         if len(self.bank.heldout_index):
             keep = ~torch.isin(batch["index"], torch.from_numpy(self.bank.heldout_index))
@@ -363,6 +365,10 @@ class ProbeModule(L.LightningModule):
                 return None
             if not bool(keep.all()):
                 batch = trim_padding({k: v[keep] for k, v in batch.items()})
+        if self.bank.online_pass:  # the stopped probes miss this batch's rows
+            traced = set(self.bank.keys_for(live))
+            self.bank.rows_dropped.update(n for n in self.configs if self.bank.key(n) not in traced)
+        live = self.kept_names(live)
         # The batch's place in the epoch, counted by the bank: after a mid-epoch resume
         # Lightning's batch_idx can be one behind it (the interrupted batch).
         position = self.bank.epoch_batches
@@ -380,6 +386,14 @@ class ProbeModule(L.LightningModule):
             features = self.extract_shared(batch, live, f"training batch {position}")
             self._remember(position, batch["index"], features)
         return {"features": features}
+
+    def kept_names(self, live: Sequence[str]) -> list[str]:
+        """The probes a training batch is traced for: the ``live`` ones and, in a resumed
+        run, those whose every first-epoch row the uninterrupted run kept (for their refit:
+        ``refit_probes``)."""
+        if not self.bank.resumed:
+            return list(live)
+        return sorted(set(live) | (set(self.configs) - self.bank.rows_dropped))
 
     def _remember(
         self, position: int, index: torch.Tensor, features: dict[FeatureKey, PendingFeatures]
@@ -426,19 +440,41 @@ class ProbeModule(L.LightningModule):
         rows = {key: gather(p) for key, p in parts.items()}
         if not rows:  # a rank that owns no site (more ranks than sites)
             return []
-        # A resumed run traces the documents whose features it never kept (those of the
-        # batches before the interruption); otherwise a probe without every row kept (it
-        # stopped in the first epoch) is left as trained: no extra pass over the data.
-        kept = np.unique(np.concatenate([r.doc for r in rows.values()]))
-        missing = np.setdiff1d(np.arange(len(dataset)), kept)
-        missing = np.setdiff1d(missing, self.bank.heldout_index)
-        if self.bank.resumed and len(missing) and len(missing) < len(dataset):
-            names = [n for n in self.configs if self.bank.key(n) in rows]
-            extra = self._trace_missing(dataset, names, missing)
-            for key, more in extra.items():
-                rows[key] = Features.concat([rows[key], more])
+        # A resumed run traces, for each probe the uninterrupted run refits (every batch of
+        # a whole first epoch was traced for it), the documents whose rows it did not keep
+        # (those of the batches before the interruption). A probe that stopped in the first
+        # epoch is left as trained, as then: no extra pass over the data.
+        first = self.trainer.num_training_batches
+        if self.bank.resumed and not (self.bank.online_pass and self.bank.epoch_batches < first):
+            self._complete_rows(dataset, rows)
         given = [(n, rows[self.bank.key(n)]) for n in self.configs if self.bank.key(n) in rows]
         return self.bank.refit_all(given, len(dataset), background)
+
+    def _complete_rows(self, dataset: ProbeDataset, rows: dict[FeatureKey, Features]) -> None:
+        """Add to ``rows`` those of the training documents (the held-out slice aside) each
+        probe not in ``bank.rows_dropped`` lacks, traced as the uninterrupted run traced them
+        (``_trace_missing``)."""
+        training = np.setdiff1d(np.arange(len(dataset)), self.bank.heldout_index)
+        names = [n for n in self.configs if n not in self.bank.rows_dropped]
+        missing: dict[FeatureKey, np.ndarray] = {}
+        for key in self.bank.keys_for(names):
+            kept = rows[key].doc if key in rows else np.empty(0, dtype=np.int64)
+            lack = np.setdiff1d(training, kept)
+            if len(lack):
+                missing[key] = lack
+        if not missing:
+            return
+        needed = [n for n in names if self.bank.key(n) in missing]
+        extra = self._trace_missing(
+            dataset, needed, np.unique(np.concatenate(list(missing.values())))
+        )
+        for key, lack in missing.items():
+            if key not in extra:  # (a site another rank owns)
+                continue
+            more = extra[key]
+            own = np.isin(more.doc, lack)
+            more = Features(more.X[own], more.y[own], more.doc[own])
+            rows[key] = Features.concat([rows[key], more]) if key in rows else more
 
     def _trace_missing(
         self, dataset: ProbeDataset, names: Sequence[str], missing: np.ndarray
