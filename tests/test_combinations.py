@@ -327,6 +327,7 @@ RESUME_CELLS = [
 ]
 FAST_RESUME = {
     ("sgd_classifier", "mean", True, False, "epoch0-mid"),
+    ("sgd_classifier", "mean", True, False, "epoch1-mid"),  # a probe stopped before: refit
     ("logistic", "word", True, True, "epoch1-mid"),
 }
 WHERE = {"epoch0-mid": {"batch": 5, "epoch": 0}, "epoch1-mid": {"batch": 6, "epoch": 1}}
