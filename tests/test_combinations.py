@@ -334,34 +334,19 @@ RESUME_CELLS = [
 ]
 FAST_RESUME = {
     ("sgd_classifier", "mean", True, False, "epoch0-mid"),
+    ("sgd_classifier", "mean", True, False, "epoch1-mid"),  # a probe stopped before: refit
     ("logistic", "word", True, True, "epoch1-mid"),
 }
 WHERE = {"epoch0-mid": {"batch": 5, "epoch": 0}, "epoch1-mid": {"batch": 6, "epoch": 1}}
-# Found by the matrix, not fixed: in these cells a probe that stopped early before the
-# interruption is refitted by the uninterrupted run (whose first epoch kept its rows) but not
-# by the resumed one, which keeps rows only for the probes live when it resumed
-# (``ProbeModule.refit_probes`` refits probes with kept rows): the resumed probe keeps its
-# training state (other arrays). With the store, the epoch-0 cells were not traced further.
 # (Fixed: a run resumed past the first length window traces that window with the held-out
 # slice again and the batches before the interruption as training batches, as the
-# uninterrupted run did, so the refit gets the very same rows.)
-RESUME_NOT_REFITTED = pytest.mark.xfail(
-    strict=True,
-    reason="issue 33 matrix: a probe stopped before the interruption is not refitted after it",
-)
-RESUME_XFAIL = {
-    ("sgd_classifier", "mean", False, False, "epoch1-mid"),
-    ("sgd_classifier", "mean", False, True, "epoch0-mid"),
-    ("sgd_classifier", "mean", False, True, "epoch1-mid"),
-    ("sgd_classifier", "mean", True, False, "epoch1-mid"),
-    ("sgd_classifier", "mean", True, True, "epoch0-mid"),
-    ("sgd_classifier", "mean", True, True, "epoch1-mid"),
-}
+# uninterrupted run did, so the refit gets the very same rows. And a probe that stopped
+# before the interruption, after a whole first epoch, is refitted as in the uninterrupted
+# run: ``ProbeBank.rows_dropped``.)
 
 
 def resume_marks(cell: tuple) -> list:
-    marks = [] if cell in FAST_RESUME else [matrix]
-    return marks + ([RESUME_NOT_REFITTED] if cell in RESUME_XFAIL else [])
+    return [] if cell in FAST_RESUME else [matrix]
 
 
 @pytest.mark.parametrize(

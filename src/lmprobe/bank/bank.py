@@ -146,6 +146,8 @@ class ProbeBank(ProbeState, ControlTasks, EarlyStopping, Worker, Refitting, Scor
         # Refitted on every training row (held-out ones too) once the held-out slice has
         # chosen alpha and the length of training (see ``refit``).
         self.refitted: dict[str, bool] = dict.fromkeys(self.configs, False)
+        # Probes some first-epoch training batch was traced without (``drop_rows``).
+        self.rows_dropped: set[str] = set()
         self._train_rows = RowBuffer()
         # Training batches consumed in the current epoch (a resumed run skips them).
         self.epoch_batches = 0

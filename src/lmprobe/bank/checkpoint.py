@@ -90,6 +90,7 @@ class Checkpoints:
             "uniform_bits": self.uniform_bits,
             "class_counts": {k: v.tolist() for k, v in self.class_counts.items()},
             "refitted": self.refitted,
+            "rows_dropped": sorted(self.rows_dropped),
             "epoch_batches": self.epoch_batches,
             "steps_buffered": self.steps_buffered,
             "fingerprint": self.fingerprint,
@@ -136,6 +137,8 @@ class Checkpoints:
         self.code_bits, self.uniform_bits = plain["code_bits"], plain["uniform_bits"]
         self.class_counts = {k: np.asarray(v) for k, v in plain["class_counts"].items()}
         self.refitted = dict(plain.get("refitted", dict.fromkeys(self.configs, False)))
+        # (a checkpoint from before this was recorded: refit the live probes, as then)
+        self.rows_dropped = set(plain.get("rows_dropped", set(self.configs) - self.live))
         self.epoch_batches = int(plain.get("epoch_batches", 0))
         buffered = plain.get("steps_buffered", {})
         self.steps_buffered = {n: int(buffered.get(n, 0)) for n in self.configs}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,13 @@ class Refitting:
 
         self._pending = BackgroundJob(refits)
         return []
+
+    def drop_rows(self, names: Iterable[str]) -> None:
+        """A first-epoch training batch was traced without the probes ``names`` (they had
+        stopped): their kept rows lack it, so they are not refitted; a resumed run refits the
+        others (``ProbeModule.refit_probes``)."""
+        if self.online_pass:
+            self.rows_dropped.update(names)
 
     def refit(self, name: str, rows: Features, n_docs: int) -> bool:
         """Retrain ``name`` from scratch on every training row, its held-out slice included,

@@ -71,10 +71,44 @@ class TraceAhead:
         """Keep the rows traced ahead of the batch at ``position`` (documents ``index``) as
         its features for later epochs (a resumed run: the batches before the interruption,
         which it does not trace again)."""
-        keys = self.bank.keys_for(sorted(self.bank.live))
+        keys = self.bank.keys_for(self.kept_names(sorted(self.bank.live)))
         if self._ahead is not None and keys and self._ahead.holds(index, keys):
             label = f"training batch {position}"
             self._remember(position, torch.from_numpy(index), self._ahead.take(index, keys, label))
+
+    def kept_names(self, live: Sequence[str]) -> list[str]:
+        """The probes a training batch is traced for: the ``live`` ones and, in a resumed
+        run, those whose every first-epoch row the uninterrupted run kept (for their refit:
+        ``refit_probes``)."""
+        if not self.bank.resumed:
+            return list(live)
+        return sorted(set(live) | (set(self.configs) - self.bank.rows_dropped))
+
+    def _complete_rows(self, dataset: ProbeDataset, rows: dict[FeatureKey, Features]) -> None:
+        """Add to ``rows`` those of the training documents (the held-out slice aside) each
+        probe not in ``bank.rows_dropped`` lacks, traced as the uninterrupted run traced them
+        (``_trace_missing``)."""
+        training = np.setdiff1d(np.arange(len(dataset)), self.bank.heldout_index)
+        names = [n for n in self.configs if n not in self.bank.rows_dropped]
+        missing: dict[FeatureKey, np.ndarray] = {}
+        for key in self.bank.keys_for(names):
+            kept = rows[key].doc if key in rows else np.empty(0, dtype=np.int64)
+            lack = np.setdiff1d(training, kept)
+            if len(lack):
+                missing[key] = lack
+        if not missing:
+            return
+        needed = [n for n in names if self.bank.key(n) in missing]
+        extra = self._trace_missing(
+            dataset, needed, np.unique(np.concatenate(list(missing.values())))
+        )
+        for key, lack in missing.items():
+            if key not in extra:  # (a site another rank owns)
+                continue
+            more = extra[key]
+            own = np.isin(more.doc, lack)
+            more = Features(more.X[own], more.y[own], more.doc[own])
+            rows[key] = Features.concat([rows[key], more]) if key in rows else more
 
     def _trace_missing(
         self, dataset: ProbeDataset, names: Sequence[str], missing: np.ndarray

@@ -228,8 +228,8 @@ class ProbeEarlyStopping(Callback):
         ):
             # the same batches as the uninterrupted run traced, so the very same rows: for
             # the rest of the window, for later epochs and for the refit
-            union, live = bank.heldout_index, sorted(bank.live)
-            pl_module.trace_ahead(dataset, batch_size, union, window, window_end, live)
+            union, names = bank.heldout_index, pl_module.kept_names(sorted(bank.live))
+            pl_module.trace_ahead(dataset, batch_size, union, window, window_end, names)
             # the window's batches trained on before the interruption: later epochs (and
             # the refit) replay their rows
             for position in range(min(bank.epoch_batches, window_end + 1)):

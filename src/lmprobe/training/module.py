@@ -317,6 +317,7 @@ class ProbeModule(TraceAhead, L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
         live = self.bank.live_names()  # (a window training on the worker: its probes)
         if not live:
+            self.bank.drop_rows(self.configs)
             return None
         if len(self.bank.heldout_index):
             keep = ~torch.isin(batch["index"], torch.from_numpy(self.bank.heldout_index))
@@ -324,6 +325,10 @@ class ProbeModule(TraceAhead, L.LightningModule):
                 return None
             if not bool(keep.all()):
                 batch = trim_padding({k: v[keep] for k, v in batch.items()})
+        if self.bank.online_pass:  # the stopped probes miss this batch's rows
+            traced = set(self.bank.keys_for(live))
+            self.bank.drop_rows(n for n in self.configs if self.bank.key(n) not in traced)
+        live = self.kept_names(live)
         # The batch's place in the epoch, counted by the bank: after a mid-epoch resume
         # Lightning's batch_idx can be one behind it (the interrupted batch).
         position = self.bank.epoch_batches
@@ -387,17 +392,13 @@ class ProbeModule(TraceAhead, L.LightningModule):
         rows = {key: gather(p) for key, p in parts.items()}
         if not rows:  # a rank that owns no site (more ranks than sites)
             return []
-        # A resumed run traces the documents whose features it never kept (those of the
-        # batches before the interruption); otherwise a probe without every row kept (it
-        # stopped in the first epoch) is left as trained: no extra pass over the data.
-        kept = np.unique(np.concatenate([r.doc for r in rows.values()]))
-        missing = np.setdiff1d(np.arange(len(dataset)), kept)
-        missing = np.setdiff1d(missing, self.bank.heldout_index)
-        if self.bank.resumed and len(missing) and len(missing) < len(dataset):
-            names = [n for n in self.configs if self.bank.key(n) in rows]
-            extra = self._trace_missing(dataset, names, missing)
-            for key, more in extra.items():
-                rows[key] = Features.concat([rows[key], more])
+        # A resumed run traces, for each probe the uninterrupted run refits (every batch of
+        # a whole first epoch was traced for it), the documents whose rows it did not keep
+        # (those of the batches before the interruption). A probe that stopped in the first
+        # epoch is left as trained, as then: no extra pass over the data.
+        first = self.trainer.num_training_batches
+        if self.bank.resumed and not (self.bank.online_pass and self.bank.epoch_batches < first):
+            self._complete_rows(dataset, rows)
         given = [(n, rows[self.bank.key(n)]) for n in self.configs if self.bank.key(n) in rows]
         return self.bank.refit_all(given, len(dataset), background)
 
