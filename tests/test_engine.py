@@ -101,7 +101,14 @@ def test_early_stopping_uses_fixed_seeded_heldout_slice(gpt2, dataset):
             warmup_steps=6,
             name="warm",
         ),
-        ProbeConfig("transformer.h.2.output", [0, 1], test_size=0.1, patience=1000, name="small"),
+        ProbeConfig(
+            "transformer.h.2.output",
+            [0, 1],
+            test_size=0.1,
+            patience=1000,
+            name="small",
+            refit=False,  # (its online training: refitted, it would learn from its slice)
+        ),
     ]
     runner = ProbeRunner(gpt2, configs, seed=3)
     runner.fit_probes(dataset, None, num_epoch=1, batch_size=4, chunk_rows=None)

@@ -469,6 +469,23 @@ class ProbeBank:
         ``alpha`` grid): a probe with either holds them out."""
         return self._stops_early(name) or self.probes[name].selects
 
+    def uses_kept_rows(self) -> bool:
+        """Whether some probe learns from the kept training rows when training ends (a
+        one-epoch run keeps them only then): a kind fitted from every row, a refit (a
+        held-out slice to refit with), or a code length. From the configs: every rank
+        decides alike."""
+        return any(
+            getattr(self.probes[name], "fits_rows", False)
+            or (config.refit and config.heldout_size > 0 and self._needs_heldout(name))
+            or self._codes(name)
+            for name, config in self.configs.items()
+        )
+
+    def _codes(self, name: str) -> bool:
+        """The kind has an online code length: a classifier with probabilities."""
+        probe = self.probes[name]
+        return probe.task == "classification" and hasattr(probe, "predict_proba")
+
     def _stops_early(self, name: str) -> bool:
         """Early stopping is on and the kind has a held-out criterion (else no rows are held
         out for it: a mean-difference probe trains on all of them)."""
@@ -864,8 +881,7 @@ class ProbeBank:
         if (
             self.uniform_bits[name]  # once (a resumed run)
             or (self.refitted[name] and not getattr(probe, "fits_rows", False))
-            or probe.task != "classification"
-            or not hasattr(probe, "predict_proba")
+            or not self._codes(name)
             or not probe.is_fitted
         ):
             return False
