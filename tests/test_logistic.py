@@ -16,7 +16,7 @@ from test_mdl import FRACTIONS
 
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
 from lmprobe.bank import REFIT_ROWS, ProbeBank
-from lmprobe.features import Features, PendingFeatures
+from lmprobe.features import Features, PendingFeatures, gather
 from lmprobe.probes import LogisticProbe
 
 
@@ -154,19 +154,24 @@ def test_a_one_epoch_run_fits_refits_and_codes_from_its_kept_features(gpt2, base
     runner.fit_probes(train_set, test_set, max_epochs=1, enable_progress_bar=False)
     table = runner.metrics
     assert table["refit"].all() and np.isfinite(table["compression"]).all()
-    train = train_set[:]
-    X = runner.get_probe_features(train["input_ids"], train["attention_mask"])["sgd"]
-    y = train["labels"].numpy()
-    # logistic: the exact fit on the same rows, in the bank's order (the training rows by
-    # document, then the held-out slice)
-    held = runner.module.bank.heldout["logistic"].doc
-    rest = np.setdiff1d(np.arange(len(y)), held)
-    exact = LogisticProbe([0, 1], {}, True, 2).fit_rows(X[rest], y[rest], X[held], y[held])
+    # the rows the run kept (the features it trained on), and the held-out slice
+    bank = runner.module.bank
+    key = bank.key("sgd")
+    kept = gather([features[key] for _, features in runner.module._train_cache.values()])
+    kept = Features(*(a[np.argsort(kept.doc, kind="stable")] for a in kept))
+    held = bank.heldout["logistic"]
+    # logistic: the exact fit on them, in the bank's order (the training rows by document,
+    # then the held-out slice)
+    exact = LogisticProbe([0, 1], {}, True, 2).fit_rows(kept.X, kept.y, held.X, held.y)
     probe = runner["logistic"]
     assert probe.exact and probe.C_ == exact.C_
-    np.testing.assert_allclose(probe.predict_proba(X), exact.predict_proba(X), atol=1e-4)
+    np.testing.assert_allclose(probe.predict_proba(kept.X), exact.predict_proba(kept.X), rtol=1e-6)
     # sgd: retrained from scratch on every row at the alpha the slice chose, as many passes
-    # as it made (one), in one seeded permutation, REFIT_ROWS rows an update
+    # as it made (one), in one seeded permutation of the rows in document order,
+    # REFIT_ROWS rows an update
+    every = Features.concat([kept, bank.heldout["sgd"]])
+    X, y = (a[np.argsort(every.doc, kind="stable")] for a in (every.X, every.y))
+    assert len(y) == len(train_set)
     sgd = runner["sgd"]
     scaler, by_hand = StandardScaler(), reference_sgd(sgd.alpha_, 2)
     perm = np.random.default_rng((2, 0)).permutation(len(y))
@@ -175,7 +180,7 @@ def test_a_one_epoch_run_fits_refits_and_codes_from_its_kept_features(gpt2, base
         scaler.partial_fit(X[rows])
         by_hand.partial_fit(scaler.transform(X[rows]), y[rows], classes=[0, 1])
     assert sgd.n_samples_seen_ == len(y)
-    np.testing.assert_allclose(sgd.classifier_.coef_, by_hand.coef_, rtol=1e-4)
+    np.testing.assert_allclose(sgd.classifier_.coef_, by_hand.coef_, rtol=1e-5)
 
 
 def test_a_bad_C_is_a_one_line_error_before_any_work():
