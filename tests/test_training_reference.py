@@ -273,7 +273,10 @@ def test_the_heldout_slice_is_traced_with_the_first_window(gpt2, hf_gpt2, base_t
         mask[i, :length] = 1
     labels = rng.integers(0, 2, n)
     ds = ProbeDataset(ids, mask, torch.as_tensor(labels))
-    config = ProbeConfig(SITE, [0, 1], test_size=0.1, patience=6, threshold=1e-3, **ONE_ALPHA)
+    # (refit=False: the online training the replay replays)
+    config = ProbeConfig(
+        SITE, [0, 1], test_size=0.1, patience=6, threshold=1e-3, refit=False, **ONE_ALPHA
+    )
     runner = ProbeRunner(gpt2, [config], seed=4)
     tokens = {"n": 0}
     handle = hf_gpt2.transformer.h[0].register_forward_pre_hook(

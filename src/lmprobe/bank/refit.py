@@ -62,6 +62,23 @@ class Refitting:
         self._pending = BackgroundJob(refits)
         return []
 
+    def uses_kept_rows(self) -> bool:
+        """Whether some probe learns from the kept training rows when training ends (a
+        one-epoch run keeps them only then): a kind fitted from every row, a refit (a
+        held-out slice to refit with), or a code length. From the configs: every rank
+        decides alike."""
+        return any(
+            getattr(self.probes[name], "fits_rows", False)
+            or (config.refit and config.heldout_size > 0 and self._needs_heldout(name))
+            or self._codes(name)
+            for name, config in self.configs.items()
+        )
+
+    def _codes(self, name: str) -> bool:
+        """The kind has an online code length: a classifier with probabilities."""
+        probe = self.probes[name]
+        return probe.task == "classification" and hasattr(probe, "predict_proba")
+
     def drop_rows(self, names: Iterable[str]) -> None:
         """A first-epoch training batch was traced without the probes ``names`` (they had
         stopped): their kept rows lack it, so they are not refitted; a resumed run refits the
@@ -214,8 +231,7 @@ class Refitting:
         if (
             self.uniform_bits[name]  # once (a resumed run)
             or (self.refitted[name] and not getattr(probe, "fits_rows", False))
-            or probe.task != "classification"
-            or not hasattr(probe, "predict_proba")
+            or not self._codes(name)
             or not probe.is_fitted
         ):
             return False

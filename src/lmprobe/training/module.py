@@ -351,12 +351,13 @@ class ProbeModule(TraceAhead, L.LightningModule):
         self, position: int, index: torch.Tensor, features: dict[FeatureKey, PendingFeatures]
     ) -> None:
         """Keep the features of the batch at ``position`` of the epoch so later epochs skip
-        the LM, if they fit in memory: the first epoch's, and in any epoch those of a batch
-        not kept yet (a run resumed mid-epoch)."""
+        the LM and the probes' final fits, refits and code lengths learn from them, if
+        they fit in memory: the first epoch's, and in any epoch those of a batch not kept
+        yet (a run resumed mid-epoch). A one-epoch run keeps them only for those."""
         if self._train_cache is None or self.trainer is None or position in self._train_cache:
             return
         max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and 0 <= max_epochs <= 1:
+        if max_epochs is not None and 0 <= max_epochs <= 1 and not self.bank.uses_kept_rows():
             return
         if not self._cache_checked:
             self._cache_checked = True
@@ -370,7 +371,7 @@ class ProbeModule(TraceAhead, L.LightningModule):
             if not fits:
                 log.warning(
                     "pooled training features would need %.1f GiB (budget %.1f GiB): not "
-                    "keeping them, so every epoch re-runs the model",
+                    "keeping them, so every epoch re-runs the model and no probe is refitted",
                     need / 2**30,
                     budget / 2**30,
                 )
