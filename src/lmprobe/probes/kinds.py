@@ -80,6 +80,19 @@ def alpha_grid(
     return alphas
 
 
+def fitted_state(
+    probe: Any, skip: tuple[str, ...], arrays: dict[str, np.ndarray], values: dict[str, Any]
+) -> None:
+    """Add ``probe``'s fitted attributes (``name_``, except ``skip``) to its state: numeric
+    arrays to ``arrays``, the rest to ``values``."""
+    for name, value in vars(probe).items():
+        if name.endswith("_") and not name.startswith("_") and name not in skip:
+            if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+                arrays[name] = value
+            else:
+                values[name] = state_value(value)
+
+
 class _ScaledSGD(Probe):
     """Shared by the SGD kinds: a running ``StandardScaler`` in front of the estimator, and
     a grid of regularisation strengths trained side by side.
@@ -215,14 +228,7 @@ class _ScaledSGD(Probe):
             estimator_state(estimator, f"estimator.{i}.", arrays, values)
         if self.scaler_ is not None:
             estimator_state(self.scaler_, "scaler.", arrays, values)
-        for name, value in vars(self).items():
-            if name.endswith("_") and not name.startswith("_") and name != "estimators_":
-                if name == "scaler_":
-                    continue
-                if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-                    arrays[name] = value
-                else:
-                    values[name] = state_value(value)
+        fitted_state(self, ("estimators_", "scaler_"), arrays, values)
         return arrays, values
 
     def set_state(self, arrays: dict[str, np.ndarray], values: dict[str, Any]) -> Probe:
@@ -510,14 +516,7 @@ class LogisticProbe(LinearProbe):
         estimator_state(self.logistic_, "logistic.", arrays, values)
         if self.scaler_ is not None:
             estimator_state(self.scaler_, "scaler.", arrays, values)
-        for name, value in vars(self).items():
-            if name.endswith("_") and not name.startswith("_"):
-                if name in ("logistic_", "scaler_"):
-                    continue
-                if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-                    arrays[name] = value
-                else:
-                    values[name] = state_value(value)
+        fitted_state(self, ("logistic_", "scaler_"), arrays, values)
         return arrays, values
 
     def set_state(self, arrays: dict[str, np.ndarray], values: dict[str, Any]) -> Probe:
