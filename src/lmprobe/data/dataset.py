@@ -14,17 +14,25 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lmprobe.errors import LmProbeError
 
 
+def _tensor(value: Any, error: str) -> torch.Tensor:
+    """``value`` as a tensor (a copy: inputs may be read-only); ``error``, with the reason
+    in its ``{}``, when it is not an array."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.tensor(np.asarray(value))
+    except (TypeError, ValueError) as err:
+        raise LmProbeError(error.format(err)) from None
+
+
 def _as_long_tensor(value: Any, what: str) -> torch.Tensor:
     """``value`` as int64; floats only where they are whole numbers (a cast would truncate
     1.5 to the id 1 without a word)."""
-    if not isinstance(value, torch.Tensor):
-        try:
-            value = torch.tensor(np.asarray(value))  # a copy: inputs may be read-only
-        except (TypeError, ValueError) as err:
-            raise LmProbeError(
-                f"{what} could not be read as an integer array ({err}); pass equal-length "
-                f"rows, e.g. tokenize with padding=True"
-            ) from None
+    value = _tensor(
+        value,
+        f"{what} could not be read as an integer array ({{}}); pass equal-length rows, e.g. "
+        "tokenize with padding=True",
+    )
     if value.is_floating_point():
         whole = value == value.round()  # (NaN is not)
         if not bool(whole.all()):
@@ -39,14 +47,11 @@ def _as_long_tensor(value: Any, what: str) -> torch.Tensor:
 def _as_label_tensor(value: Any) -> torch.Tensor:
     """Integer labels as int64 (classes); non-integral numbers stay float64 (targets of a
     regression probe, ``kind="sgd_regressor"``)."""
-    if not isinstance(value, torch.Tensor):
-        try:
-            value = torch.tensor(np.asarray(value))  # a copy: inputs may be read-only
-        except (TypeError, ValueError) as err:
-            raise LmProbeError(
-                f"labels could not be read as a numeric array ({err}); map string labels to "
-                f"integers first, e.g. with label_map"
-            ) from None
+    value = _tensor(
+        value,
+        "labels could not be read as a numeric array ({}); map string labels to integers "
+        "first, e.g. with label_map",
+    )
     if value.is_floating_point() and not torch.equal(value, value.round()):
         return value.double()
     return value.long()
