@@ -421,6 +421,9 @@ class LogisticProbe(LinearProbe):
         for attr in ("estimators_", "alpha_index_"):
             self.__dict__.pop(attr, None)
         self.classes_ = np.unique(np.asarray(self.classes if self.classes is not None else y))
+        # in float64: lbfgs in float32 stops where rounding leads it (two ranks' rows, equal
+        # to ~4e-9, gave coefficients 6e-5 apart; 1e-7 in float64)
+        X = X.astype(np.float64)
         self.scaler_ = StandardScaler().fit(X) if self.scale else None
         Z = self.scaler_.transform(X) if self.scaler_ is not None else X
         C = self.choose_C(Z, y)
