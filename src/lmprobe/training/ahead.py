@@ -124,7 +124,7 @@ class TraceAhead:
             batch_size = loader_batch_size(loader)
             extra = self.extract_dataset(dataset.subset(missing), names, batch_size, missing)
             return {key: Features(f.X, f.y, missing[f.doc]) for key, f in extra.items()}
-        held: dict[int, np.ndarray] = {}  # position of each batch that held some: those
+        held: dict[int, np.ndarray] = {}  # by batch position: its documents among ``missing``
         for position in range(len(sampler)):
             index = sampler.batch(position)
             index = index[np.isin(index, missing)]
