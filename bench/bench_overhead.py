@@ -197,14 +197,14 @@ def probe_run(runner: ProbeRunner, train, test, batch_size: int, device, **fit) 
 def probe_run_wrapped(runner: ProbeRunner, train, test, batch_size: int, device, wrap) -> float:
     """``probe_run`` with lmprobe's ``trace_features`` replaced, for this run only, by
     ``wrap(trace_features)`` (the breakdown records and times the traces this way)."""
-    import lmprobe.training.module as module
+    import lmprobe.tracing.loop as loop
 
-    trace = module.trace_features
-    module.trace_features = wrap(trace)
+    trace = loop.trace_features
+    loop.trace_features = wrap(trace)
     try:
         return probe_run(runner, train, test, batch_size, device)
     finally:
-        module.trace_features = trace
+        loop.trace_features = trace
 
 
 def probe_run_split(

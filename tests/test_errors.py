@@ -71,7 +71,7 @@ def test_empty_dataset_and_empty_classes():
 def test_label_outside_classes_before_the_model_runs(small_lm, dataset, monkeypatch):
     runner = ProbeRunner(small_lm, [ProbeConfig("transformer.h.1.output", [0, 2])])
     traced = []
-    monkeypatch.setattr("lmprobe.training.module.trace_features", lambda *a, **k: traced.append(1))
+    monkeypatch.setattr("lmprobe.tracing.loop.trace_features", lambda *a, **k: traced.append(1))
     with pytest.raises(LmProbeError) as excinfo:
         runner.fit_probes(dataset, dataset)
     check(excinfo, "label 1", "[0, 2]")

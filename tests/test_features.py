@@ -464,3 +464,31 @@ def test_mean_pooling_without_padding_skips_the_finiteness_check_and_keeps_nan_a
     torch.testing.assert_close(
         pooled.double(), _masked_mean_by_hand(hidden, padded), rtol=1e-6, atol=1e-6
     )
+
+
+def test_the_trace_loop_gives_each_batch_its_own_trace_named_by_its_number(gpt2, dataset):
+    """``trace_batches``: each batch, in order, with what one ``trace_features`` call on it
+    gives (the same rows, bit for bit), named ``label`` with its number in errors."""
+    from lmprobe.data.dataset import batches
+    from lmprobe.tracing.features import FeatureKey, trace_features
+    from lmprobe.tracing.loop import Tracer, gathered, trace_batches
+
+    keys = [
+        FeatureKey("transformer.h.1.output", "mean", None),
+        FeatureKey("transformer.h.3.output", "last", None),
+    ]
+    tracer = Tracer(gpt2, [k.submodule for k in keys])
+    loader = list(batches(dataset.subset(np.arange(10)), 3, by_length=True))
+    traced = list(trace_batches(tracer.of(keys), loader, "part {}", offload_every=2))
+    assert len(traced) == len(loader) > 2
+    for i, ((batch, features), given) in enumerate(zip(traced, loader, strict=True)):
+        assert batch is given
+        assert [f.label for f in features.values()] == [f"part {i}"] * len(keys)
+        alone = trace_features(gpt2, batch, keys, tracer.order)
+        for key in keys:
+            np.testing.assert_array_equal(features[key].host().X, alone[key].host().X)
+            np.testing.assert_array_equal(features[key].doc, batch["index"].numpy())
+    whole = gathered(trace_batches(tracer.of(keys), loader))
+    for key in keys:
+        parts = [features[key].host() for _, features in traced]
+        np.testing.assert_array_equal(whole[key].X, np.concatenate([p.X for p in parts]))

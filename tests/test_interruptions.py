@@ -93,13 +93,11 @@ def phase_hooks(phase: str, signum: int) -> list[tuple[object, str, object]]:
     import lmprobe.tracing.store
 
     if phase == "store":  # the feature store's fill, after its first batch was written
-        return [
-            (
-                lmprobe.tracing.store,
-                "trace_features",
-                signal_once(lmprobe.tracing.store.trace_features, signum, 2),
-            )
-        ]
+        tracer = lmprobe.tracing.store.Tracer
+        signalling = type(
+            "Signalling", (tracer,), {"__call__": signal_once(tracer.__call__, signum, 2)}
+        )
+        return [(lmprobe.tracing.store, "Tracer", signalling)]
     if phase == "figure":
         return [
             (

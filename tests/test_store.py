@@ -27,6 +27,7 @@ from lmprobe.app.job import build, feature_source, model_for_data, train
 from lmprobe.data.dataset import batches
 from lmprobe.data.words import encode_words
 from lmprobe.tracing.features import FeatureKey, gather, trace_features
+from lmprobe.tracing.loop import Tracer
 from lmprobe.tracing.models import (
     context_length,
     forward_order,
@@ -44,17 +45,18 @@ SRC = ROOT / "src"
 def count_traces(monkeypatch) -> list[list[FeatureKey]]:
     """The keys of every trace the store's pass runs (and none elsewhere may run)."""
     calls: list[list[FeatureKey]] = []
-    original = store_module.trace_features
 
-    def counting(lm, batch, keys, *args, **kwargs):
-        calls.append(list(keys))
-        return original(lm, batch, keys, *args, **kwargs)
+    class Counting(Tracer):
+        def __call__(self, batch, keys, *args, **kwargs):
+            calls.append(list(keys))
+            return super().__call__(batch, keys, *args, **kwargs)
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a step traced the model although the store has its features")
+    class Forbidden(Tracer):
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("a step traced the model although the store has its features")
 
-    monkeypatch.setattr(store_module, "trace_features", counting)
-    monkeypatch.setattr("lmprobe.training.module.trace_features", forbidden)
+    monkeypatch.setattr(store_module, "Tracer", Counting)
+    monkeypatch.setattr("lmprobe.training.module.Tracer", Forbidden)
     return calls
 
 

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from lmprobe.tracing.features import FeatureKey, PendingFeatures, by_device, to_host
+from lmprobe.tracing.features import FeatureKey, PendingFeatures, to_host
 
 
 class TracedAhead:
@@ -99,16 +99,3 @@ def _rows_of(doc: np.ndarray, index: np.ndarray) -> np.ndarray:
     # the rows lo[i] .. lo[i] + counts[i] of each document i, in the batch's order
     starts = np.repeat(lo - np.cumsum(counts) + counts, counts)
     return starts + np.arange(int(counts.sum()))
-
-
-def offload(parts: list[PendingFeatures]) -> None:
-    """Move the matrices of ``parts`` to host memory as they are (one copy per device; not
-    yet checked for finite values: that happens when their rows are used)."""
-    for (device, _), waiting in by_device(parts).items():
-        if device.type == "cpu":
-            continue
-        # flattened end to end: parts of different sites differ in width
-        host = torch.cat([p.X.reshape(-1) for p in waiting]).cpu()
-        blocks = host.split([p.X.numel() for p in waiting])
-        for part, block in zip(waiting, blocks, strict=True):
-            part.X = block.view(part.X.shape)

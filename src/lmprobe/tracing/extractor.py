@@ -8,13 +8,9 @@ import torch
 
 from lmprobe.errors import LmProbeError
 from lmprobe.probes.config import ProbeConfig
-from lmprobe.tracing.features import FeatureKey, gather, trace_features
-from lmprobe.tracing.models import (
-    check_submodules,
-    forward_order,
-    forward_parameters,
-    load_language_model,
-)
+from lmprobe.tracing.features import FeatureKey
+from lmprobe.tracing.loop import Tracer, gathered, trace_batches
+from lmprobe.tracing.models import check_submodules, load_language_model
 
 
 class FeatureExtractor:
@@ -67,19 +63,12 @@ class FeatureExtractor:
             "labels": torch.zeros(ids.shape if not pool else ids.shape[:1], dtype=torch.long),
             "index": torch.arange(len(ids)),
         }
-        pending = trace_features(
-            self.model,
-            batch,
-            keys,
-            forward_order(self.model, submodules),
-            forward_takes=forward_parameters(self.model),
-            remote=self.remote,
-            batch_label=f"documents 0-{len(ids)}",
-            all_positions=True,
-        )
+        tracer = Tracer(self.model, submodules, remote=self.remote)
+        label = f"documents 0-{len(ids)}"
+        features = gathered(trace_batches(tracer.of(keys, all_positions=True), [batch], label))
         output = {}
         for key in keys:
-            X = torch.from_numpy(gather([pending[key]]).X)
+            X = torch.from_numpy(features[key].X)
             output[key.submodule] = X if pool else X.reshape(*ids.shape, -1)
         if cache:
             self._cache = dict(output)

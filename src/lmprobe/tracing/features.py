@@ -227,6 +227,18 @@ def to_host(X: torch.Tensor) -> np.ndarray:
     return X.cpu().numpy()
 
 
+def host_blocks(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """``tensors`` (on one device) on the host with one copy, so one wait for the device:
+    flattened end to end (sites differ in width), each given back its shape."""
+    if len(tensors) == 1:
+        return [to_host(tensors[0])]
+    flat = to_host(torch.cat([t.reshape(-1) for t in tensors]))
+    bounds = np.cumsum([t.numel() for t in tensors])[:-1]
+    return [
+        block.reshape(t.shape) for t, block in zip(tensors, np.split(flat, bounds), strict=True)
+    ]
+
+
 def by_device(
     parts: Iterable[PendingFeatures],
 ) -> dict[tuple[torch.device, torch.dtype], list[PendingFeatures]]:
@@ -240,18 +252,11 @@ def by_device(
 
 
 def settle(parts: Sequence[PendingFeatures]) -> None:
-    """Bring every part still on a device to the host with one copy (one wait) per device.
-    Parts of different sites differ in width (a residual stream, an MLP's inner
-    activations): they travel flattened, end to end, and each takes back its own shape."""
+    """Bring every part still on a device to the host with one copy (one wait) per device
+    (``host_blocks``)."""
     for waiting in by_device(parts).values():
-        if len(waiting) == 1:
-            waiting[0]._settle(to_host(waiting[0].X))
-            continue
-        shapes = [p.X.shape for p in waiting]
-        flat = to_host(torch.cat([p.X.reshape(-1) for p in waiting]))
-        bounds = np.cumsum([p.X.numel() for p in waiting])[:-1]
-        for part, shape, block in zip(waiting, shapes, np.split(flat, bounds), strict=True):
-            part._settle(block.reshape(shape))
+        for part, X in zip(waiting, host_blocks([p.X for p in waiting]), strict=True):
+            part._settle(X)
 
 
 def gather(parts: Sequence[PendingFeatures], drop_failed: bool = False) -> Features:

@@ -59,11 +59,8 @@ import torch
 from lmprobe.data.dataset import ProbeDataset, batches
 from lmprobe.errors import LmProbeError
 from lmprobe.probes.poolings import TOKEN_LEVEL
-from lmprobe.tracing.features import FeatureKey, PendingFeatures, to_host, trace_features
-from lmprobe.tracing.models import (
-    forward_order,
-    forward_parameters,
-)
+from lmprobe.tracing.features import FeatureKey, PendingFeatures, host_blocks
+from lmprobe.tracing.loop import Tracer, trace_batches
 from lmprobe.tracing.storekeys import (
     HASH_BLOCK,
     STORE_FORMAT,
@@ -596,10 +593,8 @@ class FeatureSource:
     ) -> None:
         """One pass of the LM over ``dataset`` (longest documents first, as every scoring
         pass) for the sites of ``writers``."""
-        lm = self.load_model()
         keys = list(writers)
-        order = forward_order(lm, [k.submodule for k in keys])
-        takes = forward_parameters(lm)
+        tracer = Tracer(self.load_model(), [k.submodule for k in keys], remote=self.remote)
         # The trace reports each row's "label": labelled with their own column (or word
         # slot), token rows tell the writer where they are; rows are every document, real
         # token or present word (no null_label), so entries do not depend on labels.
@@ -616,23 +611,15 @@ class FeatureSource:
             view = copy.copy(dataset)
             view.labels = torch.zeros(len(dataset), dtype=torch.long)
             view.control_labels = None
+        loader = batches(view, batch_size, by_length=True)
         try:
-            for i, batch in enumerate(batches(view, batch_size, by_length=True)):
-                pending = trace_features(
-                    lm,
-                    batch,
-                    keys,
-                    order,
-                    forward_takes=takes,
-                    remote=self.remote,
-                    batch_label=f"{split} batch {i}",
-                )
+            for batch, pending in trace_batches(tracer.of(keys), loader, f"{split} batch {{}}"):
                 parts = [pending[key] for key in keys]
-                # one copy to the host per batch (one wait for the device), not per key
-                flat = to_host(torch.cat([p.X.reshape(-1) for p in parts]))
-                bounds = np.cumsum([p.X.numel() for p in parts])[:-1]
-                for key, part, block in zip(keys, parts, np.split(flat, bounds), strict=True):
-                    X = block.reshape(tuple(part.X.shape)).astype(np.float32, copy=False)
+                # one copy to the host per batch (one wait for the device), not per key; the
+                # rows as they are (each is checked for finite values when it is served)
+                blocks = host_blocks([p.X for p in parts])
+                for key, part, block in zip(keys, parts, blocks, strict=True):
+                    X = block.astype(np.float32, copy=False)
                     token = key.pooling == TOKEN_LEVEL
                     docs = batch["index"].numpy()
                     writers[key].fill(docs, X, part.doc, part.y if token else None)

@@ -24,6 +24,7 @@ from lmprobe.tracing.features import (
     PendingFeatures,
     gather,
 )
+from lmprobe.tracing.loop import gathered, trace_batches
 
 log = logging.getLogger("lmprobe")
 
@@ -123,14 +124,19 @@ class TraceAhead:
             batch_size = loader_batch_size(loader)
             extra = self.extract_dataset(dataset.subset(missing), names, batch_size, missing)
             return {key: Features(f.X, f.y, missing[f.doc]) for key, f in extra.items()}
-        parts: dict[FeatureKey, list[PendingFeatures]] = {}
+        held: dict[int, np.ndarray] = {}  # by batch position: its documents among ``missing``
         for position in range(len(sampler)):
             index = sampler.batch(position)
             index = index[np.isin(index, missing)]
-            if not len(index):
-                continue
-            batch = trim_padding(loader.collate_fn([dataset[int(i)] for i in index]))
-            label = f"training batch {position}"
-            for key, rows in self.extract_shared(batch, names, label).items():
-                parts.setdefault(key, []).append(rows)
-        return {key: gather(p) for key, p in parts.items()}
+            if len(index):
+                held[position] = index
+        positions = list(held)
+        loaded = (
+            trim_padding(loader.collate_fn([dataset[int(i)] for i in index]))
+            for index in held.values()
+        )
+
+        def trace(batch: dict[str, torch.Tensor], label: str) -> dict[FeatureKey, PendingFeatures]:
+            return self.extract_shared(batch, names, label)
+
+        return gathered(trace_batches(trace, loaded, lambda i: f"training batch {positions[i]}"))

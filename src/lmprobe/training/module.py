@@ -24,16 +24,16 @@ from lmprobe.data.dataset import (
 )
 from lmprobe.errors import LmProbeError
 from lmprobe.probes.config import ProbeConfig
-from lmprobe.tracing.ahead import TracedAhead, offload
+from lmprobe.tracing.ahead import TracedAhead
 from lmprobe.tracing.features import (
     FeatureKey,
     Features,
     PendingFeatures,
     gather,
     settle,
-    trace_features,
 )
-from lmprobe.tracing.models import check_submodules, forward_order, forward_parameters, torch_module
+from lmprobe.tracing.loop import Tracer, collect, trace_batches
+from lmprobe.tracing.models import check_submodules, forward_order, torch_module
 from lmprobe.tracing.store import FeatureSource, StoredFeatures
 from lmprobe.training.ahead import TraceAhead
 from lmprobe.training.distributed import Shards, sync_bank, sync_live, sync_scores
@@ -75,20 +75,17 @@ class ProbeModule(TraceAhead, L.LightningModule):
             raise LmProbeError(
                 f"on_nonfinite={on_nonfinite!r} is not one of {', '.join(NONFINITE_POLICIES)}"
             )
-        # A plain attribute, not a registered submodule: the LM's weights stay out of
-        # checkpoints and Lightning never moves it; its own device placement is kept.
-        self.lm = model
         self.seed = seed
-        self.remote = remote
-        self.on_nonfinite = on_nonfinite
         self.feature_cache_fraction = feature_cache_fraction
-        check_submodules(model, [c.submodule for c in configs])
+        sites = [c.submodule for c in configs]
+        check_submodules(model, sites)
         torch_module(model).eval().requires_grad_(False)
-        # measured now (one short forward) unless the model is a frame without weights
-        self._order: dict[str, int] | None = None
-        if not any(p.device.type == "meta" for p in torch_module(model).parameters()):
-            self._order = forward_order(model, [c.submodule for c in configs])
-        self.forward_takes = forward_parameters(model)
+        # the order measured now (one short forward) unless the model is a frame without weights
+        frame = any(p.device.type == "meta" for p in torch_module(model).parameters())
+        order = None if frame else forward_order(model, sites)
+        # The LM in a plain attribute, not a registered submodule: its weights stay out of
+        # checkpoints and Lightning never moves it; its own device placement is kept.
+        self.tracer = Tracer(model, sites, remote=remote, on_nonfinite=on_nonfinite, order=order)
         # The feature store (lmprobe.tracing.store): ``feature_source`` fills ``features`` (one
         # ``StoredFeatures`` per split) before training; steps then read rows from it
         # instead of tracing. With the store, ``model`` may be a frame without weights
@@ -108,12 +105,22 @@ class ProbeModule(TraceAhead, L.LightningModule):
             self.shards = Shards(trainer.global_rank, trainer.world_size, sites)
 
     @property
+    def lm(self) -> Any:
+        return self.tracer.lm
+
+    @property
+    def remote(self) -> bool:
+        return self.tracer.remote
+
+    @property
+    def on_nonfinite(self) -> str:
+        return self.tracer.on_nonfinite
+
+    @property
     def order(self) -> dict[str, int]:
         """Every probed site's rank in the forward pass (for a frame without weights, at
         the first trace, which a frame cannot run: an error then)."""
-        if self._order is None:
-            self._order = forward_order(self.lm, [c.submodule for c in self.configs.values()])
-        return self._order
+        return self.tracer.order
 
     def prepare_features(self, datamodule: Any) -> None:
         """Before training: every split's features from the store, the missing ones traced
@@ -130,7 +137,8 @@ class ProbeModule(TraceAhead, L.LightningModule):
             batch_size=getattr(datamodule, "batch_size", None) or 8,
         )
         if any(stored.traced for stored in self.features.values()):
-            self.lm = self.feature_source.load_model()  # a frame without weights cannot trace
+            # a frame without weights cannot trace
+            self.tracer = self.tracer.on(self.feature_source.load_model())
 
     @property
     def configs(self) -> dict[str, ProbeConfig]:
@@ -172,17 +180,7 @@ class ProbeModule(TraceAhead, L.LightningModule):
         traced = keys if stored is None else [k for k in keys if not stored.has([k])]
         features = {}
         if traced:
-            features = trace_features(
-                self.lm,
-                batch,
-                traced,
-                self.order,
-                forward_takes=self.forward_takes,
-                remote=self.remote,
-                batch_label=label,
-                on_nonfinite=self.on_nonfinite,
-                all_positions=all_positions,
-            )
+            features = self.tracer(batch, traced, label, all_positions)
         if stored is None:
             return features
         index = batch["index"].numpy()
@@ -252,20 +250,14 @@ class ProbeModule(TraceAhead, L.LightningModule):
     ) -> dict[FeatureKey, list[PendingFeatures]]:
         """Every batch's features of ``dataset``, traced longest first, per key (``label``
         with the batch number in it names each batch); ``offload_every`` batches, those
-        traced since move to host memory as they are (``lmprobe.tracing.ahead.offload``)."""
-        parts: dict[FeatureKey, list[PendingFeatures]] = {}
-        recent: list[PendingFeatures] = []
-        for i, batch in enumerate(batches(dataset, batch_size, by_length=True)):
+        traced since move to host memory as they are (``lmprobe.tracing.loop.offload``)."""
+
+        def trace(batch: dict[str, torch.Tensor], name: str) -> dict[FeatureKey, PendingFeatures]:
             docs = None if rows is None else rows[batch["index"].numpy()]
-            for key, features in self.extract_shared(
-                batch, names, label.format(i), docs=docs
-            ).items():
-                parts.setdefault(key, []).append(features)
-                recent.append(features)
-            if offload_every and (i + 1) % offload_every == 0:
-                offload(recent)
-                recent = []
-        return parts
+            return self.extract_shared(batch, names, name, docs=docs)
+
+        loader = batches(dataset, batch_size, by_length=True)
+        return collect(trace_batches(trace, loader, label, offload_every))
 
     def prepare_heldout(
         self,

@@ -8,7 +8,7 @@ lm_probe", lists where results need a different behaviour). The loop is the one 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -24,7 +24,8 @@ from lmprobe.integrations.lightning import batches_completed
 from lmprobe.probes.base import Probe
 from lmprobe.probes.config import DEFAULT_CHUNK_ROWS, ProbeConfig
 from lmprobe.results.baselines import check_baseline, merge_baseline
-from lmprobe.tracing.features import PendingFeatures, gather
+from lmprobe.tracing.features import FeatureKey
+from lmprobe.tracing.loop import gathered, trace_batches
 from lmprobe.tracing.models import load_language_model
 from lmprobe.training.distributed import requested
 from lmprobe.training.engine import (
@@ -322,28 +323,32 @@ class ProbeRunner:
         }
         # Labels are unused here; a sentinel that equals no null_label keeps every row.
         sentinel = torch.full_like(ids, torch.iinfo(torch.long).min)
-        parts: dict[Any, list[PendingFeatures]] = {}
-        for start in range(0, len(ids), batch_size):
-            rows = slice(start, start + batch_size)
-            for kind, group in groups.items():
-                if not group:
-                    continue
+
+        def in_order(token: bool) -> Iterator[dict[str, torch.Tensor]]:
+            """The documents in batches, in their order: token-level ones with every
+            position, so rows reshape to (docs, tokens)."""
+            for start in range(0, len(ids), batch_size):
+                rows = slice(start, start + batch_size)
                 batch = {
                     "input_ids": ids[rows],
                     "attention_mask": mask[rows],
-                    "labels": sentinel[rows] if kind == "token" else sentinel[rows, 0],
+                    "labels": sentinel[rows] if token else sentinel[rows, 0],
                     "index": torch.arange(len(ids))[rows],
                 }
-                token = kind == "token"  # every position, so rows reshape to (docs, tokens)
-                out = self.module.extract(
-                    batch if token else trim_padding(batch),
-                    group,
-                    f"documents {start}-{start + batch_size}",
-                    all_positions=token,
-                )
-                for key, features in out.items():
-                    parts.setdefault(key, []).append(features)
-        features = {key: gather(p).X for key, p in parts.items()}
+                yield batch if token else trim_padding(batch)
+
+        features: dict[FeatureKey, np.ndarray] = {}
+        for token, group in ((True, groups["token"]), (False, groups["pooled"])):
+            if not group:
+                continue
+            traced = trace_batches(
+                lambda batch, label, group=group, token=token: self.module.extract(
+                    batch, group, label, all_positions=token
+                ),
+                in_order(token),
+                lambda i: f"documents {i * batch_size}-{(i + 1) * batch_size}",
+            )
+            features.update((key, rows.X) for key, rows in gathered(traced).items())
         result = {}
         for name in names:
             X = features[self.module.bank.key(name)]
