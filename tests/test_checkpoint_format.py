@@ -1,0 +1,101 @@
+"""The bank's checkpoint format stays loadable: a checkpoint written by an earlier lmprobe
+(tests/checkpoints/bank_v1.ckpt, written by ``_bank`` below before the probe bank kept one
+record per probe) resumes, and the bank writes the same checkpoint from the same training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmprobe import ProbeBank, ProbeConfig
+from lmprobe.tracing.features import Features, PendingFeatures
+
+OLD = Path(__file__).resolve().parent / "checkpoints" / "bank_v1.ckpt"
+N = 250  # training rows
+
+
+def _pending(X: np.ndarray, y: np.ndarray, docs: np.ndarray) -> PendingFeatures:
+    return PendingFeatures(torch.from_numpy(X[docs]), y[docs], docs)
+
+
+def _bank() -> ProbeBank:
+    """Three probes trained by hand: one stops early and is refitted, one has a code
+    length, one reaches max_steps; rows are left in the buffer (``chunk_rows``)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(N, 6)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * rng.normal(size=N) > 0).astype(np.int64)
+    configs = [
+        ProbeConfig("a.output", [0, 1], patience=3, warmup_steps=0, threshold=0.02),
+        ProbeConfig("b.output", [0, 1], early_stopping=False, name="b"),
+        ProbeConfig("c.output", [0, 1], early_stopping=False, max_steps=4, name="c"),
+    ]
+    bank = ProbeBank(configs, seed=3)
+    keys = {name: bank.key(name) for name in bank.configs}
+    union = bank.heldout_plan(N)
+    held = {key: _pending(X, y, union).host() for key in keys.values()}
+    bank.set_heldout(union, N, held)
+    train = np.setdiff1d(np.arange(N), union)
+    for epoch in range(3):
+        bank.start_epoch(epoch)
+        if epoch == 0:
+            bank.drop_rows(["c"])
+        for start in range(0, len(train), 20):
+            rows = train[start : start + 20]
+            bank.next_batch()
+            bank.update({key: _pending(X, y, rows) for key in keys.values()}, chunk_rows=50)
+    kept = Features(X[train], y[train], train)
+    bank.code_length("b", Features(X, y, np.arange(N)), N)
+    bank.refit("a.output", kept, N)
+    return bank
+
+
+def _plain(state: dict) -> dict:
+    return json.loads(state["plain"])
+
+
+def _assert_same_state(ours: dict, theirs: dict) -> None:
+    assert sorted(ours) == sorted(theirs)
+    assert _plain(ours) == _plain(theirs)
+    for section in ("probes", "heldout", "buffered"):
+        assert sorted(ours[section]) == sorted(theirs[section]), section
+        for name, part in theirs[section].items():
+            if section == "probes":
+                assert ours[section][name]["header"] == part["header"], name
+                part, mine = part["arrays"], ours[section][name]["arrays"]
+            else:
+                mine = ours[section][name]
+            assert sorted(mine) == sorted(part), (section, name)
+            for key, tensor in part.items():
+                assert torch.equal(mine[key], tensor), (section, name, key)
+    assert torch.equal(ours["heldout_index"], theirs["heldout_index"])
+
+
+def test_the_bank_writes_the_earlier_format():
+    """Same training, same checkpoint: every key, plain value and tensor of the file."""
+    old = torch.load(OLD, weights_only=True)
+    state = _bank().state_dict(buffered=True)
+    plain = _plain(old)
+    # the file covers what it should: a stop, a refit, a code length, max_steps, buffered rows
+    assert plain["stopped_early"]["a.output"] and plain["refitted"]["a.output"]
+    assert plain["code_bits"]["b"] > 0 and plain["live"] == ["b"]
+    assert plain["rows_dropped"] == ["c"] and old["buffered"]
+    _assert_same_state(state, old)
+
+
+def test_an_earlier_checkpoint_resumes():
+    """Loaded into a fresh bank, the earlier file gives back its state: the coefficients,
+    the counts, the held-out slices, the buffered rows (written again as they were)."""
+    old = torch.load(OLD, weights_only=True)
+    trained = _bank()
+    bank = ProbeBank(list(trained.configs.values())[:3], seed=3)
+    bank.load_state_dict(old)
+    assert bank.resumed
+    for name, probe in trained.probes.items():
+        np.testing.assert_array_equal(bank.probes[name].classifier_.coef_, probe.classifier_.coef_)
+    assert bank.steps == trained.steps and bank.live == trained.live == {"b"}
+    assert bank.history == trained.history and bank.code_bits == trained.code_bits
+    assert bank.rows_dropped == {"c"}
+    _assert_same_state(bank.state_dict(buffered=True), old)
