@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from lmprobe import ProbeBank, ProbeConfig
@@ -99,3 +100,43 @@ def test_an_earlier_checkpoint_resumes():
     assert bank.history == trained.history and bank.code_bits == trained.code_bits
     assert bank.rows_dropped == {"c"}
     _assert_same_state(bank.state_dict(buffered=True), old)
+
+
+def test_every_record_field_is_checkpointed_synced_or_said_not_and_read_only():
+    """What is derived from ``ProbeRecord``'s fields covers every field: each is in the
+    checkpoint, the synced ones in ``probe_state``, and others read a view they cannot
+    write into (one writer: the bank)."""
+    from lmprobe.bank.record import FIELDS
+
+    bank = _bank()
+    state = bank.state_dict()
+    plain = _plain(state)
+    for field, how in FIELDS:
+        assert how.key in (state if how.tensors else plain), field
+    synced = bank.probe_state(["b"])
+    assert sorted(synced) == sorted(field for field, how in FIELDS if how.sync)
+    assert {"probe", "steps", "history", "refitted"} <= set(synced)
+    assert {"live", "heldout", "steps_buffered", "rows_dropped"}.isdisjoint(synced)
+    with pytest.raises(TypeError):
+        bank.steps["b"] = 0
+    with pytest.raises(AttributeError):
+        bank.live.add("a.output")
+    with pytest.raises(AttributeError):
+        bank.history["a.output"].append((99, 0.0))
+    with pytest.raises(ValueError):
+        bank.class_counts["b"][0] = 0
+    with pytest.raises(AttributeError):
+        bank.steps = {}
+    assert bank.steps == {"a.output": 13, "b": 36, "c": 4}
+    assert bank.class_counts["b"].tolist() == [104, 76]
+
+
+def test_a_reset_keeps_the_probe_objects_and_forgets_their_training():
+    bank = _bank()
+    before = dict(bank.probes)
+    bank.reset()
+    assert all(bank.probes[name] is probe for name, probe in before.items())
+    assert not any(p.is_fitted for p in bank.probes.values())
+    assert bank.live == set(bank.configs) and not bank.rows_dropped
+    assert set(bank.steps.values()) == {0} and not any(bank.history.values())
+    assert bank.heldout == {} and bank.state_dict()["probes"].keys() == before.keys()
