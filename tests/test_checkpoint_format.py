@@ -140,3 +140,21 @@ def test_a_reset_keeps_the_probe_objects_and_forgets_their_training():
     assert bank.live == set(bank.configs) and not bank.rows_dropped
     assert set(bank.steps.values()) == {0} and not any(bank.history.values())
     assert bank.heldout == {} and bank.state_dict()["probes"].keys() == before.keys()
+
+
+def test_control_labels_are_given_to_the_dataset_by_its_owner():
+    """The bank computes the control labels and writes nothing into the dataset; the
+    dataset takes labels of its labels' shape only."""
+    from lmprobe import LmProbeError, ProbeDataset
+
+    ids = torch.arange(24).reshape(6, 4)
+    data = ProbeDataset(ids, torch.ones_like(ids), torch.tensor([0, 1, 0, 1, 1, 0]))
+    bank = ProbeBank([ProbeConfig("a.output", [0, 1], control=True)], seed=3)
+    labels = bank.control_labels(data, "train")
+    assert data.control_labels is None  # not written by the bank
+    order = np.random.default_rng((3, 0)).permutation(6)  # a seeded permutation
+    assert labels.tolist() == data.labels[torch.from_numpy(order)].tolist()
+    data.set_control_labels(labels)
+    assert data[2]["control"] == labels[2]
+    with pytest.raises(LmProbeError, match="one control label per label"):
+        data.set_control_labels(labels[:3])
