@@ -6,8 +6,9 @@ score tables. The Lightning module hands it features; the callbacks call its met
 update, stop and score. Its parts, one module each: ``control`` (control tasks),
 ``stopping`` (held-out plan, early stopping), ``worker`` (the worker thread and the rule for
 when its results are visible), ``refit`` (refit and code length), ``scoring`` (metrics,
-bootstrap, tables), ``checkpoint`` (state_dict, fingerprint). A checkpoint holds
-``state_dict()``: tensors and plain values only, loadable with
+bootstrap, tables), ``checkpoint`` (state_dict, fingerprint), ``record`` (``ProbeRecord``:
+one probe's state, one record per probe) and ``state`` (the records' read-only views, DDP
+sync). A checkpoint holds ``state_dict()``: tensors and plain values only, loadable with
 ``torch.load(weights_only=True)``.
 """
 
