@@ -373,7 +373,7 @@ def test_last_training_runs_while_the_test_set_is_traced(gpt2, dataset, monkeypa
             for row, step in logger.rows
             if f"train/{name}/heldout_loss" in row
         ]
-        assert logged == bank.history[name]
+        assert logged == list(bank.history[name])
     assert bank.history[stopping]  # a curve was logged
     pd.testing.assert_frame_equal(background.metrics, in_place.metrics)
 

@@ -121,7 +121,7 @@ def test_stored_rows_are_the_rows_a_trace_gives(gpt2, dataset, tmp_path, kind):
         data = word_dataset(gpt2.tokenizer)
         keys = [FeatureKey("transformer.h.2.output", "none", 2, word_pooling="mean")]
     keys.append(keys[0]._replace(control=True))
-    data.control_labels = data.labels.flip(0)  # any labels of the same shape
+    data.set_control_labels(data.labels.flip(0))  # any labels of the same shape
     stored = source_for(gpt2, tmp_path / "store").prepare({"train": data}, keys, 4)["train"]
     assert len(stored.entries) == 1  # the control twin and null_label share one entry
     order = forward_order(gpt2, ["transformer.h.2.output"])

@@ -312,8 +312,8 @@ def test_control_labels_follow_the_word_type(tokenizer):
     train_words = [[rng.choice(sorted(TAGS)) for _ in range(8)] for _ in range(40)]
     train = dataset(train_words, [[rng.randrange(3) for _ in s] for s in train_words])
     test = dataset([["The", "movie", "MOVIE", "good"]], [[0, 1, 2, 0]])
-    bank.attach_control_labels(train, "train")
-    bank.attach_control_labels(test, "test")
+    train.set_control_labels(bank.control_labels(train, "train"))
+    test.set_control_labels(bank.control_labels(test, "test"))
     control = {}
     for data, words in ((train, train_words), (test, [["The", "movie", "MOVIE", "good"]])):
         for d, sentence in enumerate(words):

@@ -6,8 +6,9 @@ score tables. The Lightning module hands it features; the callbacks call its met
 update, stop and score. Its parts, one module each: ``control`` (control tasks),
 ``stopping`` (held-out plan, early stopping), ``worker`` (the worker thread and the rule for
 when its results are visible), ``refit`` (refit and code length), ``scoring`` (metrics,
-bootstrap, tables), ``checkpoint`` (state_dict, fingerprint). A checkpoint holds
-``state_dict()``: tensors and plain values only, loadable with
+bootstrap, tables), ``checkpoint`` (state_dict, fingerprint), ``record`` (``ProbeRecord``:
+one probe's state, one record per probe) and ``state`` (the records' read-only views, DDP
+sync). A checkpoint holds ``state_dict()``: tensors and plain values only, loadable with
 ``torch.load(weights_only=True)``.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +35,6 @@ from lmprobe.bank.stopping import EarlyStopping
 from lmprobe.bank.worker import BackgroundJob, Worker
 from lmprobe.errors import LmProbeError, plain
 from lmprobe.probes.base import (
-    Probe,
-    make_probe,
     resolve_probe_kind,
 )
 from lmprobe.probes.config import ProbeConfig
@@ -118,36 +116,17 @@ class ProbeBank(ProbeState, ControlTasks, EarlyStopping, Worker, Refitting, Scor
         self.reset()
 
     def reset(self) -> None:
-        """Fresh, unfitted probes (a new fit starts from here)."""
+        """Fresh, unfitted probes (a new fit starts from here), in the same probe objects
+        (``_fresh_records``)."""
         self.wait()
-        self.probes: dict[str, Probe] = {
-            name: make_probe(c, self.seed) for name, c in self.configs.items()
-        }
-        self.live: set[str] = set(self.configs)
-        self.stopped_early: dict[str, bool] = dict.fromkeys(self.configs, False)
-        # Training batches each probe has consumed (its early-stopping clock).
-        self.steps: dict[str, int] = dict.fromkeys(self.configs, 0)
-        self.best_loss: dict[str, float] = dict.fromkeys(self.configs, math.inf)
-        self.best_step: dict[str, int] = dict.fromkeys(self.configs, 0)
-        # (step, held-out loss) after every update of a probe that stops early.
-        self.history: dict[str, list[tuple[int, float]]] = {n: [] for n in self.configs}
+        self._fresh_records(keep=getattr(self, "_records", None))
         # Rows of the training set held out for early stopping: never traced as training data.
         self.heldout_index = np.empty(0, dtype=np.int64)
-        self.heldout: dict[str, Features] = {}
         self.prepared = False
         self.tables: dict[str, pd.DataFrame] = {}
         self.class_tables: dict[str, pd.DataFrame] = {}  # per-class metrics of each pass
         # The first epoch counts each probe's training classes (the majority baseline).
         self.online_pass = True
-        # The online code length when training ends (``code_length``; 0 bits: not known).
-        self.code_bits: dict[str, float] = dict.fromkeys(self.configs, 0.0)
-        self.uniform_bits: dict[str, float] = dict.fromkeys(self.configs, 0.0)
-        self.class_counts: dict[str, np.ndarray] = {n: np.zeros(0) for n in self.configs}
-        # Refitted on every training row (held-out ones too) once the held-out slice has
-        # chosen alpha and the length of training (see ``refit``).
-        self.refitted: dict[str, bool] = dict.fromkeys(self.configs, False)
-        # Probes some first-epoch training batch was traced without (``drop_rows``).
-        self.rows_dropped: set[str] = set()
         self._train_rows = RowBuffer()
         # Training batches consumed in the current epoch (a resumed run skips them).
         self.epoch_batches = 0
@@ -165,8 +144,6 @@ class ProbeBank(ProbeState, ControlTasks, EarlyStopping, Worker, Refitting, Scor
         # each group's batch count; a buffer spanning groups trains group by group.
         self.group_of: np.ndarray | None = None
         self.group_batches: np.ndarray | None = None
-        # Steps counted since each probe last trained (the batches its buffer holds).
-        self.steps_buffered: dict[str, int] = dict.fromkeys(self.configs, 0)
         self._score_rows: dict[str, RowBuffer] = {}
         self._scores: dict[tuple[str, str], Any] = {}
 
@@ -198,12 +175,12 @@ class ProbeBank(ProbeState, ControlTasks, EarlyStopping, Worker, Refitting, Scor
         ``patience`` steps past its best step so far (which can only move later)."""
         self.wait()  # (an earlier window's training, and the batches waiting for it)
         for name in self.live:
-            config, end = self.configs[name], self.steps[name]
+            config, end = self.configs[name], self._records[name].steps
             if config.max_steps is not None and end >= config.max_steps:
                 continue
             if not self._stops_early(name):
                 return True
-            waited = end - max(self.best_step[name], config.warmup_steps)
+            waited = end - max(self._records[name].best_step, config.warmup_steps)
             if end <= config.warmup_steps or waited < config.patience:
                 return True
         return False
@@ -284,11 +261,12 @@ class ProbeBank(ProbeState, ControlTasks, EarlyStopping, Worker, Refitting, Scor
             rows = features.get(self.key(name))
             if rows is None or len(rows) == 0:
                 continue
-            self.steps[name] += 1
-            self.steps_buffered[name] += 1
+            record = self._records[name]
+            record.steps += 1
+            record.steps_buffered += 1
             full = self._train_rows.add(name, rows, chunk_rows)
             max_steps = self.configs[name].max_steps
-            if full or (max_steps is not None and self.steps[name] >= max_steps):
+            if full or (max_steps is not None and record.steps >= max_steps):
                 due.append(name)
         return self._train_names(due)
 
@@ -302,7 +280,7 @@ class ProbeBank(ProbeState, ControlTasks, EarlyStopping, Worker, Refitting, Scor
         state waits for it (``wait``), so what is learned is the same. Returns the probes
         given rows (trained, or training)."""
         self.wait()
-        names = [name for name in self._train_rows.names() if name in self.live]
+        names = [name for name in self._train_rows.names() if self._records[name].live]
         if background and not drop_failed:
             self._train_rows.settle()  # every row reaches the host and is checked here
             background = not self._train_rows.failed()  # non-finite: raise as always
@@ -412,8 +390,8 @@ class ProbeBank(ProbeState, ControlTasks, EarlyStopping, Worker, Refitting, Scor
 
     def _take(self, name: str, drop_failed: bool = False) -> tuple[Features | None, int]:
         """A probe's buffered rows (on the host, checked) and the steps they count."""
-        rows = self._train_rows.take(name, drop_failed)
-        buffered, self.steps_buffered[name] = self.steps_buffered[name], 0
+        rows, record = self._train_rows.take(name, drop_failed), self._records[name]
+        buffered, record.steps_buffered = record.steps_buffered, 0
         return rows, buffered
 
     def _train_on(self, name: str, rows: Features | None, buffered: int) -> bool:
@@ -422,12 +400,13 @@ class ProbeBank(ProbeState, ControlTasks, EarlyStopping, Worker, Refitting, Scor
         if self.row_rank is not None:  # stable: a document's tokens keep their order
             order = np.argsort(self.row_rank[rows.doc], kind="stable")
             rows = Features(rows.X[order], rows.y[order], rows.doc[order])
-        end = self.steps[name]
+        record = self._records[name]
+        end = record.steps
         with checked_rows():
             for group, clock in self._by_group(rows, end - buffered, end):
-                if name not in self.live:  # it stopped on an earlier group of the window
+                if not record.live:  # it stopped on an earlier group of the window
                     break
-                self.steps[name] = clock
+                record.steps = clock
                 self._fit(name, group.X, group.y)
                 self._check_stopping(name)
         return True
@@ -455,14 +434,15 @@ class ProbeBank(ProbeState, ControlTasks, EarlyStopping, Worker, Refitting, Scor
     def _fit(self, name: str, X: np.ndarray, y: np.ndarray) -> None:
         """``partial_fit`` one block of rows; in the first epoch also count its classes (the
         majority baseline's training counts)."""
-        probe = self.probes[name]
+        record = self._records[name]
+        probe = record.probe
         classes = getattr(probe, "classes_", None)
         if classes is None and probe.task == "classification":
             classes = np.unique(np.asarray(self.configs[name].classes))
         if self.online_pass and classes is not None:
             counts = np.bincount(column_of(np.asarray(classes), y), minlength=len(classes))
-            before = self.class_counts[name]
-            self.class_counts[name] = before + counts if len(before) else counts
+            before = record.class_counts
+            record.class_counts = before + counts if len(before) else counts
         probe.partial_fit(X, y)
 
     # ------------------------------------------------------------------- refit

@@ -8,15 +8,11 @@ import json
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 
+from lmprobe.bank.record import records_from_state, records_to_state
 from lmprobe.bank.rows import from_tensors, to_tensors
 from lmprobe.errors import LmProbeError
-from lmprobe.probes.base import (
-    probe_from_tensors,
-    probe_to_tensors,
-)
 from lmprobe.tracing.features import PendingFeatures, gather
 
 log = logging.getLogger("lmprobe")
@@ -67,34 +63,16 @@ class Checkpoints:
 
     def state_dict(self, buffered: bool = False) -> dict[str, Any]:
         """Tensors and plain values only (no pickled objects). ``buffered``: also the
-        training rows waiting in the buffer (an interrupted run's checkpoint)."""
+        training rows waiting in the buffer (an interrupted run's checkpoint). The records'
+        parts are derived from their fields (``lmprobe.bank.record``)."""
         self.wait()
-        probes = {}
-        for name, probe in self.probes.items():
-            arrays, header = probe_to_tensors(probe)
-            probes[name] = {
-                "arrays": {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
-                "header": header,
-            }
-        heldout = {name: to_tensors(rows) for name, rows in self.heldout.items()}
-        plain = {
-            "live": sorted(self.live),
-            "stopped_early": self.stopped_early,
-            "steps": self.steps,
-            "best_loss": {k: float(v) for k, v in self.best_loss.items()},
-            "best_step": self.best_step,
-            "history": {k: [list(p) for p in v] for k, v in self.history.items()},
-            "prepared": self.prepared,
-            "online_pass": self.online_pass,
-            "code_bits": self.code_bits,
-            "uniform_bits": self.uniform_bits,
-            "class_counts": {k: v.tolist() for k, v in self.class_counts.items()},
-            "refitted": self.refitted,
-            "rows_dropped": sorted(self.rows_dropped),
-            "epoch_batches": self.epoch_batches,
-            "steps_buffered": self.steps_buffered,
-            "fingerprint": self.fingerprint,
-        }
+        sections, plain = records_to_state(self._records)
+        plain.update(
+            prepared=self.prepared,
+            online_pass=self.online_pass,
+            epoch_batches=self.epoch_batches,
+            fingerprint=self.fingerprint,
+        )
         waiting = {}
         if buffered:
             for name in self._train_rows.names():
@@ -102,8 +80,7 @@ class Checkpoints:
                 waiting[name] = to_tensors(rows)
         return {
             "buffered": waiting,
-            "probes": probes,
-            "heldout": heldout,
+            **sections,
             "heldout_index": torch.from_numpy(self.heldout_index),
             "plain": json.dumps(plain),
         }
@@ -115,33 +92,13 @@ class Checkpoints:
             raise LmProbeError(
                 f"the checkpoint has no probe {missing[0]!r}; it was written for other probes"
             )
-        self.probes = {
-            name: probe_from_tensors(
-                {k: v.numpy() for k, v in state["probes"][name]["arrays"].items()},
-                state["probes"][name]["header"],
-                source=f"checkpoint probe {name!r}",
-            )
-            for name in self.configs
-        }
-        self.heldout = {name: from_tensors(rows) for name, rows in state["heldout"].items()}
-        self.heldout_index = state["heldout_index"].numpy()
         plain = json.loads(state["plain"])
-        self.live = set(plain["live"])
-        self.stopped_early = dict(plain["stopped_early"])
-        self.steps = dict(plain["steps"])
-        self.best_loss = dict(plain["best_loss"])
-        self.best_step = dict(plain["best_step"])
-        self.history = {k: [tuple(p) for p in v] for k, v in plain["history"].items()}
+        self._fresh_records()
+        records_from_state(self._records, state, plain)
+        self.heldout_index = state["heldout_index"].numpy()
         self.prepared = plain["prepared"]
         self.online_pass = plain["online_pass"]
-        self.code_bits, self.uniform_bits = plain["code_bits"], plain["uniform_bits"]
-        self.class_counts = {k: np.asarray(v) for k, v in plain["class_counts"].items()}
-        self.refitted = dict(plain.get("refitted", dict.fromkeys(self.configs, False)))
-        # (a checkpoint from before this was recorded: refit the live probes, as then)
-        self.rows_dropped = set(plain.get("rows_dropped", set(self.configs) - self.live))
         self.epoch_batches = int(plain.get("epoch_batches", 0))
-        buffered = plain.get("steps_buffered", {})
-        self.steps_buffered = {n: int(buffered.get(n, 0)) for n in self.configs}
         self.resumed = True
         self._train_rows.clear()
         for name, rows in state.get("buffered", {}).items():

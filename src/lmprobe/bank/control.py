@@ -19,15 +19,16 @@ class ControlTasks:
 
     CONTROL_SPLITS = ("train", "val", "test")
 
-    def attach_control_labels(self, dataset: Any, split: str) -> None:
-        """Give ``dataset`` the control task's labels (only when probes have control twins;
-        the training split first). Sequence-level: a seeded permutation of the split's own
+    def control_labels(self, dataset: Any, split: str) -> torch.Tensor | None:
+        """The control task's labels of ``dataset`` (None without control twins or data; the
+        training split first), for its owner to give it (``set_control_labels``); the bank
+        keeps only its control table. Sequence-level: a seeded permutation of the split's own
         labels. Token-level: each token type (input id) gets a seeded random label drawn
         from the training labels' distribution, the same in every split. Word-level: the
         same per word type (``dataset.word_types``, the lower-cased word), as Hewitt & Liang
         define control tasks for words."""
         if not self.control_of or dataset is None:
-            return
+            return None
         labels = dataset.labels
         if getattr(dataset, "word_level", False) and dataset.word_types is None:
             raise LmProbeError(
@@ -37,8 +38,7 @@ class ControlTasks:
         if labels.dim() == 1:
             tag = self.CONTROL_SPLITS.index(split)
             order = np.random.default_rng((self.seed, tag)).permutation(len(labels))
-            dataset.control_labels = labels[torch.from_numpy(order)]
-            return
+            return labels[torch.from_numpy(order)]
         if split == "train" or self._control_table is None:
             config = self.configs[next(iter(self.control_of.values()))]
             values = torch.as_tensor(dataset.label_values(config.null_label))
@@ -56,4 +56,4 @@ class ControlTasks:
             )
             self._control_table = self._control_classes[draw]
         table = torch.from_numpy(self._control_table)
-        dataset.control_labels = torch.where(real, table[types.clamp(min=0)], dataset.labels)
+        return torch.where(real, table[types.clamp(min=0)], dataset.labels)

@@ -51,7 +51,7 @@ class Refitting:
         before = self._pending
         # a refit replaces a fitted probe's state (never leaves one unfitted), but not in
         # one step: ``trained_any`` must not read it meanwhile
-        fitted = any(self.probes[name].is_fitted for name, _ in rows)
+        fitted = any(self._records[name].probe.is_fitted for name, _ in rows)
         self._pending_rows = self._pending_rows or fitted
 
         def refits() -> None:
@@ -68,7 +68,7 @@ class Refitting:
         held-out slice to refit with), or a code length. From the configs: every rank
         decides alike."""
         return any(
-            getattr(self.probes[name], "fits_rows", False)
+            getattr(self._records[name].probe, "fits_rows", False)
             or (config.refit and config.heldout_size > 0 and self._needs_heldout(name))
             or self._codes(name)
             for name, config in self.configs.items()
@@ -76,7 +76,7 @@ class Refitting:
 
     def _codes(self, name: str) -> bool:
         """The kind has an online code length: a classifier with probabilities."""
-        probe = self.probes[name]
+        probe = self._records[name].probe
         return probe.task == "classification" and hasattr(probe, "predict_proba")
 
     def drop_rows(self, names: Iterable[str]) -> None:
@@ -84,7 +84,8 @@ class Refitting:
         stopped): their kept rows lack it, so they are not refitted; a resumed run refits the
         others (``ProbeModule.refit_probes``)."""
         if self.online_pass:
-            self.rows_dropped.update(names)
+            for name in names:
+                self._records[name].rows_dropped = True
 
     def refit(self, name: str, rows: Features, n_docs: int) -> bool:
         """Retrain ``name`` from scratch on every training row, its held-out slice included,
@@ -105,7 +106,7 @@ class Refitting:
         """The code length and the refit of one probe (returns whether it was refitted): the
         code length first, with what training chose, except for a kind fitted from every
         row (``fits_rows``), whose blocks are coded with what its final fit chose."""
-        if getattr(self.probes[name], "fits_rows", False):
+        if getattr(self._records[name].probe, "fits_rows", False):
             refitted = self._refit(name, rows, n_docs)
             self._code_length(name, rows, n_docs)
             return refitted
@@ -115,7 +116,7 @@ class Refitting:
     def _all_rows(self, name: str, rows: Features, n_docs: int) -> Features | None:
         """The probe's kept training rows and its held-out slice, in document order; None
         unless they hold every one of the ``n_docs`` training documents."""
-        heldout = self.heldout.get(name)
+        heldout = self._records[name].heldout
         if heldout is not None and len(heldout.y):
             rows = Features.concat([rows, heldout])
         if len(np.unique(rows.doc)) != n_docs:
@@ -125,9 +126,9 @@ class Refitting:
 
     def _passes(self, name: str, n_rows: int) -> int:
         """The passes over its training rows the probe made (its ``n_samples_seen_``)."""
-        heldout = self.heldout.get(name)
+        heldout = self._records[name].heldout
         trained_rows = n_rows - (len(heldout.y) if heldout is not None else 0)
-        seen = getattr(self.probes[name], "n_samples_seen_", 0) or 0
+        seen = getattr(self._records[name].probe, "n_samples_seen_", 0) or 0
         return max(1, round(seen / max(trained_rows, 1)))
 
     def _fresh_fit(
@@ -141,7 +142,7 @@ class Refitting:
         """A new probe of ``name``'s config with what its held-out slice chose (its
         ``alpha``; ``classes``: every class, whatever ``y`` holds), trained on ``X, y``
         ``passes`` times, each pass in one seeded permutation, ``REFIT_ROWS`` at a time."""
-        config, probe = self.configs[name], self.probes[name]
+        config, probe = self.configs[name], self._records[name].probe
         kwargs = dict(config.model_kwargs)
         if getattr(probe, "fits_rows", False):
             kwargs["C"] = probe.C_
@@ -163,14 +164,14 @@ class Refitting:
         return fresh
 
     def _refit(self, name: str, rows: Features, n_docs: int) -> bool:
-        heldout = self.heldout.get(name)
-        probe = self.probes[name]
+        record = self._records[name]
+        heldout, probe = record.heldout, record.probe
         seen = getattr(probe, "n_samples_seen_", None)
         if getattr(probe, "fits_rows", False):
             return self._fit_rows(name, rows, n_docs)
         if (
             not self.configs[name].refit
-            or self.refitted[name]  # once (a run resumed after its refit ends again)
+            or record.refitted  # once (a run resumed after its refit ends again)
             or heldout is None
             or not len(heldout.y)
             or not probe.is_fitted
@@ -187,27 +188,28 @@ class Refitting:
         # final one afterwards; it now holds the chosen alpha alone
         probe.__dict__.clear()
         probe.__dict__.update(refitted.__dict__)
-        self.refitted[name] = True
+        record.refitted = True
         return True
 
     def _fit_rows(self, name: str, rows: Features, n_docs: int) -> bool:
         """A kind fitted from every row (``fits_rows``): its final fit, from the kept
         training rows and the held-out slice (which chooses among its settings; with
         ``refit`` the final fit then also learns from it)."""
-        probe, config = self.probes[name], self.configs[name]
-        if self.refitted[name] or not probe.is_fitted:
+        record, config = self._records[name], self.configs[name]
+        probe = record.probe
+        if record.refitted or not probe.is_fitted:
             return False
         if self._all_rows(name, rows, n_docs) is None:
             log.info("probe %r keeps its online fit: not every training row was kept", name)
             return False
         order = np.argsort(rows.doc, kind="stable")
-        heldout = self.heldout.get(name) or Features(rows.X[:0], rows.y[:0], rows.doc[:0])
+        heldout = record.heldout or Features(rows.X[:0], rows.y[:0], rows.doc[:0])
         final = make_probe(config, self.seed)
         with checked_rows():
             final.fit_rows(rows.X[order], rows.y[order], heldout.X, heldout.y, config.refit)
         probe.__dict__.clear()
         probe.__dict__.update(final.__dict__)
-        self.refitted[name] = True
+        record.refitted = True
         return True
 
     def code_length(self, name: str, rows: Features, n_docs: int) -> bool:
@@ -227,10 +229,11 @@ class Refitting:
         return self._code_length(name, rows, n_docs)
 
     def _code_length(self, name: str, rows: Features, n_docs: int) -> bool:
-        probe = self.probes[name]
+        record = self._records[name]
+        probe = record.probe
         if (
-            self.uniform_bits[name]  # once (a resumed run)
-            or (self.refitted[name] and not getattr(probe, "fits_rows", False))
+            record.uniform_bits  # once (a resumed run)
+            or (record.refitted and not getattr(probe, "fits_rows", False))
             or not self._codes(name)
             or not probe.is_fitted
         ):
@@ -249,6 +252,6 @@ class Refitting:
             proba = coder.predict_proba(X[start:end])
             column = column_of(np.asarray(coder.classes_), y[start:end])
             bits += float(row_log_loss(proba, column).sum()) / math.log(2)
-        self.code_bits[name] = bits
-        self.uniform_bits[name] = len(y) * math.log2(len(classes))
+        record.code_bits = bits
+        record.uniform_bits = len(y) * math.log2(len(classes))
         return True

@@ -37,7 +37,8 @@ class Scoring:
         if rows is None:
             return
         with checked_rows():
-            for name, probe in self.probes.items():
+            for name, record in self._records.items():
+                probe = record.probe
                 if self.key(name) != key or not probe.is_fitted:
                     continue
                 scores = self._scores.get((stage, name))
@@ -100,17 +101,15 @@ class Scoring:
             scores = self._scores.pop((stage, name), None)
             if scores is not None:
                 row.update(scores.compute())
-            row["steps"] = self.steps[name]
-            row["stopped_early"] = bool(self.stopped_early[name])
-            row["alpha"] = getattr(self.probes[name], "alpha_", float("nan"))
-            row["refit"] = bool(self.refitted[name])
+            record = self._records[name]
+            row.update(record.columns())
             if task == "classification":
                 row["majority_accuracy"] = float("nan")
                 if scores is not None and name not in self.control_of:
                     scored[name], n_classes[name] = scores.rows(), len(scores.classes)
                     per_class.append(scores.per_class(name))
                     row["majority_accuracy"] = self._majority_accuracy(name, scored[name])
-                bits, uniform = self.code_bits[name], self.uniform_bits[name]
+                bits, uniform = record.code_bits, record.uniform_bits
                 row["codelength_bits"] = bits if uniform else float("nan")
                 row["compression"] = uniform / bits if uniform and bits else float("nan")
             rows[name] = row
@@ -137,7 +136,7 @@ class Scoring:
 
     def _majority_accuracy(self, name: str, scored: dict[str, Any]) -> float:
         """Accuracy of always predicting the most frequent training class (a baseline)."""
-        counts = self.class_counts[name]
+        counts = self._records[name].class_counts
         if not len(scored["target"]) or not counts.any():
             return float("nan")
         return float((scored["target"] == int(np.argmax(counts))).mean())

@@ -43,7 +43,7 @@ class EarlyStopping:
     def _needs_heldout(self, name: str) -> bool:
         """Held-out rows serve early stopping and the choice among a probe's settings (its
         ``alpha`` grid): a probe with either holds them out."""
-        return self._stops_early(name) or self.probes[name].selects
+        return self._stops_early(name) or self._records[name].probe.selects
 
     def _stops_early(self, name: str) -> bool:
         """Early stopping is on and the kind has a held-out criterion (else no rows are held
@@ -61,7 +61,7 @@ class EarlyStopping:
             rows = features.get(self.key(name))
             if rows is None:
                 continue
-            self.heldout[name] = rows.select_docs(union[:size])
+            self._records[name].heldout = rows.select_docs(union[:size])
             extra = rows.select_docs(union[size:])
             if len(extra.y):
                 with checked_rows():
@@ -73,20 +73,20 @@ class EarlyStopping:
         """Right after an update: score the held-out slice; retire the probe when it is out
         of patience (training batches without an improvement of ``threshold``, counted after
         ``warmup_steps``) or at ``max_steps``."""
-        config, steps = self.configs[name], self.steps[name]
-        heldout = self.heldout.get(name)
+        config, record = self.configs[name], self._records[name]
+        steps, heldout = record.steps, record.heldout
         if heldout is not None and len(heldout.y):
-            loss = self.probes[name].heldout_loss(heldout.X, heldout.y)  # also chooses alpha
+            loss = record.probe.heldout_loss(heldout.X, heldout.y)  # also chooses alpha
             if loss is not None and self._stops_early(name):
-                self.history[name].append((steps, loss))
-                if loss < self.best_loss[name] - config.threshold:
-                    self.best_loss[name], self.best_step[name] = loss, steps
-                waited = steps - max(self.best_step[name], config.warmup_steps)
+                record.history.append((steps, loss))
+                if loss < record.best_loss - config.threshold:
+                    record.best_loss, record.best_step = loss, steps
+                waited = steps - max(record.best_step, config.warmup_steps)
                 if steps > config.warmup_steps and waited >= config.patience:
                     log.info("Early stopping after %d steps for %s", steps, name)
-                    self.live.discard(name)
-                    self.stopped_early[name] = True
+                    record.live = False
+                    record.stopped_early = True
                     return
         if config.max_steps is not None and steps >= config.max_steps:
             log.info("Reached max_steps=%d for %s", config.max_steps, name)
-            self.live.discard(name)
+            record.live = False

@@ -94,4 +94,4 @@ class Worker:
 
     def trained_any(self) -> bool:
         """Some probe is fitted, or will be once the background training is done."""
-        return self._pending_rows or any(p.is_fitted for p in self.probes.values())
+        return self._pending_rows or any(r.probe.is_fitted for r in self._records.values())

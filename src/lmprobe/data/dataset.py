@@ -88,8 +88,7 @@ class ProbeDataset(Dataset):
         self.label_names = dict(label_names) if label_names else None
         self.word_ids = None if word_ids is None else _as_long_tensor(word_ids, "word_ids")
         self.word_types = None if word_types is None else _as_long_tensor(word_types, "word_types")
-        # Labels of the control task (set by the probe bank when probes have control twins):
-        # shaped like ``labels``, handed out as ``"control"`` with every item.
+        # Labels of the control task when probes have control twins (``set_control_labels``)
         self.control_labels: torch.Tensor | None = None
         if self.input_ids.dim() != 2:
             raise LmProbeError(
@@ -203,6 +202,16 @@ class ProbeDataset(Dataset):
         if self.word_ids is not None:
             item["word_ids"] = self.word_ids[idx]
         return item
+
+    def set_control_labels(self, labels: torch.Tensor) -> None:
+        """The control task's labels, shaped like ``labels`` (from ``ProbeBank.control_labels``),
+        given once by the dataset's owner; handed out as ``"control"`` with every item."""
+        if tuple(labels.shape) != tuple(self.labels.shape):
+            raise LmProbeError(
+                f"control labels of shape {tuple(labels.shape)} for labels of shape "
+                f"{tuple(self.labels.shape)}: give one control label per label"
+            )
+        self.control_labels = labels
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ProbeDataset:
         indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)

@@ -133,7 +133,7 @@ class PackedDataset(Dataset):
             self.labels = self.labels.long()
         self.label_names = dict(label_names) if label_names else None
         self.pad_id, self.padding_side = int(pad_id), padding_side
-        self.control_labels: torch.Tensor | None = None
+        self.control_labels: torch.Tensor | None = None  # (``set_control_labels``)
         if not len(self.starts) == len(self.lengths) == len(self.labels):
             raise LmProbeError(
                 f"{len(self.starts)} starts, {len(self.lengths)} lengths and "
@@ -193,6 +193,16 @@ class PackedDataset(Dataset):
     @property
     def attention_mask(self) -> torch.Tensor:
         return self[:]["attention_mask"]
+
+    def set_control_labels(self, labels: torch.Tensor) -> None:
+        """The control task's labels, shaped like ``labels`` (from ``ProbeBank.control_labels``),
+        given once by the dataset's owner; handed out as ``"control"`` with every item."""
+        if tuple(labels.shape) != tuple(self.labels.shape):
+            raise LmProbeError(
+                f"control labels of shape {tuple(labels.shape)} for labels of shape "
+                f"{tuple(self.labels.shape)}: give one control label per label"
+            )
+        self.control_labels = labels
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> PackedDataset:
         """The rows ``indices`` (sharing this dataset's token file)."""

@@ -123,7 +123,7 @@ def fit_and_test(
         raise LmProbeError("trainer max_epochs=0 trains no probe; use max_epochs >= 1")
     datamodule.setup("fit")
     for split in module.bank.CONTROL_SPLITS:  # no-op without control twins
-        module.bank.attach_control_labels(getattr(datamodule, f"{split}_set", None), split)
+        _give_control_labels(module, getattr(datamodule, f"{split}_set", None), split)
     if getattr(datamodule, "val_set", None) is None:
         trainer.limit_val_batches = 0  # no validation split: skip Lightning's validation loop
     if getattr(datamodule, "test_set", None) is not None:
@@ -208,6 +208,13 @@ def baseline_table(
     return fit_and_test(trainer_for(other), other, datamodule)
 
 
+def _give_control_labels(module: ProbeModule, dataset: Any, split: str) -> None:
+    """The bank's control labels of ``dataset``, given to it (when probes have twins)."""
+    labels = module.bank.control_labels(dataset, split)
+    if labels is not None:
+        dataset.set_control_labels(labels)
+
+
 def score_test_set(
     trainer: L.Trainer, module: ProbeModule, datamodule: L.LightningDataModule
 ) -> pd.DataFrame:
@@ -215,6 +222,6 @@ def score_test_set(
     if getattr(datamodule, "test_set", None) is None:
         return pd.DataFrame()
     if datamodule.test_set.control_labels is None:
-        module.bank.attach_control_labels(datamodule.test_set, "test")
+        _give_control_labels(module, datamodule.test_set, "test")
     trainer.test(module, datamodule=datamodule, verbose=False)
     return module.bank.tables["test"]

@@ -257,18 +257,10 @@ class ProbeRunner:
 
     # ------------------------------------------------------------------ probes
     def _reset_probes(self) -> None:
-        """Fresh probes for a new fit, kept in the same objects: lm_probe trains the probes
-        of ``runner.probes`` in place, so a probe taken with ``runner[name]`` before
-        ``fit_probes`` must be the trained one afterwards."""
-        before = dict(self.module.bank.probes)
+        """Fresh probes for a new fit, kept in the same objects (``ProbeBank.reset``):
+        lm_probe trains the probes of ``runner.probes`` in place, so a probe taken with
+        ``runner[name]`` before ``fit_probes`` must be the trained one afterwards."""
         self.module.reset_probes()
-        probes = self.module.bank.probes
-        for name, old in before.items():
-            new = probes.get(name)
-            if new is not None and type(new) is type(old):
-                old.__dict__.clear()
-                old.__dict__.update(new.__dict__)
-                probes[name] = old
 
     @property
     def probes(self) -> list[Probe]:
