@@ -189,3 +189,18 @@ def test_a_bad_C_is_a_one_line_error_before_any_work():
 
     with pytest.raises(LmProbeError, match="model_kwargs C=\\[1, -1\\] must be positive"):
         ProbeConfig("a.output", [0, 1], kind="logistic", model_kwargs={"C": [1, -1]})
+
+
+def test_logistic_probe_chooses_c_as_logistic_regression_cv_does():
+    """C by accuracy over LogisticRegressionCV's own folds (5 unshuffled stratified), ties
+    to the smallest C: the same cross-validated accuracies and the same C. Log loss over
+    shuffled folds (the old rule) chose C=1 on these rows, LogisticRegressionCV 10**-0.5
+    (two rows of 150 better than the next C)."""
+    X, y = softmax_data(n=150, seed=5)
+    probe = LogisticProbe([0, 1, 2], {}, True, 0).fit_rows(X, y)
+    Z = StandardScaler().fit_transform(X)  # float32, as the probe's
+    cv = LogisticRegressionCV(
+        Cs=np.logspace(-4, 2, 13), max_iter=5000, tol=1e-6, use_legacy_attributes=False
+    ).fit(Z, y)
+    np.testing.assert_allclose(probe.cv_accuracy_, cv.scores_.reshape(5, -1).mean(0))
+    assert probe.C_ == pytest.approx(float(np.ravel(cv.C_)[0]))
