@@ -161,9 +161,10 @@ def test_a_one_epoch_run_fits_refits_and_codes_from_its_kept_features(gpt2, base
     kept = gather([features[key] for _, features in runner.module._train_cache.values()])
     kept = Features(*(a[np.argsort(kept.doc, kind="stable")] for a in kept))
     held = bank.heldout["logistic"]
-    # logistic: the exact fit on them, in the bank's order (the training rows by document,
-    # then the held-out slice)
-    exact = LogisticProbe([0, 1], {}, True, 2).fit_rows(kept.X, kept.y, held.X, held.y)
+    # logistic: the exact fit on them and the held-out slice, every row in document order
+    rows = Features.concat([kept, held])
+    order = np.argsort(rows.doc, kind="stable")
+    exact = LogisticProbe([0, 1], {}, True, 2).fit_rows(rows.X[order], rows.y[order])
     probe = runner["logistic"]
     assert probe.exact and probe.C_ == exact.C_
     np.testing.assert_allclose(probe.predict_proba(kept.X), exact.predict_proba(kept.X), rtol=1e-6)
@@ -189,3 +190,18 @@ def test_a_bad_C_is_a_one_line_error_before_any_work():
 
     with pytest.raises(LmProbeError, match="model_kwargs C=\\[1, -1\\] must be positive"):
         ProbeConfig("a.output", [0, 1], kind="logistic", model_kwargs={"C": [1, -1]})
+
+
+def test_logistic_probe_chooses_c_as_logistic_regression_cv_does():
+    """C by accuracy over LogisticRegressionCV's own folds (5 unshuffled stratified), ties
+    to the smallest C: the same cross-validated accuracies and the same C. Log loss over
+    shuffled folds (the old rule) chose C=1 on these rows, LogisticRegressionCV 10**-0.5
+    (two rows of 150 better than the next C)."""
+    X, y = softmax_data(n=150, seed=5)
+    probe = LogisticProbe([0, 1, 2], {}, True, 0).fit_rows(X, y)
+    Z = StandardScaler().fit_transform(X)  # float32, as the probe's
+    cv = LogisticRegressionCV(
+        Cs=np.logspace(-4, 2, 13), max_iter=5000, tol=1e-6, use_legacy_attributes=False
+    ).fit(Z, y)
+    np.testing.assert_allclose(probe.cv_accuracy_, cv.scores_.reshape(5, -1).mean(0))
+    assert probe.C_ == pytest.approx(float(np.ravel(cv.C_)[0]))

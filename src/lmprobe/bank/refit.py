@@ -192,21 +192,24 @@ class Refitting:
         return True
 
     def _fit_rows(self, name: str, rows: Features, n_docs: int) -> bool:
-        """A kind fitted from every row (``fits_rows``): its final fit, from the kept
-        training rows and the held-out slice (which chooses among its settings; with
-        ``refit`` the final fit then also learns from it)."""
+        """A kind fitted from every row (``fits_rows``): its final fit (which chooses among
+        its settings itself), from every training row with ``refit`` (the held-out slice
+        included), else from the kept training rows; in document order either way, so its
+        cross-validation folds are the same on any number of processes."""
         record, config = self._records[name], self.configs[name]
         probe = record.probe
         if record.refitted or not probe.is_fitted:
             return False
-        if self._all_rows(name, rows, n_docs) is None:
+        every = self._all_rows(name, rows, n_docs)
+        if every is None:
             log.info("probe %r keeps its online fit: not every training row was kept", name)
             return False
-        order = np.argsort(rows.doc, kind="stable")
-        heldout = record.heldout or Features(rows.X[:0], rows.y[:0], rows.doc[:0])
+        if not config.refit:
+            order = np.argsort(rows.doc, kind="stable")
+            every = Features(rows.X[order], rows.y[order], rows.doc[order])
         final = make_probe(config, self.seed)
         with checked_rows():
-            final.fit_rows(rows.X[order], rows.y[order], heldout.X, heldout.y, config.refit)
+            final.fit_rows(every.X, every.y)
         probe.__dict__.clear()
         probe.__dict__.update(final.__dict__)
         record.refitted = True
