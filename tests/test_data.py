@@ -179,3 +179,65 @@ def test_test_sentences_repeating_training_sentences_are_counted(tmp_path, token
     columns = {"text_column": "form", "label_column": "upos"}
     ProbeDataModule(path=str(train), test_path=str(test), tokenizer=tokenizer, **columns).setup()
     assert f"2 of the 10 test sentences ({test})" in caplog.text
+
+
+def test_a_data_source_of_frames_gives_the_splits_of_the_same_files(tmp_path, tokenizer):
+    """Issue 34: every source feeds one split loader: a ``DataSource`` handing over rows from
+    memory, a chunk at a time, gives the datasets, labels and dropped rows that the same rows
+    written as a training and a test file give."""
+    from lmprobe.data.sources import DataSource
+
+    texts, labels = make_texts(50, seed=2)
+    texts[3] = " "  # an empty text: dropped in both
+    frames = {
+        "train": pd.DataFrame(
+            {"text": texts[:40], "label": ["pos" if y else "neg" for y in labels[:40]]}
+        ),
+        "test": pd.DataFrame(
+            {"text": texts[40:], "label": ["pos" if y else "neg" for y in labels[40:]]}
+        ),
+    }
+
+    class Frames(DataSource):
+        splits = {"train": "train", "test": "test"}
+        keys = {"val": "val_frame", "test": "test_frame"}
+
+        def chunks(self, split, text_column, columns):
+            frame = frames[split]
+            return split, (frame.iloc[i : i + 7] for i in range(0, len(frame), 7))
+
+    for split, frame in frames.items():
+        frame.to_csv(tmp_path / f"{split}.csv", index=False)
+    options = {"tokenizer": tokenizer, "val_size": 0.25, "sample_size": 30, "seed": 1}
+    ours = ProbeDataModule(source=Frames(), **options)
+    files = ProbeDataModule(
+        path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"), **options
+    )
+    ours.setup()
+    files.setup()
+    assert ours.label_names == files.label_names == {0: "neg", 1: "pos"}
+    for split in ("train_set", "val_set", "test_set"):
+        a, b = getattr(ours, split), getattr(files, split)
+        assert len(a) == len(b) > 0
+        assert [a.tokens(i).tolist() for i in range(len(a))] == [
+            b.tokens(i).tolist() for i in range(len(b))
+        ]
+        assert torch.equal(a.labels, b.labels)
+    assert [(r["split"], r["reason"], r["rows"]) for r in ours.dropped_rows] == [
+        (r["split"], r["reason"], r["rows"]) for r in files.dropped_rows
+    ]
+    assert ("train", "no text (empty 'text')", 1) in [
+        (r["split"], r["reason"], r["rows"]) for r in ours.dropped_rows
+    ]
+
+
+def test_a_test_file_of_one_class_is_warned_about(tmp_path, tokenizer, caplog):
+    """Issue 34: the single-class warning of a split is the split loader's, so a test file
+    of one class is warned about as a test split cut from one file is."""
+    texts, labels = make_texts(40, seed=3)
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    pd.DataFrame({"text": texts[:30], "label": labels[:30]}).to_csv(train, index=False)
+    pd.DataFrame({"text": texts[30:], "label": [1] * 10}).to_csv(test, index=False)
+    ProbeDataModule(path=str(train), test_path=str(test), tokenizer=tokenizer).setup()
+    assert f"the test split of {test} has a single class" in caplog.text
+    assert "the train split" not in caplog.text

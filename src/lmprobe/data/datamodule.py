@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import codecs
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -24,18 +24,14 @@ from torch.utils.data import DataLoader
 from lmprobe.data.dataset import ProbeDataset, auto_window, batches, split_indices
 from lmprobe.data.packed import PackedDataset
 from lmprobe.data.readers import (
-    READERS,
     UNKNOWN_LABEL_POLICIES,
-    WORD_FORMATS,
-    format_of,
+    check_format,
+    choose_rows,
     label_names,
     label_vocabulary,
-    prepare_frame,
-    read_chunks,
-    read_table,
-    resolve_data_path,
     select_rows,
 )
+from lmprobe.data.sources import DataSource, FileSource, SplitRows
 from lmprobe.data.streaming import (
     TEXT_HASH,
     TextSpill,
@@ -46,7 +42,7 @@ from lmprobe.data.streaming import (
     warn_shared_texts,
 )
 from lmprobe.data.wordsplits import WordSplits
-from lmprobe.errors import LmProbeError, did_you_mean, plain
+from lmprobe.errors import LmProbeError, plain
 from lmprobe.probes.config import DEFAULT_CHUNK_ROWS
 
 log = logging.getLogger(__name__)
@@ -100,13 +96,8 @@ def check_data_options(prefix: str = "", presplit: bool = False, **options: Any)
             )
     if options.get("unknown_labels") not in (None, *UNKNOWN_LABEL_POLICIES):
         raise bad("unknown_labels", f"use one of {', '.join(UNKNOWN_LABEL_POLICIES)}")
-    fmt = options.get("file_format")
-    if fmt is not None and str(fmt).lower() not in READERS:
-        raise bad(
-            "file_format",
-            f"use one of {', '.join(sorted(READERS))} (or null: from the file's suffix)"
-            + did_you_mean(str(fmt).lower(), READERS),
-        )
+    if options.get("file_format") is not None:
+        check_format(options["file_format"], f"{prefix}file_format")
     encoding = options.get("encoding")
     if encoding is not None:
         try:
@@ -127,17 +118,6 @@ def check_data_options(prefix: str = "", presplit: bool = False, **options: Any)
             raise bad(key, "give each column a list of values, e.g. {label: [neutral]}")
 
 
-class _SplitRecords(list):
-    """Appends to a shared list of dropped-row records, each tagged with its split."""
-
-    def __init__(self, records: list[dict[str, Any]], split: str) -> None:
-        super().__init__()
-        self.records, self.split = records, split
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.records.append({"split": self.split, **record})
-
-
 class ProbeDataModule(WordSplits, L.LightningDataModule):
     """Hands ``ProbeDataset`` splits to Lightning, batched and padded to each batch's longest.
 
@@ -148,7 +128,8 @@ class ProbeDataModule(WordSplits, L.LightningDataModule):
     and the label map apply to every split alike, labels are numbered from the training
     file, and labels of another split that the training file lacks are an error (or
     dropped: ``unknown_labels="drop"``). ``sample_size`` and ``balance`` sample the
-    training file only: a given test file is scored whole.
+    training file only: a given test file is scored whole. ``source`` (a ``DataSource``,
+    e.g. ``lmprobe.data.hf.HFSource``) gives the splits instead of the file options.
 
     A word format (``data=conllu``, ``data=conll``) gives one label per word; filters then
     choose which words are labelled (the others stay in the text), ``sample_size`` counts
@@ -190,17 +171,20 @@ class ProbeDataModule(WordSplits, L.LightningDataModule):
         test_path: str | None = None,
         val_path: str | None = None,
         unknown_labels: str = "error",
+        source: DataSource | None = None,
     ) -> None:
         super().__init__()
-        if train_set is None and path is None:
+        if source is None and path is not None:
+            source = FileSource(path, test_path, val_path, encoding, file_format)
+        if train_set is None and source is None:
             raise LmProbeError("ProbeDataModule needs train_set or a data file path")
+        given = {} if source is None else source.splits
         check_data_options(
             batch_size=batch_size,
             sample_size=sample_size,
             max_length=max_length,
             test_size=test_size,
             val_size=val_size,
-            val_path=val_path,
             num_workers=num_workers,
             group_size=group_size,
             length_window=length_window,
@@ -210,9 +194,11 @@ class ProbeDataModule(WordSplits, L.LightningDataModule):
             label_map=label_map,
             exclude=exclude,
             include=include,
-            presplit=test_path is not None,
+            presplit="test" in given,
+            **{source.keys[split]: name for split, name in given.items() if split != "train"},
         )
         self.train_set, self.test_set, self.val_set = train_set, test_set, val_set
+        self.source = source  #: where the splits are read from (``lmprobe.data.sources``)
         self.path = path
         self.text_column, self.label_column = text_column, label_column
         self.label_map = dict(label_map) if label_map else None
@@ -254,7 +240,7 @@ class ProbeDataModule(WordSplits, L.LightningDataModule):
         """One label per word (a CoNLL file, or a word-level ``train_set``)."""
         if self.train_set is not None:
             return self.train_set.word_level
-        return self.path is not None and format_of(str(self.path), self.file_format) in WORD_FORMATS
+        return self.source is not None and self.source.word_level
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -262,86 +248,131 @@ class ProbeDataModule(WordSplits, L.LightningDataModule):
             return
         self.train_set, self.val_set, self.test_set = self.load_splits()
 
-    def _dropped(self, split: str) -> list[dict[str, Any]]:
-        """A list that records the rows of ``split`` left out into ``dropped_rows``."""
-        return _SplitRecords(self.dropped_rows, split)
-
     def load_splits(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
+        """The source's splits: each read and its rows chosen (``_read_rows``, or
+        ``_read_words`` for word-level data), labels numbered from the training split, the
+        splits not given whole cut from it (``_fractions``), then tokenized."""
         if self.tokenizer is None:
             raise LmProbeError("ProbeDataModule needs the model's tokenizer to read a text file")
-        if self.word_level:
-            return self._load_words()
-        if self.test_path is not None or self.val_path is not None:
-            return self._load_presplit()
-        path, frame, spill = self._scan(self.path)
-        frame, names = prepare_frame(
-            frame,
+        words = self.word_level
+        if words and self.balance:
+            raise LmProbeError(
+                "data.balance samples one row per label, but word-level data has many labels "
+                "per sentence; set data.balance=false"
+            )
+        read = self._read_words if words else self._read_rows
+        one_file = len(self.source.splits) == 1 and not words  # its rows recorded as "all"
+        parts: dict[str, SplitRows] = {}
+        for split in self.source.splits:
+            named = "data" if split == "train" and (one_file or words) else split
+            dropped: list[dict[str, Any]] = []
+            parts[split] = read(split, f"{named} file", parts.get("train"), dropped)
+            tag = "all" if one_file else split
+            self.dropped_rows += [{"split": tag, **record} for record in dropped]
+        train = parts["train"]
+        vocabulary = train.vocabulary
+        names = None if vocabulary is None else label_names(vocabulary, self.label_map)
+        if names is not None and len(names) < 2:
+            raise LmProbeError(
+                f"data file {train.name!r} has a single label {plain(names.values())} after "
+                f"filtering; a probe needs at least two classes"
+            )
+        self.label_names = names
+        strata = None if self.continuous else train.labels
+        cuts = self._fractions(len(train.hashes), strata)
+        test = parts.get("test", train)
+        test_hashes = test.hashes if "test" in parts else train.hashes[cuts["test"]]
+        warn_shared_texts(
+            train.hashes[cuts["train"]], test_hashes, train.name, test.name, train.unit
+        )
+        if train.labels is not None:
+            for split in ("train", "test"):
+                labels = train.labels[cuts[split]] if split in cuts else test.labels
+                if len(np.unique(labels)) < 2:
+                    log.warning(
+                        "the %s split of %s has a single class; its metrics will be degenerate",
+                        split,
+                        test.name if split not in cuts else train.name,
+                    )
+        ensure_pad_token(self.tokenizer)
+        max_length = effective_max_length(self.max_length, self.model_max_length)
+        datasets = {split: part.build(names, max_length) for split, part in parts.items()}
+        full = datasets["train"]
+        for split, units in cuts.items():
+            datasets[split] = full.subset(train.rows(units))
+        return datasets["train"], datasets.get("val"), datasets["test"]
+
+    def _fractions(self, n: int, strata: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Units (rows, sentences) of the splits cut from the training split: those the
+        source does not give whole. Seeded; stratified by ``strata``."""
+        rest, parts = np.arange(n), {}
+        given = self.source.splits
+        if "test" not in given:
+            inner, test = split_indices(n, self.test_size, self.seed, strata)
+            rest, parts["test"] = inner, test
+        if "val" not in given and self.val_size:
+            fraction = self.val_size if "test" in given else self.val_size / (1 - self.test_size)
+            inner, val = split_indices(
+                len(rest), fraction, self.seed, None if strata is None else strata[rest]
+            )
+            rest, parts["val"] = rest[inner], rest[val]
+        parts["train"] = rest
+        return parts
+
+    def _read_rows(
+        self, split: str, what: str, train: SplitRows | None, dropped: list[dict[str, Any]]
+    ) -> SplitRows:
+        """One document per row, read a chunk at a time (texts on disk until tokenized):
+        filters, label map, and (training split) sample and balance (``choose_rows``);
+        labels numbered the training split's way (``train``)."""
+        columns = [self.label_column, *self.exclude, *self.include]
+        name, chunks = self.source.chunks(split, self.text_column, columns)
+        source = f"{what} {name!r}"
+        spill = TextSpill()
+        raw = scan(chunks, self.text_column, columns, source, spill)
+        selected = select_rows(
+            raw,
             self.text_column,
             self.label_column,
             self.label_map,
             self.exclude,
             self.include,
-            self.sample_size,
-            self.balance,
-            self.seed,
-            source=f"data file {path!r}",
-            continuous=self.continuous,
-            dropped=self._dropped("all"),
+            source,
+            dropped,
         )
-        self.label_names = names
-        labels = frame["_label"].to_numpy()
-        if names is not None and len(names) < 2:
-            raise LmProbeError(
-                f"data file {path!r} has a single label {plain(names.values())} after filtering; "
-                f"a probe needs at least two classes"
-            )
-        strata = None if self.continuous else labels
-        rest, test_idx = split_indices(len(frame), self.test_size, self.seed, strata)
-        val_idx = np.array([], dtype=int)
-        if self.val_size:
-            fraction = self.val_size / (1.0 - self.test_size)
-            inner_train, inner_val = split_indices(
-                len(rest), fraction, self.seed, None if strata is None else strata[rest]
-            )
-            rest, val_idx = rest[inner_train], rest[inner_val]
-        hashes = frame[TEXT_HASH].to_numpy()
-        warn_shared_texts(hashes[rest], hashes[test_idx], path, path)
-        full = self._pack(frame, spill, names)
-        for split, idx in (("train", rest), ("test", test_idx)):
-            if len(np.unique(labels[idx])) < 2:
-                log.warning(
-                    "the %s split of %s has a single class; its metrics will be degenerate",
-                    split,
-                    path,
-                )
-        val = full.subset(val_idx) if len(val_idx) else None
-        return full.subset(rest), val, full.subset(test_idx)
-
-    # ------------------------------------------------------------ reading
-    def _read(self, path: str) -> tuple[str, pd.DataFrame]:
-        path = resolve_data_path(path)
-        return path, read_table(path, self.encoding, self.file_format)
-
-    def _chunks(self, file: str) -> tuple[str, Iterable[pd.DataFrame]]:
-        """The name of a split's source and its rows, a chunk at a time."""
-        path = resolve_data_path(file)
-        return path, read_chunks(path, self.encoding, self.file_format)
-
-    def _scan(self, file: str, split: str = "all") -> tuple[str, pd.DataFrame, TextSpill]:
-        """A split's source read a chunk at a time: the thin frame that rows are chosen
-        from (label and filter columns, ``_row``) and its texts on disk (``lmprobe.data.streaming``)."""
-        path, chunks = self._chunks(file)
-        source = f"data file {path!r}" if split == "all" else f"{split} file {path!r}"
-        columns = [self.label_column, *self.exclude, *self.include]
-        spill = TextSpill()
-        return path, scan(chunks, self.text_column, columns, source, spill), spill
+        vocabulary = None if train is None else train.vocabulary
+        if train is None and not self.continuous:
+            vocabulary = label_vocabulary(selected["_label"])
+        first = train is None
+        frame, _ = choose_rows(
+            selected,
+            self.label_column,
+            self.label_map,
+            self.sample_size if first else None,
+            self.balance and first,
+            self.seed,
+            source,
+            self.continuous,
+            vocabulary,
+            self.unknown_labels,
+            dropped,
+        )
+        return SplitRows(
+            name,
+            frame[TEXT_HASH].to_numpy(),
+            frame["_label"].to_numpy(),
+            lambda names, max_length: self._pack(frame, spill, names, max_length),
+            vocabulary=vocabulary,
+        )
 
     def _pack(
-        self, frame: pd.DataFrame, spill: TextSpill, names: dict[int, Any] | None
+        self,
+        frame: pd.DataFrame,
+        spill: TextSpill,
+        names: dict[int, Any] | None,
+        max_length: int | None,
     ) -> PackedDataset:
         """The chosen rows (``frame``, in its order) tokenized into a ``PackedDataset``."""
-        ensure_pad_token(self.tokenizer)
-        max_length = effective_max_length(self.max_length, self.model_max_length)
         try:
             return pack(
                 frame["_row"].to_numpy(),
@@ -353,93 +384,6 @@ class ProbeDataModule(WordSplits, L.LightningDataModule):
             )
         finally:
             spill.close()
-
-    # ------------------------------------------------------------ pre-split files
-
-    def _split_files(self) -> list[tuple[str, str]]:
-        """(split, path) of every split given as a file, the training file first."""
-        files = [("train", self.path)]
-        files += [(s, p) for s, p in (("val", self.val_path), ("test", self.test_path)) if p]
-        return files
-
-    def _fractions(self, n: int, strata: np.ndarray | None) -> dict[str, np.ndarray]:
-        """Index sets of the splits cut from the training file (those with no file)."""
-        rest, parts = np.arange(n), {}
-        if self.test_path is None:
-            inner, test = split_indices(n, self.test_size, self.seed, strata)
-            rest, parts["test"] = inner, test
-        if self.val_path is None and self.val_size:
-            fraction = self.val_size if self.test_path else self.val_size / (1 - self.test_size)
-            inner, val = split_indices(
-                len(rest), fraction, self.seed, None if strata is None else strata[rest]
-            )
-            rest, parts["val"] = rest[inner], rest[val]
-        parts["train"] = rest
-        return parts
-
-    def _load_presplit(self) -> tuple[ProbeDataset, ProbeDataset | None, ProbeDataset]:
-        """One file per split (CSV, TSV, JSONL, parquet): labels numbered from the training
-        file, the filters and the label map applied to each file alike."""
-        frames, vocabulary = {}, None
-        spills = {}
-        for split, file in self._split_files():
-            path, raw, spills[split] = self._scan(file, split)
-            source = f"{split} file {path!r}"
-            if split == "train" and not self.continuous:
-                selected = select_rows(
-                    raw,
-                    self.text_column,
-                    self.label_column,
-                    self.label_map,
-                    self.exclude,
-                    self.include,
-                    source,
-                )
-                vocabulary = label_vocabulary(selected["_label"])
-            frames[split], _ = prepare_frame(
-                raw,
-                self.text_column,
-                self.label_column,
-                self.label_map,
-                self.exclude,
-                self.include,
-                self.sample_size if split == "train" else None,
-                self.balance and split == "train",
-                self.seed,
-                source=source,
-                continuous=self.continuous,
-                vocabulary=vocabulary,
-                unknown_labels=self.unknown_labels,
-                dropped=self._dropped(split),
-            )
-        names = None if vocabulary is None else label_names(vocabulary, self.label_map)
-        self._check_classes(names, self.path)
-        self.label_names = names
-        train = frames["train"]
-        strata = None if self.continuous else train["_label"].to_numpy()
-        parts = self._fractions(len(train), strata)
-        hashes = {split: frame[TEXT_HASH].to_numpy() for split, frame in frames.items()}
-        test = hashes["test"] if "test" in frames else hashes["train"][parts["test"]]
-        warn_shared_texts(
-            hashes["train"][parts["train"]], test, self.path, self.test_path or self.path
-        )
-        datasets = {
-            split: self._pack(frame, spills[split], names) for split, frame in frames.items()
-        }
-        full = datasets["train"]
-        for split, idx in parts.items():
-            datasets[split] = full.subset(idx)
-        return datasets["train"], datasets.get("val"), datasets["test"]
-
-    @staticmethod
-    def _check_classes(names: dict[int, Any] | None, path: Any) -> None:
-        if names is not None and len(names) < 2:
-            raise LmProbeError(
-                f"data file {path!r} has a single label {plain(names.values())} after filtering; "
-                f"a probe needs at least two classes"
-            )
-
-    # ----------------------------------------------------------------- words
 
     def _loader(self, dataset: ProbeDataset | None, by_length: bool = False) -> DataLoader | list:
         if dataset is None:

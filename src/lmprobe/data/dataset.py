@@ -57,6 +57,16 @@ def _as_label_tensor(value: Any) -> torch.Tensor:
     return value.long()
 
 
+def check_documents(tokens: np.ndarray, token: str = "token") -> None:
+    """A dataset's documents (``tokens``: each one's count of tokens): at least one, and
+    none without a ``token``; else the one-line error."""
+    if len(tokens) == 0:
+        raise LmProbeError("the dataset is empty (0 documents); pass at least one text")
+    if (tokens == 0).any():
+        row = int(np.flatnonzero(tokens == 0)[0])
+        raise LmProbeError(f"document {row} has no {token}; drop empty texts")
+
+
 class ProbeDataset(Dataset):
     """Tokenized documents and their labels.
 
@@ -101,8 +111,7 @@ class ProbeDataset(Dataset):
                 f"{tuple(self.input_ids.shape)}; pass both from the same tokenizer call"
             )
         n_docs = self.input_ids.shape[0]
-        if n_docs == 0:
-            raise LmProbeError("the dataset is empty (0 documents); pass at least one text")
+        check_documents(self.attention_mask.sum(1).numpy(), "real token (attention_mask all 0)")
         if self.word_ids is not None:
             self._check_words()
         elif self.labels.dim() == 1:
@@ -115,11 +124,6 @@ class ProbeDataset(Dataset):
             raise LmProbeError(
                 f"token-level labels have shape {tuple(self.labels.shape)} but input_ids has "
                 f"{tuple(self.input_ids.shape)}; pad labels exactly like input_ids"
-            )
-        if (self.attention_mask.sum(1) == 0).any():
-            row = int(torch.nonzero(self.attention_mask.sum(1) == 0)[0, 0])
-            raise LmProbeError(
-                f"document {row} has no real token (attention_mask all 0); drop empty texts"
             )
 
     def _check_words(self) -> None:

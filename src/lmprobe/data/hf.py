@@ -14,7 +14,7 @@ never has to fit in memory. ``ClassLabel`` columns are read as their names (``ne
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import pandas as pd
 from lmprobe.data import readers
 from lmprobe.data.datamodule import ProbeDataModule
 from lmprobe.data.readers import check_columns, first_line
+from lmprobe.data.sources import DataSource
 from lmprobe.errors import LmProbeError
 
 #: The files ``save_to_disk`` writes: a ``DatasetDict`` (several splits) or one ``Dataset``.
@@ -106,9 +107,47 @@ def hf_chunks(dataset: Any, columns: list[str], rows: int) -> Iterator[pd.DataFr
         yield chunk
 
 
+class HFSource(DataSource):
+    """The splits of a Hugging Face dataset: ``split`` for training, ``test_split`` and
+    ``val_split`` given whole (see the module's docstring)."""
+
+    keys = {"val": "val_split", "test": "test_split"}
+
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        test_split: str | None = None,
+        val_split: str | None = None,
+        config_name: str | None = None,
+        revision: str | None = None,
+    ) -> None:
+        check_hf_options(name, prefix="data.")
+        given = (("val", val_split), ("test", test_split))
+        self.splits = {"train": split, **{s: named for s, named in given if named}}
+        self.name, self.config_name, self.revision = name, config_name, revision
+
+    def chunks(
+        self, split: str, text_column: str, columns: Sequence[str]
+    ) -> tuple[str, Iterable[pd.DataFrame]]:
+        split = self.splits[split]
+        dataset = load_split(self.name, split, self.config_name, self.revision)
+        source = f"{self.name}[{split}]"
+        wanted = [text_column, *columns]
+        check_columns(dataset.column_names, wanted, f"Hugging Face dataset {source!r}")
+        text = dataset.features[text_column]
+        if getattr(text, "dtype", None) not in ("string", "large_string"):
+            raise LmProbeError(
+                f"data.text_column={text_column!r} of {source!r} holds "
+                f"{type(text).__name__} values, not one text per row; name a string column "
+                f"(word-level data: export it to a CoNLL file and use data=conll)"
+            )
+        return source, hf_chunks(dataset, list(dict.fromkeys(wanted)), readers.CHUNK_ROWS)
+
+
 class HFDataModule(ProbeDataModule):
-    """``ProbeDataModule`` reading the splits of a Hugging Face dataset (see the module's
-    docstring). ``options`` are ``ProbeDataModule``'s (not its file options)."""
+    """``ProbeDataModule`` reading the splits of a Hugging Face dataset (an ``HFSource``).
+    ``options`` are ``ProbeDataModule``'s (not its file options)."""
 
     def __init__(
         self,
@@ -120,25 +159,6 @@ class HFDataModule(ProbeDataModule):
         revision: str | None = None,
         **options: Any,
     ) -> None:
-        check_hf_options(name, prefix="data.")
-        # the base class's split files are this dataset's split names
-        super().__init__(path=split, test_path=test_split, val_path=val_split, **options)
+        source = HFSource(name, split, test_split, val_split, config_name, revision)
+        super().__init__(source=source, **options)
         self.name, self.config_name, self.revision = name, config_name, revision
-
-    @property
-    def word_level(self) -> bool:
-        return False  # one text per row; word-level data comes from CoNLL files
-
-    def _chunks(self, split: str) -> tuple[str, Iterable[pd.DataFrame]]:
-        dataset = load_split(self.name, split, self.config_name, self.revision)
-        source = f"{self.name}[{split}]"
-        wanted = [self.text_column, self.label_column, *self.exclude, *self.include]
-        check_columns(dataset.column_names, wanted, f"Hugging Face dataset {source!r}")
-        text = dataset.features[self.text_column]
-        if getattr(text, "dtype", None) not in ("string", "large_string"):
-            raise LmProbeError(
-                f"data.text_column={self.text_column!r} of {source!r} holds "
-                f"{type(text).__name__} values, not one text per row; name a string column "
-                f"(word-level data: export it to a CoNLL file and use data=conll)"
-            )
-        return source, hf_chunks(dataset, list(dict.fromkeys(wanted)), readers.CHUNK_ROWS)

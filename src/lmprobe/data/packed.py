@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lmprobe.data.dataset import check_documents
 from lmprobe.errors import LmProbeError
 
 #: Bytes of one stored token id (int32: every vocabulary has fewer than 2**31 entries).
@@ -139,11 +140,7 @@ class PackedDataset(Dataset):
                 f"{len(self.starts)} starts, {len(self.lengths)} lengths and "
                 f"{len(self.labels)} labels; pass one of each per document"
             )
-        if len(self.lengths) == 0:
-            raise LmProbeError("the dataset is empty (0 documents); pass at least one text")
-        if (self.lengths == 0).any():
-            row = int(np.flatnonzero(self.lengths == 0)[0])
-            raise LmProbeError(f"document {row} has no token; drop empty texts")
+        check_documents(self.lengths)
 
     def __len__(self) -> int:
         return len(self.lengths)

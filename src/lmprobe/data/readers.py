@@ -107,14 +107,19 @@ def resolve_data_path(path: str | os.PathLike) -> str:
 def format_of(path: str, file_format: str | None = None) -> str:
     """The registered format that reads ``path``: ``file_format`` if given, else the one its
     suffix selects (``guess_format``)."""
-    fmt = file_format or guess_format(path)
+    return check_format(file_format or guess_format(path))
+
+
+def check_format(fmt: Any, key: str = "file_format") -> str:
+    """The registered format named ``fmt`` (in any case), or an error naming ``key``, the
+    known formats and the closest one."""
     if fmt in READERS:
         return fmt
     if str(fmt).lower() in READERS:
         return str(fmt).lower()
     raise LmProbeError(
-        f"unknown file_format {fmt!r}; the known formats are {', '.join(sorted(READERS))}"
-        + did_you_mean(str(fmt).lower(), READERS)
+        f"{key}={fmt!r}: use one of {', '.join(sorted(READERS))} (or null: from the file's "
+        f"suffix)" + did_you_mean(str(fmt).lower(), READERS)
     )
 
 
@@ -386,6 +391,36 @@ def prepare_frame(
     frame = select_rows(
         frame, text_column, label_column, label_map, exclude, include, source, dropped
     )
+    return choose_rows(
+        frame,
+        label_column,
+        label_map,
+        sample_size,
+        balance,
+        seed,
+        source,
+        continuous,
+        vocabulary,
+        unknown_labels,
+        dropped,
+    )
+
+
+def choose_rows(
+    frame: pd.DataFrame,
+    label_column: str,
+    label_map: Mapping[Any, Any] | None = None,
+    sample_size: int | None = None,
+    balance: bool = False,
+    seed: int = 0,
+    source: str = "data",
+    continuous: bool = False,
+    vocabulary: Mapping[Any, int] | None = None,
+    unknown_labels: str = "error",
+    dropped: list[dict[str, Any]] | None = None,
+) -> tuple[pd.DataFrame, dict[Any, int] | None]:
+    """The rows ``select_rows`` kept, labels numbered, balanced, sampled and shuffled: the
+    second half of ``prepare_frame`` (see there)."""
     if len(frame) == 0:
         raise LmProbeError(
             f"{source} has no rows left after filtering (see the rows left out above); "
@@ -464,7 +499,7 @@ def select_rows(
     no_label = frame[label_column].isna()
     note_dropped(dropped, source, f"no label (empty {label_column!r})", no_label.sum(), True)
     frame = frame[~no_label]
-    no_text = frame[text_column].isna() | (frame[text_column].astype(str).str.strip() == "")
+    no_text = missing_text(frame[text_column])
     note_dropped(dropped, source, f"no text (empty {text_column!r})", no_text.sum(), True)
     frame = frame[~no_text]
     if label_map:
@@ -479,6 +514,11 @@ def select_rows(
         frame = frame.assign(_label=frame[label_column])
     check_label_types(frame["_label"], label_column, source)
     return frame
+
+
+def missing_text(texts: pd.Series) -> pd.Series:
+    """Where a row has no text: missing, or only white space."""
+    return texts.isna() | (texts.astype(str).str.strip() == "")
 
 
 def check_columns(present: Sequence[Any], needed: Sequence[str], source: str) -> None:

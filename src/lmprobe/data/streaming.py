@@ -24,7 +24,7 @@ import pandas as pd
 
 from lmprobe.data import readers
 from lmprobe.data.packed import PackedDataset, TokenStore
-from lmprobe.data.readers import check_columns, check_plain_values
+from lmprobe.data.readers import check_columns, check_plain_values, missing_text
 from lmprobe.errors import LmProbeError
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,6 @@ TEXT_HASH = "_text_hash"
 def shared_texts(train: np.ndarray, test: np.ndarray) -> int:
     """How many of the ``test`` rows' text hashes are also among the ``train`` rows'."""
     return int(np.isin(test, train).sum())
-
-
-def missing_text(texts: pd.Series) -> pd.Series:
-    """Where a row has no text: missing, or only white space (as ``select_rows`` decides)."""
-    return texts.isna() | (texts.astype(str).str.strip() == "")
 
 
 def scan(
