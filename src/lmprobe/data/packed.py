@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lmprobe.data.dataset import check_documents
+from lmprobe.data.dataset import ProbeDataset, check_documents
 from lmprobe.errors import LmProbeError
 
 #: Bytes of one stored token id (int32: every vocabulary has fewer than 2**31 entries).
@@ -191,15 +191,7 @@ class PackedDataset(Dataset):
     def attention_mask(self) -> torch.Tensor:
         return self[:]["attention_mask"]
 
-    def set_control_labels(self, labels: torch.Tensor) -> None:
-        """The control task's labels, shaped like ``labels`` (from ``ProbeBank.control_labels``),
-        given once by the dataset's owner; handed out as ``"control"`` with every item."""
-        if tuple(labels.shape) != tuple(self.labels.shape):
-            raise LmProbeError(
-                f"control labels of shape {tuple(labels.shape)} for labels of shape "
-                f"{tuple(self.labels.shape)}: give one control label per label"
-            )
-        self.control_labels = labels
+    set_control_labels = ProbeDataset.set_control_labels
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> PackedDataset:
         """The rows ``indices`` (sharing this dataset's token file)."""
