@@ -31,6 +31,7 @@ from lmprobe.app.job import train
 from lmprobe.data.words import encode_words
 from lmprobe.errors import RunInterrupted
 from lmprobe.probes.base import load_probe
+from lmprobe.probes.kinds import CV_FOLDS
 
 ROOT = Path(__file__).resolve().parents[1]
 # widths 64, 256 (MLP inner), 192 (fused q/k/v), 64 (embeddings)
@@ -48,7 +49,8 @@ def assert_same_probe(ours, theirs, what: str, exact: bool = True) -> None:
     """Every array of the two probes' states equal (coefficients, intercepts, scalers) and
     the logistic kind's ``C_``. ``exact=False``: two ranks, whose float32 activations of
     differently padded batches differ in their last bits; lbfgs's iteration count (how it
-    got there) is not compared."""
+    got there) is not compared, and the logistic kind's cross-validated accuracies (counts
+    of rows) within a row per fold (``same_choice``)."""
     a, values = ours.get_state()
     b, their_values = theirs.get_state()
     assert a.keys() == b.keys(), what
@@ -56,8 +58,25 @@ def assert_same_probe(ours, theirs, what: str, exact: bool = True) -> None:
     for name in a:
         if exact:
             np.testing.assert_array_equal(a[name], b[name], f"{what}: {name}")
+        elif name == "cv_accuracy_":
+            same_choice(ours, theirs, what)
         elif name != "logistic.n_iter_":
             np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=what)
+
+
+def same_choice(ours, theirs, what: str) -> bool:
+    """Whether two logistic probes fitted from rows equal up to float32 rounding (two ranks,
+    one process) chose the same ``C``. Their cross-validated accuracies must agree within a
+    row per fold (the CV fits stop at LogisticRegressionCV's tolerance, 1e-4, where the
+    rounding leads them); then a different ``C`` can only be a near-tie (within two rows per
+    fold of the best in both runs), which either run may choose."""
+    if not hasattr(theirs, "cv_accuracy_"):
+        return getattr(ours, "C_", None) == getattr(theirs, "C_", None)
+    row_per_fold = CV_FOLDS / theirs.n_samples_seen_
+    np.testing.assert_allclose(
+        ours.cv_accuracy_, theirs.cv_accuracy_, rtol=0, atol=row_per_fold, err_msg=what
+    )
+    return ours.C_ == theirs.C_
 
 
 # ------------------------------------------------------------------ in process (API)
@@ -409,7 +428,9 @@ def test_two_ranks_equal_one_process(
 ):
     """Sites of mixed widths spread over two ranks give the probes and metrics of one
     process (up to float rounding: a rank pads its half of a batch to that half's longest
-    document, which moves float32 activations in their last bits; tests/test_ddp.py)."""
+    document, which moves float32 activations in their last bits; tests/test_ddp.py). A
+    logistic probe may choose another ``C`` only at a near-tie (``same_choice``); its row is
+    then left out of the comparison."""
     data = data_files[(data_key(level), kind)]
     overrides = app_overrides(
         tiny_model_dir, data, kind, level, SITES, control=control, store=False, epochs=2
@@ -418,10 +439,21 @@ def test_two_ranks_equal_one_process(
     two = run_two_ranks(tmp_path / "two", overrides)
     ours, theirs = final_probes(two), final_probes(one)
     assert ours.keys() == theirs.keys()
-    for name in ours:
+    near_ties = [name for name in ours if not same_choice(ours[name], theirs[name], name)]
+    for name in ours.keys() - near_ties:
         assert_same_probe(ours[name], theirs[name], name, exact=False)
+    assert len(near_ties) <= len(ours) // 4, near_ties  # a rare case, not the rule
     a = pd.read_csv(two / "metrics.csv", index_col="probe")
     b = pd.read_csv(one / "metrics.csv", index_col="probe")
+    # a near-tie's numbers: a probe's row (and every p_vs_best), a control twin's columns
+    probes = [name for name in near_ties if not name.endswith("/control")]
+    controls = [name.removesuffix("/control") for name in near_ties if name not in probes]
+    control_columns = [c for c in a.columns if c.startswith("control_") or c == "selectivity"]
+    for table in (a, b):
+        table.loc[controls, control_columns] = np.nan
+    a, b = a.drop(index=probes), b.drop(index=probes)
+    if probes:
+        a, b = a.drop(columns="p_vs_best"), b.drop(columns="p_vs_best")
     auroc = [c for c in a.columns if c.startswith("auroc")]  # near-ties: see test_ddp
     pd.testing.assert_frame_equal(a[auroc], b[auroc], check_exact=False, atol=1e-3)
     a, b = a.drop(columns=auroc), b.drop(columns=auroc)

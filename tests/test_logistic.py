@@ -199,9 +199,12 @@ def test_logistic_probe_chooses_c_as_logistic_regression_cv_does():
     (two rows of 150 better than the next C)."""
     X, y = softmax_data(n=150, seed=5)
     probe = LogisticProbe([0, 1, 2], {}, True, 0).fit_rows(X, y)
-    Z = StandardScaler().fit_transform(X)  # float32, as the probe's
+    Z = StandardScaler().fit_transform(X)
     cv = LogisticRegressionCV(
-        Cs=np.logspace(-4, 2, 13), max_iter=5000, tol=1e-6, use_legacy_attributes=False
+        Cs=np.logspace(-4, 2, 13),
+        max_iter=5000,
+        scoring="accuracy",
+        use_legacy_attributes=False,
     ).fit(Z, y)
     np.testing.assert_allclose(probe.cv_accuracy_, cv.scores_.reshape(5, -1).mean(0))
     assert probe.C_ == pytest.approx(float(np.ravel(cv.C_)[0]))

@@ -359,9 +359,14 @@ class LinearProbe(ClassifierMixin, _ScaledSGD):
 # LogisticRegressionCV reference, two points a decade), by accuracy over this many folds.
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
 CV_FOLDS = 5
-# The final fit's lbfgs gradient tolerance. At 1e-6, where lbfgs stopped moved coefficients
-# of rows ~4e-8 apart (two ranks) by up to 2e-4 at C=10 on random labels; at 1e-8, 3e-6 (lbfgs
-# then mostly stops on its function tolerance); the CV fits, which only rank C, keep 1e-6.
+# lbfgs's gradient tolerances. The CV fits only rank C: LogisticRegressionCV's default, 1e-4
+# (at 1e-6 the C of a 16-tag UD-PUD layer took 5-8x LogisticRegressionCV's time, same C). Where
+# two Cs are within a row of each other (a near-tie, common on a control's random labels),
+# activations differing in their last bits (two ranks vs one process) may choose either.
+# The final fit: at 1e-6, where lbfgs stopped moved coefficients of rows ~4e-8 apart (two
+# ranks) by up to 2e-4 at C=10 on random labels; at 1e-8, 3e-6 (lbfgs then mostly stops on
+# its function tolerance).
+CV_TOL = 1e-4
 FINAL_TOL = 1e-8
 
 
@@ -403,7 +408,7 @@ class LogisticProbe(LinearProbe):
     def exact(self) -> bool:
         return hasattr(self, "logistic_")
 
-    def _logistic(self, C: float, tol: float = 1e-6) -> BaseEstimator:
+    def _logistic(self, C: float, tol: float = CV_TOL) -> BaseEstimator:
         from sklearn.linear_model import LogisticRegression
 
         return LogisticRegression(C=C, max_iter=5000, tol=tol)
@@ -447,9 +452,10 @@ class LogisticProbe(LinearProbe):
         """The ``C`` of the grid with the best accuracy, summed over ``CV_FOLDS`` unshuffled
         stratified folds of the (standardised) rows ``Z, y`` in the order given, ties to
         the smallest ``C``: ``LogisticRegressionCV``'s default choice, each fold's path
-        warm-started from small ``C`` to large as there. Log loss over shuffled folds chose
-        ``C`` a grid step away, 0.5-1.1 points of test accuracy under it at 7 of 30 SmolLM2
-        layers on sentiment. A single ``C``, or too few rows to fold: the grid's middle."""
+        warm-started from small ``C`` to large at its tolerance (``CV_TOL``) as there. Log
+        loss over shuffled folds chose ``C`` a grid step away, 0.5-1.1 points of test
+        accuracy under it at 7 of 30 SmolLM2 layers on sentiment. A single ``C``, or too few
+        rows to fold: the grid's middle."""
         from sklearn.model_selection import StratifiedKFold
 
         Cs = self.Cs
