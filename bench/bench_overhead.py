@@ -4,7 +4,8 @@ Configurations (see bench/README.md):
   cpu   tiny random GPT-2 (12 layers, width 256), ~1,000 short documents, 12 probes,
         batch 8 and 32 (bank and control: batch 8)
   gpu   GPT-2-small architecture, random weights, 2,048 x 512 tokens, batch 8 and 32, fp32/bf16
-  bank  100 probes (12 layers x {block, mlp, attn} x {mean, last} + SGD-alpha variants) vs 1
+  bank  100 probes (12 layers x {block, mlp, attn} x {mean, last} + SGD-alpha variants) vs 1,
+        and the 100 without their code lengths (``code_length=False``)
   control  the cpu bank of 12 probes with control-task twins vs without
   llama1b, llama8b  Llama-architecture models of about 1B and 8B parameters (Llama-3.2-1B's
         and Llama-3.1-8B's shapes, random weights), bfloat16, every decoder block probed,
@@ -35,6 +36,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -493,10 +495,14 @@ def run_config(name: str, args) -> Iterator[dict]:
             base = "12 probes"
         elif name == "bank":
             many = ProbeRunner(lm, bank_probes(shape["n_layer"]))
+            uncoded = [replace(c, code_length=False) for c in bank_probes(shape["n_layer"])]
             one = ProbeRunner(lm, [layer_probes(shape["n_layer"])[-1]])
             cases = {
                 "1 probe": partial(probe_run, one, train, test, batch_size, device),
                 "100 probes": partial(probe_run, many, train, test, batch_size, device),
+                "100 probes, no code lengths": partial(
+                    probe_run, ProbeRunner(lm, uncoded), train, test, batch_size, device
+                ),
                 "100 probes, 1 thread": partial(
                     update_threads, 1, many, train, test, batch_size, device
                 ),

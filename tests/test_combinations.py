@@ -461,6 +461,29 @@ def test_two_ranks_equal_one_process(
 
 
 # ------------------------------------------------------------------ overhead knobs
+def test_code_length_off_changes_nothing_else(runs, data_files, tiny_model_dir):
+    """``probes.code_length=false`` (a large bank's end of training without MDL's ten fits
+    a probe): the code length columns are NaN for the probes and their control twins, and
+    every probe (refit included) and every other number is the default run's."""
+    data = data_files[("mean", "sgd_classifier")]
+    sites = ["transformer.h.0.output", "transformer.h.1.mlp.c_fc.output"]  # two widths
+    common = app_overrides(
+        tiny_model_dir, data, "sgd_classifier", "mean", sites, control=True, epochs=1
+    )
+    default = runs(common)
+    off = runs([*common, "probes.code_length=false"])
+    ours, theirs = final_probes(off), final_probes(default)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert_same_probe(ours[name], theirs[name], name)
+    a = pd.read_csv(off / "metrics.csv", index_col="probe")
+    b = pd.read_csv(default / "metrics.csv", index_col="probe")
+    codes = ["codelength_bits", "compression", "control_codelength_bits", "control_compression"]
+    assert b[codes].notna().all().all() and a[codes].isna().all().all()
+    assert b["refit"].all()  # (one epoch: the refit, like the code length, reads kept rows)
+    pd.testing.assert_frame_equal(a.drop(columns=codes), b.drop(columns=codes), check_exact=True)
+
+
 def test_chunk_rows_changes_no_result(runs, data_files, tiny_model_dir):
     """``callbacks.*.chunk_rows`` is call overhead only (issue 33: 32 instead of 256 moved
     a probe from 0.633 to 0.500, because the refit was chunked by it): the refitted probes

@@ -108,6 +108,7 @@ class ProbesSchema:
     null_label: Any = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     refit: bool = _probe_default("refit")  # retrain on every training row at the end
+    code_length: bool = _probe_default("code_length")  # online code length (MDL) at the end
     names: list[str] | None = None
 
 

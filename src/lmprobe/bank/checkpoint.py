@@ -17,6 +17,10 @@ from lmprobe.tracing.features import PendingFeatures, gather
 
 log = logging.getLogger("lmprobe")
 
+# ``ProbeConfig`` fields added after checkpoints were written, with their defaults: left out
+# of the probes' fingerprint at the default, so those checkpoints still resume.
+ADDED_FIELDS = {"code_length": True}
+
 
 class Checkpoints:
     """A part of ``ProbeBank`` (``lmprobe.bank.bank``): its methods use the bank's state."""
@@ -43,6 +47,10 @@ class Checkpoints:
             return h.hexdigest()[:16]
 
         configs = {n: dataclasses.asdict(c) for n, c in self.configs.items()}
+        for config in configs.values():  # fields added later, at their default: as before
+            for field, default in ADDED_FIELDS.items():
+                if config.get(field) == default:
+                    config.pop(field)
         classes = sorted({str(c.classes) for c in self.configs.values()})
         return {
             "data": digest(*dataset.digest_parts()),

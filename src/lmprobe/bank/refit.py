@@ -75,9 +75,14 @@ class Refitting:
         )
 
     def _codes(self, name: str) -> bool:
-        """The kind has an online code length: a classifier with probabilities."""
+        """The probe gets an online code length: asked for (``code_length``), and its kind
+        is a classifier with probabilities."""
         probe = self._records[name].probe
-        return probe.task == "classification" and hasattr(probe, "predict_proba")
+        return (
+            self.configs[name].code_length
+            and probe.task == "classification"
+            and hasattr(probe, "predict_proba")
+        )
 
     def drop_rows(self, names: Iterable[str]) -> None:
         """A first-epoch training batch was traced without the probes ``names`` (they had

@@ -37,6 +37,9 @@ class ProbeConfig:
     trained on control-task labels from the same features (Hewitt & Liang, 2019).
     ``refit``: once training ends, retrain the probe on every training row (its held-out
     slice included) with the alpha and the number of passes the slice chose.
+    ``code_length``: once training ends, the online code length of a classifier's labels
+    (MDL, ``metrics.csv``'s ``codelength_bits`` and ``compression``); ten more fits of the
+    probe, so a large bank that does not read it can leave it out.
     """
 
     submodule: str
@@ -57,6 +60,7 @@ class ProbeConfig:
     control: bool = False
     refit: bool = True
     word_pooling: str = "first"
+    code_length: bool = True
 
     def __post_init__(self) -> None:
         if self.pool is False:
