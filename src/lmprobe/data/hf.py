@@ -161,4 +161,3 @@ class HFDataModule(ProbeDataModule):
     ) -> None:
         source = HFSource(name, split, test_split, val_split, config_name, revision)
         super().__init__(source=source, **options)
-        self.name, self.config_name, self.revision = name, config_name, revision

@@ -369,40 +369,24 @@ def prepare_frame(
     label_map: Mapping[Any, Any] | None = None,
     exclude: Mapping[str, Sequence[Any]] | None = None,
     include: Mapping[str, Sequence[Any]] | None = None,
-    sample_size: int | None = None,
-    balance: bool = False,
-    seed: int = 0,
+    *choices: Any,
     source: str = "data",
-    continuous: bool = False,
-    vocabulary: Mapping[Any, int] | None = None,
-    unknown_labels: str = "error",
     dropped: list[dict[str, Any]] | None = None,
+    **options: Any,
 ) -> tuple[pd.DataFrame, dict[Any, int] | None]:
-    """Filter, map and sample rows; return the frame with an integer ``_label`` column.
+    """Filter, map and sample rows; return the frame with an integer ``_label`` column:
+    ``select_rows``, then ``choose_rows``, which takes ``choices`` and ``options`` after
+    ``label_map`` (``sample_size``, ``balance``, ``seed``, ``continuous``, ``vocabulary``,
+    ``unknown_labels``; see there).
 
     The returned mapping goes from integer to original label (written with the results).
-    ``continuous``: labels are numbers to predict (a regression probe): a float ``_label``
-    column and no mapping (``balance`` does not apply). ``vocabulary`` (mapped label ->
-    integer, from ``label_vocabulary`` of the training split) numbers the labels of another
-    split the training split's way; its labels outside the vocabulary are an error, or
-    dropped with ``unknown_labels="drop"``. ``dropped`` collects a record of every row
-    left out and why (``note_dropped``).
+    ``dropped`` collects a record of every row left out and why (``note_dropped``).
     """
     frame = select_rows(
         frame, text_column, label_column, label_map, exclude, include, source, dropped
     )
     return choose_rows(
-        frame,
-        label_column,
-        label_map,
-        sample_size,
-        balance,
-        seed,
-        source,
-        continuous,
-        vocabulary,
-        unknown_labels,
-        dropped,
+        frame, label_column, label_map, *choices, source=source, dropped=dropped, **options
     )
 
 
@@ -420,7 +404,11 @@ def choose_rows(
     dropped: list[dict[str, Any]] | None = None,
 ) -> tuple[pd.DataFrame, dict[Any, int] | None]:
     """The rows ``select_rows`` kept, labels numbered, balanced, sampled and shuffled: the
-    second half of ``prepare_frame`` (see there)."""
+    second half of ``prepare_frame``. ``continuous``: labels are numbers to predict (a
+    regression probe): a float ``_label`` column and no mapping (``balance`` does not
+    apply). ``vocabulary`` (mapped label -> integer, from ``label_vocabulary`` of the
+    training split) numbers the labels of another split the training split's way; its
+    labels outside the vocabulary are an error, or dropped with ``unknown_labels="drop"``."""
     if len(frame) == 0:
         raise LmProbeError(
             f"{source} has no rows left after filtering (see the rows left out above); "
